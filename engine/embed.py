@@ -1,0 +1,240 @@
+"""Cell embeddings (``transcriptome_embeds``) with a content-addressed disk cache, and UMAP layouts.
+
+CellWhisperer precomputes every cell's embedding once and scores queries against
+the stored matrix (seed 000, appendix F); Lexicell does the same, keyed by content
+hashes of the expression data and the model so a stale cache is never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from .errors import MissingEmbeddingError, ModelMismatchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from .model import TranscriptomeTextModel
+
+__all__ = ["embed_cells", "umap", "cache_dir", "data_fingerprint", "get_embeds"]
+
+log = logging.getLogger(__name__)
+EMBED_KEY = "transcriptome_embeds"
+
+
+def cache_dir() -> Path:
+    """Embedding cache folder: ``$LEXICELL_CACHE`` or ``~/.cache/lexicell``."""
+    return Path(os.environ.get("LEXICELL_CACHE", Path.home() / ".cache" / "lexicell")).expanduser()
+
+
+def data_fingerprint(X, var_ids, obs_names) -> str:
+    """Content hash of a CSR matrix, its gene identifiers and cell names (hex blake2b, 32 chars)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{X.shape}".encode())
+    for arr in (X.indptr, X.indices, X.data):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\x1f".join(map(str, var_ids)).encode())
+    h.update("\x1f".join(map(str, obs_names)).encode())
+    return h.hexdigest()
+
+
+def embed_cells(
+    adata: "AnnData",
+    model: "TranscriptomeTextModel",
+    *,
+    batch_size: int = 2048,
+    key_added: str = EMBED_KEY,
+    use_cache: bool = True,
+    cache_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Embed every cell with the model's transcriptome tower.
+
+    Expression is taken from the source :func:`engine.validate` chose (counts, ``layers['counts']`` or
+    ``.raw``), rank-encoded with the model's tokenizer (Geneformer-style), embedded in batches on the model's
+    device and L2-normalised.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. ``X`` is never modified.
+    model
+        A :class:`~engine.model.TranscriptomeTextModel`.
+    batch_size
+        Cells per forward pass.
+    key_added
+        ``obsm`` key to write.
+    use_cache
+        Read/write the disk cache (``cache_path`` or :func:`cache_dir`), keyed by a content hash of the
+        expression, genes, cell names and the model fingerprint.
+    progress
+        Show a tqdm progress bar.
+    cancel
+        Callable polled between batches; returning True raises :class:`~engine.errors.CancelledError`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, projection_dim)`` float32, L2-normalised. Also sets:
+
+        - ``adata.obsm[key_added]``: the same array;
+        - ``adata.uns[key_added]['params']``: model name and fingerprint, genes matched, cache key.
+
+    Raises
+    ------
+    engine.errors.DataError, engine.errors.MatrixKindError, engine.errors.GeneIdentifierError
+        From validation and encoding (scaled data without counts, unmappable genes, NaN).
+    engine.errors.CancelledError
+        When cancelled.
+
+    References
+    ----------
+    Schaefer et al., CellWhisperer (seed 000), §3.2 and appendix F.
+    """
+    from .data import expression_matrix
+
+    t0 = time.perf_counter()
+    kind = "counts" if getattr(model.transcriptome_tower, "requires_counts", False) else "normalized"
+    X, var = expression_matrix(adata, kind=kind)
+    tokens = model.tokenizer.match_genes(var)
+    n_matched = int((tokens >= 0).sum())
+    gene_ids = var["ensembl_id"].astype(str).tolist() if "ensembl_id" in var.columns else list(var.index)
+    key = None
+    cache_file = None
+    if use_cache:
+        key = hashlib.blake2b(
+            (data_fingerprint(X, gene_ids, adata.obs_names) + model.fingerprint() + kind).encode(), digest_size=16
+        ).hexdigest()
+        cache_file = Path(cache_path or cache_dir()) / "embeddings" / f"{key}.npz"
+    embeds = None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                if list(z["orig_ids"]) == list(map(str, adata.obs_names)):
+                    embeds = z[EMBED_KEY].astype(np.float32)
+        except (OSError, ValueError, KeyError) as err:  # corrupt cache: recompute
+            log.warning("ignoring unreadable embedding cache %s: %s", cache_file, err)
+    from_cache = embeds is not None
+    if embeds is None:
+        encoding = model.tokenizer.encode_matrix(X, var)
+        embeds = model.embed_encoding(encoding, batch_size=batch_size, progress=progress, cancel=cancel)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp.npz")
+            np.savez(tmp, transcriptome_embeds=embeds, orig_ids=np.asarray(adata.obs_names, dtype=str))
+            os.replace(tmp, cache_file)
+    adata.obsm[key_added] = embeds
+    adata.uns[key_added] = {
+        "params": {
+            "model_name": model.name,
+            "model_fingerprint": model.fingerprint(),
+            "expression": kind,
+            "n_genes_matched": n_matched,
+            "n_genes": int(X.shape[1]),
+            "cache_key": key or "",
+            "from_cache": bool(from_cache),
+        }
+    }
+    log.info("embedded %d cells in %.2f s (cache %s)", adata.n_obs, time.perf_counter() - t0, "hit" if from_cache else "miss")
+    return embeds
+
+
+def get_embeds(adata: "AnnData", model: "TranscriptomeTextModel | None" = None, *, key: str = EMBED_KEY) -> np.ndarray:
+    """Return ``adata.obsm[key]`` as float32, checking that it exists and was made by ``model``.
+
+    Raises
+    ------
+    MissingEmbeddingError
+        If the embeddings are absent.
+    ModelMismatchError
+        If they were computed by another model (fingerprint or width differs).
+    """
+    if key not in adata.obsm:
+        raise MissingEmbeddingError(
+            "The cells have no transcriptome embeddings",
+            found=f"obsm keys {list(adata.obsm.keys())}",
+            expected=f"obsm[{key!r}]",
+            fix="run engine.embed_cells(adata, model) first",
+        )
+    emb = np.asarray(adata.obsm[key], dtype=np.float32)
+    if model is not None:
+        if emb.shape[1] != model.projection_dim:
+            raise ModelMismatchError(
+                "The embeddings do not belong to this model",
+                found=f"width {emb.shape[1]}",
+                expected=f"width {model.projection_dim} ({model.name})",
+                fix="re-run engine.embed_cells(adata, model)",
+            )
+        params = adata.uns.get(key, {}).get("params", {}) if isinstance(adata.uns.get(key), dict) else {}
+        fp = params.get("model_fingerprint")
+        if fp and fp != model.fingerprint():
+            raise ModelMismatchError(
+                "The embeddings were computed by another model",
+                found=f"model {params.get('model_name')!r} ({fp})",
+                expected=f"{model.name!r} ({model.fingerprint()})",
+                fix="re-run engine.embed_cells(adata, model)",
+            )
+    return emb
+
+
+def umap(
+    adata: "AnnData",
+    *,
+    use_rep: str = EMBED_KEY,
+    key_added: str = "X_umap",
+    keep_existing: bool = False,
+    n_neighbors: int = 15,
+    random_state: int = 0,
+) -> np.ndarray:
+    """Compute a UMAP layout of the cells from their embeddings (scanpy + umap-learn).
+
+    Parameters
+    ----------
+    adata
+        Cells with ``obsm[use_rep]``.
+    use_rep
+        Representation to build the neighbour graph on.
+    key_added
+        ``obsm`` key of the layout.
+    keep_existing
+        If True and ``obsm[key_added]`` exists, keep it and return it unchanged. If False an existing layout
+        is preserved under ``obsm[key_added + '_original']`` before being replaced.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, 2)`` float32 coordinates. Sets ``obsm[key_added]`` and the neighbour graph under
+        ``uns['lexicell_neighbors']`` / ``obsp['lexicell_neighbors_{connectivities,distances}']`` (the
+        user's own ``neighbors`` are untouched).
+
+    Raises
+    ------
+    MissingEmbeddingError
+        Without ``obsm[use_rep]``.
+    """
+    import scanpy as sc
+
+    if keep_existing and key_added in adata.obsm:
+        return np.asarray(adata.obsm[key_added])
+    get_embeds(adata, key=use_rep)
+    if key_added in adata.obsm and f"{key_added}_original" not in adata.obsm:
+        adata.obsm[f"{key_added}_original"] = adata.obsm[key_added]
+    n_neighbors = max(2, min(n_neighbors, adata.n_obs - 1))
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added="lexicell_neighbors", random_state=random_state)
+    saved = adata.obsm.get("X_umap")
+    sc.tl.umap(adata, neighbors_key="lexicell_neighbors", random_state=random_state)
+    coords = np.asarray(adata.obsm["X_umap"], dtype=np.float32)
+    if key_added != "X_umap":
+        if saved is not None:
+            adata.obsm["X_umap"] = saved
+        else:
+            del adata.obsm["X_umap"]
+    adata.obsm[key_added] = coords
+    return coords
