@@ -245,7 +245,9 @@ class TextTower(nn.Module):
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         path = Path(path)
         self.path = path
         self.source = source or str(path)
