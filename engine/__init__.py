@@ -50,6 +50,8 @@ _EXPORTS = {
     "de_top_vs_bottom": "de",
     "de_groups": "de",
     "enrich": "enrich",
+    "list_libraries": "genesets",
+    "load_library": "genesets",
     "perturb": "perturb",
     "perturb_scan": "perturb",
     # evaluation

@@ -16,7 +16,6 @@ to ``adata.obs[key_added]`` (group membership) and ``adata.uns[key_added]``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -38,23 +37,24 @@ _N_TOP_GENES_UNS = 100
 
 
 # --------------------------------------------------------------------------- matrices
-def _matrix_kind(X) -> str:
+def _matrix_kind(X, max_values: int = 200_000) -> str:
     """Classify a matrix as ``"counts"``, ``"log"`` or ``"scaled"`` from a sample of values.
 
     Negative values mean scaled (z-scored) data; all-integer non-negative values mean
-    raw counts; anything else is taken as log-normalised.
+    raw counts; anything else is taken as log-normalised. Looks at the stored values
+    of the first rows only (at most ``max_values`` of them), so it is cheap.
     """
+    rows = min(X.shape[0], 500)
     if sp.issparse(X):
-        Xs = X[: min(X.shape[0], 2000)]
-        vals = np.asarray(Xs.data if hasattr(Xs, "data") else Xs.toarray())
+        vals = sp.csr_matrix(X[:rows]).data[:max_values]
     else:
-        vals = np.asarray(X[: min(X.shape[0], 2000)]).ravel()
+        vals = np.asarray(X[:rows]).ravel()[:max_values]
+    vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         return "log"
-    vals = vals[np.isfinite(vals)]
-    if vals.size and vals.min() < 0:
+    if vals.min() < 0:
         return "scaled"
-    if vals.size and np.all(np.equal(np.mod(vals, 1), 0)):
+    if np.all(np.equal(np.mod(vals, 1), 0)):
         return "counts"
     return "log"
 
@@ -105,6 +105,7 @@ def _log_rows(M, rows: np.ndarray, kind: str):
     sub = M[rows]
     if sp.issparse(sub):
         sub = sp.csr_matrix(sub, dtype=np.float32, copy=True)
+        sub.eliminate_zeros()
     else:
         sub = np.array(sub, dtype=np.float32, copy=True)
     if kind == "counts":
@@ -121,12 +122,21 @@ def _log_rows(M, rows: np.ndarray, kind: str):
 
 
 def _gene_vector(adata, gene: str, layer: str | None) -> np.ndarray | None:
-    """Log-normalised expression of one gene in every cell, shape (n_obs,)."""
+    """Log-normalised expression of one gene in every cell, shape (n_obs,); None if the gene is absent.
+
+    Looks in the matrix DE would use and, when the gene is not there (e.g. X holds
+    highly variable genes only), in a usable ``adata.raw``.
+    """
     M, names, kind, _ = _source_matrix(adata, layer)
-    idx = pd.Index(names).get_indexer([gene])[0]
-    if idx < 0:
+    hits = np.flatnonzero(np.asarray(names).astype(str) == gene)
+    if hits.size == 0 and layer is None and adata.raw is not None and M is not adata.raw.X:
+        rkind = _matrix_kind(adata.raw.X)
+        if rkind != "scaled":
+            M, names, kind = adata.raw.X, adata.raw.var_names, rkind
+            hits = np.flatnonzero(np.asarray(names).astype(str) == gene)
+    if hits.size == 0:
         return None
-    col = M[:, idx]
+    col = M[:, int(hits[0])]
     col = np.asarray(col.toarray() if sp.issparse(col) else col, dtype=np.float64).ravel()
     if kind == "counts":
         totals = np.asarray(M.sum(axis=1), dtype=np.float64).ravel()
@@ -151,7 +161,15 @@ def _to_mask(adata, sel, what: str) -> np.ndarray:
                 expected="a boolean obs column, a boolean mask or a list of obs names",
                 fix="pass a boolean array of length n_obs, or the name of a boolean column in adata.obs.",
             )
-        sel = adata.obs[sel]
+        col = adata.obs[sel]
+        if col.dtype != bool:
+            raise DataError(
+                f"{what}: obs column {sel!r} is not boolean",
+                found=str(col.dtype),
+                expected="a boolean column (True for the selected cells)",
+                fix=f"pass a comparison instead, e.g. adata.obs[{sel!r}] == 'some value'.",
+            )
+        sel = col
     if isinstance(sel, pd.Series) and sel.dtype == bool and not sel.index.equals(adata.obs_names):
         sel = sel.reindex(adata.obs_names, fill_value=False)
     arr = np.asarray(sel)
@@ -226,68 +244,64 @@ def _run_test(adata, rows_a: np.ndarray, rows_b: np.ndarray, labels: tuple[str, 
     import scanpy as sc
 
     M, var_names, kind, source = _source_matrix(adata, layer)
-    rows = np.concatenate([rows_a, rows_b])
-    X = _log_rows(M, rows, kind)
-    la, lb = labels
-    n_a = len(rows_a)
-    # Drop genes with no expression in either group: they carry no information and
-    # only slow the test down (and give NaN statistics for the t-test).
-    if sp.issparse(X):
-        nnz = np.bincount(X.indices, minlength=X.shape[1])
-        expressed = nnz > 0
-    else:
-        expressed = (X != 0).any(axis=0)
-    X = X[:, expressed]
-    genes = pd.Index(var_names)[expressed]
-    grp = pd.Categorical([la] * n_a + [lb] * len(rows_b), categories=[la, lb])
-    sub = ad.AnnData(X=X, obs=pd.DataFrame({"_lexicell_group": grp}, index=[str(i) for i in range(len(rows))]),
-                     var=pd.DataFrame(index=genes.astype(str)))
-    sub.uns["log1p"] = {"base": None}
-    if X.shape[1] == 0:
-        raise AnalysisError("None of the genes is expressed in the selected cells",
-                            found=f"{len(rows)} cells, 0 expressed genes", expected="some non-zero expression",
-                            fix="check that the selection and the matrix are the intended ones.")
-    sc.tl.rank_genes_groups(sub, "_lexicell_group", groups=[la], reference=lb, method=method, use_raw=False,
-                            n_genes=X.shape[1], corr_method="benjamini-hochberg", tie_correct=(method == "wilcoxon"),
-                            key_added="_de")
-    r = sub.uns["_de"]
-    res = pd.DataFrame({
-        "gene": np.asarray(r["names"][la]).astype(str),
-        "score": np.asarray(r["scores"][la], dtype=np.float64),
-        "logfoldchange": np.asarray(r["logfoldchanges"][la], dtype=np.float64),
-        "pval": np.asarray(r["pvals"][la], dtype=np.float64),
-        "pval_adj": np.asarray(r["pvals_adj"][la], dtype=np.float64),
-    })
-    # Means (log scale) and detection rates per group, computed directly.
-    Xa, Xb = X[:n_a], X[n_a:]
-    mean_a = np.asarray(Xa.mean(axis=0)).ravel()
-    mean_b = np.asarray(Xb.mean(axis=0)).ravel()
-    pct_a = np.asarray((Xa > 0).mean(axis=0)).ravel()
-    pct_b = np.asarray((Xb > 0).mean(axis=0)).ravel()
-    pos = pd.Index(genes.astype(str)).get_indexer(res["gene"])
-    res["mean_" + la] = mean_a[pos]
-    res["mean_" + lb] = mean_b[pos]
-    res["pct_" + la] = pct_a[pos]
-    res["pct_" + lb] = pct_b[pos]
-    res["score"] = res["score"].fillna(0.0)
-    res["pval"] = res["pval"].fillna(1.0)
-    res["pval_adj"] = res["pval_adj"].fillna(1.0)
-    res["direction"] = pd.Categorical(np.where(res["score"] > 0, "up", "down"), categories=["up", "down"])
+    names = pd.Index(var_names).astype(str)
     if gene_symbols is not None:
         var = adata.raw.var if source.startswith("raw") else adata.var
         if gene_symbols not in var.columns:
             raise MissingKeyError(f"gene_symbols={gene_symbols!r} is not a var column",
                                   found=list(var.columns)[:10], expected="a var column with gene symbols",
                                   fix="pass gene_symbols=None to report var_names.")
-        sym = var[gene_symbols].astype(str)
-        res.insert(1, "gene_id", res["gene"])
-        res["gene"] = sym.reindex(res["gene_id"]).fillna(res["gene_id"]).to_numpy()
-    cols = ["gene", "logfoldchange", "score", "pval", "pval_adj", "mean_" + la, "mean_" + lb, "pct_" + la,
-            "pct_" + lb, "direction"]
-    if "gene_id" in res.columns:
-        cols.insert(1, "gene_id")
-    res = res[cols].sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    info = {"matrix": source, "n_genes_tested": int(X.shape[1]), "n_genes_total": int(len(var_names))}
+        symbols = var[gene_symbols].astype(str).to_numpy()
+    rows = np.concatenate([rows_a, rows_b])
+    X = _log_rows(M, rows, kind)
+    la, lb = labels
+    n_a, n_b = len(rows_a), len(rows_b)
+    # Group sums and detection counts per gene, in one pass over the stored values.
+    if sp.issparse(X):
+        split = X.indptr[n_a]
+        ia, ib = X.indices[:split], X.indices[split:]
+        nnz_a = np.bincount(ia, minlength=X.shape[1])
+        nnz_b = np.bincount(ib, minlength=X.shape[1])
+        sum_a = np.bincount(ia, weights=X.data[:split], minlength=X.shape[1])
+        sum_b = np.bincount(ib, weights=X.data[split:], minlength=X.shape[1])
+    else:
+        nnz_a, nnz_b = (X[:n_a] != 0).sum(axis=0), (X[n_a:] != 0).sum(axis=0)
+        sum_a, sum_b = X[:n_a].sum(axis=0, dtype=np.float64), X[n_a:].sum(axis=0, dtype=np.float64)
+    # Genes with no expression in either group carry no information; they are left out
+    # (they only slow the test and give NaN statistics for the t-test).
+    keep = np.flatnonzero((nnz_a + nnz_b) > 0)
+    if keep.size == 0:
+        raise AnalysisError("None of the genes is expressed in the selected cells",
+                            found=f"{len(rows)} cells, 0 expressed genes", expected="some non-zero expression",
+                            fix="check that the selection and the matrix are the intended ones.")
+    if keep.size < X.shape[1]:
+        X = X[:, keep]
+    grp = pd.Categorical([la] * n_a + [lb] * n_b, categories=[la, lb])
+    sub = ad.AnnData(X=X, obs=pd.DataFrame({"_lexicell_group": grp}, index=np.arange(len(rows)).astype(str)),
+                     var=pd.DataFrame(index=np.arange(keep.size).astype(str)))  # positional names: safe with duplicates
+    sub.uns["log1p"] = {"base": None}
+    sc.tl.rank_genes_groups(sub, "_lexicell_group", groups=[la], reference=lb, method=method, use_raw=False,
+                            n_genes=keep.size, corr_method="benjamini-hochberg",
+                            tie_correct=(method == "wilcoxon"), key_added="_de")
+    r = sub.uns["_de"]
+    g = keep[np.asarray(r["names"][la]).astype(np.int64)]  # positions in var_names
+    score = np.nan_to_num(np.asarray(r["scores"][la], dtype=np.float64), nan=0.0)
+    res = pd.DataFrame({
+        "gene": names[g] if gene_symbols is None else symbols[g],
+        "logfoldchange": np.asarray(r["logfoldchanges"][la], dtype=np.float64),
+        "score": score,
+        "pval": np.nan_to_num(np.asarray(r["pvals"][la], dtype=np.float64), nan=1.0),
+        "pval_adj": np.nan_to_num(np.asarray(r["pvals_adj"][la], dtype=np.float64), nan=1.0),
+        "mean_" + la: sum_a[g] / n_a,
+        "mean_" + lb: sum_b[g] / n_b,
+        "pct_" + la: nnz_a[g] / n_a,
+        "pct_" + lb: nnz_b[g] / n_b,
+        "direction": pd.Categorical(np.where(score > 0, "up", "down"), categories=["up", "down"]),
+    })
+    if gene_symbols is not None:
+        res.insert(1, "gene_id", names[g])
+    res = res.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    info = {"matrix": source, "n_genes_tested": int(keep.size), "n_genes_total": int(len(names))}
     return res, info
 
 
@@ -375,8 +389,8 @@ def de_top_vs_bottom(
     pandas.DataFrame
         One row per gene expressed in at least one selected cell, sorted by
         ``score`` descending (most up in top first): ``gene``, ``logfoldchange``
-        (log2 fold change top/bottom, from means of expm1 of the log data, as
-        scanpy), ``score`` (z-score of the rank-sum or Welch t statistic), ``pval``,
+        (scanpy's: ``log2((expm1(mean_top) + 1e-9) / (expm1(mean_bottom) + 1e-9))``,
+        so a gene absent from one group gets a large value, e.g. 30), ``score`` (z-score of the rank-sum or Welch t statistic), ``pval``,
         ``pval_adj`` (Benjamini-Hochberg over the tested genes), ``mean_top``,
         ``mean_bottom`` (mean log1p expression), ``pct_top``, ``pct_bottom``
         (fraction of cells with expression > 0), ``direction`` (``"up"`` when the

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -45,12 +46,17 @@ C2_EXCLUDED = ("KEGG_", "BIOCARTA_", "ST_")
 GO_MIN, GO_MAX = 5, 500
 
 
+def _ascii(text: str) -> str:
+    """ASCII transliteration (e.g. 'Naïve' -> 'Naive') so that any locale can read the files."""
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
 def _write_gmt(path: Path, rows: list[tuple[str, str, list[str]]]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
+    with path.open("w", encoding="ascii", newline="\n") as fh:
         for name, desc, genes in rows:
-            name = name.replace("\t", " ").strip()
-            desc = (desc or "").replace("\t", " ").replace("\n", " ").strip() or "NA"
-            uniq = list(dict.fromkeys(g.strip().upper() for g in genes if g.strip()))
+            name = _ascii(name.replace("\t", " ").strip())
+            desc = _ascii((desc or "").replace("\t", " ").replace("\n", " ").strip()) or "NA"
+            uniq = list(dict.fromkeys(_ascii(g.strip().upper()) for g in genes if g.strip()))
             if uniq:
                 fh.write("\t".join([name, desc, *uniq]) + "\n")
     print(f"wrote {path.name}: {len(rows)} sets, {path.stat().st_size / 1e6:.2f} MB")
