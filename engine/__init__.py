@@ -56,6 +56,8 @@ _EXPORTS = {
     "perturb_scan": "perturb",
     # evaluation
     "evaluate": "evaluate",
+    "load_cellwhisperer": "cellwhisperer",
+    "load_geneformer": "geneformer",
 }
 
 __all__ = sorted([*_EXPORTS, *_error_names])

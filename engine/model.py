@@ -225,6 +225,8 @@ class TranscriptomeTextModel(nn.Module):
         n = len(encoding)
         out = np.empty((n, self.projection_dim), dtype=np.float32)
         order = np.argsort(-encoding.lengths, kind="stable")  # similar lengths per batch: less padding
+        cap = getattr(self.transcriptome_tower, "max_batch_size", None)  # heavy towers (Geneformer): finer progress/cancel
+        batch_size = min(batch_size, int(cap)) if cap else batch_size
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
             if cancel is not None and cancel():
                 raise CancelledError("Embedding was cancelled", found=f"{start} of {n} cells done")

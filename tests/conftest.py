@@ -49,14 +49,14 @@ def tiny_adata():
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory):
     """A tiny random BERT (2 layers, width 32) with a real WordPiece tokenizer, saved as a HF folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from engine.towers import default_text_model_path
 
     path = tmp_path_factory.mktemp("tiny_bert")
-    tok = BertTokenizerFast(vocab_file=str(default_text_model_path() / "vocab.txt"), do_lower_case=True)
+    tok = AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True)
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128,
     )
     import torch
