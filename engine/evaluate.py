@@ -1,0 +1,319 @@
+"""Zero-shot cell-type evaluation and paired retrieval (CellWhisperer, seed 000 appendices B and D).
+
+``python -m engine.evaluate DATA --label-key COL [--model PATH] [--template T] [--json]
+[--confusion FILE.csv] [--max-cells-per-class N]``
+
+Zero-shot protocol (appendix D): every cell is embedded (:func:`engine.embed_cells`), every label is embedded
+as a sentence through a template (default ``"A sample of {label} from a healthy individual"``), cells are
+scored against all label texts (cosine x ``exp(logit_scale)``) and a softmax over labels gives the
+predictions. Reported: macro ROC-AUC one-vs-rest, accuracy, macro F1 and recall@1/5/10, at two levels:
+
+- ``per_cell``: every (capped) cell is one item;
+- ``per_class``: the mean embedding of each true class's cells (re-normalised) is one item.
+
+The paper caps cells at 100 per class (``--max-cells-per-class 100``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import EmptySelectionError, MissingKeyError, ModelMismatchError, MissingEmbeddingError, QueryError
+from .metrics import DEFAULT_KS, classification_metrics, confusion_matrix, retrieval_metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from .model import TranscriptomeTextModel
+    from .pairs import PairedData
+
+__all__ = ["evaluate", "retrieval", "format_report", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def _cap_per_class(labels: np.ndarray, max_per_class: int | None, seed: int) -> np.ndarray:
+    """Positions of the kept cells (all, or a random ``max_per_class`` per class), in original order."""
+    pos = np.arange(labels.size)
+    if max_per_class is None:
+        return pos
+    rng = np.random.default_rng(seed)
+    keep = []
+    for lab in pd.unique(labels):
+        p = pos[labels == lab]
+        if p.size > max_per_class:
+            p = rng.choice(p, size=int(max_per_class), replace=False)
+        keep.append(p)
+    return np.sort(np.concatenate(keep)) if keep else pos[:0]
+
+
+def _cell_embeddings(adata: "AnnData", model: "TranscriptomeTextModel", idx: np.ndarray, *, progress: bool) -> np.ndarray:
+    """Embeddings of cells ``idx``: reused from ``obsm`` when made by ``model``, else computed on a copy."""
+    from .embed import embed_cells, get_embeds
+
+    try:
+        return get_embeds(adata, model)[idx]
+    except (MissingEmbeddingError, ModelMismatchError):
+        pass
+    sub = adata[idx].copy() if idx.size < adata.n_obs else adata.copy()
+    return embed_cells(sub, model, progress=progress)
+
+
+def evaluate(
+    adata: "AnnData",
+    model: "TranscriptomeTextModel",
+    label_key: str,
+    *,
+    template: str = "cellwhisperer",
+    labels: Sequence[str] | None = None,
+    max_cells_per_class: int | None = None,
+    seed: int = 0,
+    ks: Sequence[int] = DEFAULT_KS,
+    progress: bool = False,
+) -> dict:
+    """Zero-shot classification of cells against their own label names (seed 000 appendix D).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with ``obs[label_key]``. Not modified (embeddings are computed on a copy unless
+        ``obsm['transcriptome_embeds']`` of ``model`` is already present).
+    model
+        The transcriptome-text model.
+    label_key
+        ``obs`` column of true labels (e.g. ``cell_ontology_class``). Cells with a missing label are left out.
+    template
+        Label template (key of :data:`engine.score.TEMPLATES` or a format string with ``{label}``).
+    labels
+        Candidate labels (default: the labels present, in category order). Cells whose label is not a
+        candidate are left out; candidates absent from the cells are still scored (they can be predicted)
+        but skipped for ROC-AUC.
+    max_cells_per_class
+        Random cap per class (``seed``); the paper uses 100.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``n_cells``, ``n_classes`` (classes present), ``n_labels`` (candidates),
+        ``template`` (the format string), ``label_key``, ``model``, ``labels``, ``per_cell`` and
+        ``per_class`` (each ``roc_auc``, ``accuracy``, ``f1_macro``, ``recall@k``, ``n_items``,
+        ``n_classes_scored``, ``note``), ``confusion`` (``labels`` and ``matrix``: rows true, columns
+        predicted, per cell).
+
+    Raises
+    ------
+    MissingKeyError
+        ``label_key`` not in ``obs`` (the message lists the available columns).
+    EmptySelectionError
+        No labelled cell left.
+    QueryError
+        Fewer than two candidate labels, empty labels or a bad template.
+    """
+    from .score import TEMPLATES, label_texts
+
+    if label_key not in adata.obs.columns:
+        raise MissingKeyError(
+            f"The label column {label_key!r} is not in obs",
+            found=f"obs columns {list(adata.obs.columns)}",
+            expected="a column of cell-type labels",
+            fix="pass --label-key with one of the listed columns",
+        )
+    col = adata.obs[label_key]
+    present = col.notna().to_numpy()
+    values = col.astype(object).where(col.notna(), "").astype(str).map(lambda s: " ".join(s.split())).to_numpy()
+    present &= values != ""
+    if labels is None:
+        cats = list(col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) else sorted(set(values[present]))
+        cand = [" ".join(str(c).split()) for c in cats]
+        cand = [c for c in dict.fromkeys(cand) if c and c in set(values[present])]
+    else:
+        cand = [" ".join(str(c).split()) for c in labels]
+        if any(not c for c in cand):
+            raise QueryError("A candidate label is empty", found=list(labels), expected="non-empty label names")
+        if len(set(cand)) != len(cand):
+            raise QueryError("Candidate labels must be distinct", found=cand, expected="each label once")
+    if len(cand) < 2:
+        raise QueryError("Zero-shot evaluation needs at least two labels", found=cand, expected="two or more classes")
+    lab_pos = {c: i for i, c in enumerate(cand)}
+    in_cand = present & np.isin(values, cand)
+    dropped = int(present.sum() - in_cand.sum())
+    pos = np.flatnonzero(in_cand)
+    if pos.size == 0:
+        raise EmptySelectionError("No cell has one of the candidate labels", found=f"{label_key}: {pd.unique(values[present])[:5]}", expected=f"labels among {cand[:5]}")
+    keep = pos[_cap_per_class(values[pos], max_cells_per_class, seed)]
+    y = np.array([lab_pos[v] for v in values[keep]], dtype=np.int64)
+    emb = _cell_embeddings(adata, model, keep, progress=progress)
+    texts = label_texts(cand, template)
+    text_emb = model.embed_texts(texts)
+    scale = float(model.logit_scale.detach().exp().cpu())
+    logits = emb.astype(np.float64) @ text_emb.T.astype(np.float64) * scale
+    per_cell = classification_metrics(logits, y, ks=ks)
+    # class-averaged embeddings
+    classes = np.unique(y)
+    means = np.stack([emb[y == c].mean(0) for c in classes])
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    per_class = classification_metrics(means @ text_emb.T.astype(np.float64) * scale, classes, ks=ks)
+    conf = confusion_matrix(logits, y)
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} cell(s) with labels outside the candidates were left out")
+    if int((~present).sum()):
+        notes.append(f"{int((~present).sum())} cell(s) without a label were left out")
+    return {
+        "n_cells": int(keep.size),
+        "n_classes": int(classes.size),
+        "n_labels": len(cand),
+        "label_key": label_key,
+        "template": TEMPLATES.get(template, template),
+        "model": getattr(model, "name", "model"),
+        "max_cells_per_class": max_cells_per_class,
+        "labels": cand,
+        "label_texts": texts,
+        "per_cell": per_cell,
+        "per_class": per_class,
+        "confusion": {"labels": cand, "matrix": conf.tolist()},
+        "notes": notes,
+    }
+
+
+def retrieval(paired_data: "PairedData", model: "TranscriptomeTextModel", *, ks: Sequence[int] = DEFAULT_KS, batch_size: int = 1024, progress: bool = False) -> dict:
+    """Cross-modal retrieval on paired data (seed 000 appendix B).
+
+    Every pair's transcriptome is rank-encoded with the model's tokenizer and embedded; every unique text is
+    embedded once; recall@k is computed over unique texts (see :func:`engine.metrics.retrieval_metrics`), so
+    pairs with identical texts count as correct matches.
+
+    Returns
+    -------
+    dict
+        ``transcriptome_to_text_R@k``, ``text_to_transcriptome_R@k``, ``mean_R@k``, ``R@k``, ``roc_auc``,
+        ``n_pairs``, ``n_texts``, ``model``, ``data``.
+    """
+    if len(paired_data) == 0:
+        raise EmptySelectionError("No pairs to evaluate", found="0 pairs", expected="at least one pair")
+    texts, tidx = paired_data.unique_texts()
+    enc = model.tokenizer.encode_matrix(paired_data.X, paired_data.var)
+    tx = model.embed_encoding(enc, batch_size=batch_size, progress=progress)
+    xt = model.embed_texts(texts, cache=False)
+    out = retrieval_metrics(tx.astype(np.float64) @ xt.T.astype(np.float64), tidx, ks=ks)
+    out["model"] = getattr(model, "name", "model")
+    out["data"] = paired_data.name
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def format_report(res: dict) -> str:
+    """A readable table of an :func:`evaluate` result."""
+    keys = ["roc_auc", "accuracy", "f1_macro"] + sorted((k for k in res["per_cell"] if k.startswith("recall@")), key=lambda k: int(k.split("@")[1]))
+    lines = [
+        f"Zero-shot evaluation of {res['model']!r} on {res['n_cells']} cells, {res['n_classes']} classes "
+        f"({res['n_labels']} candidate labels, column {res['label_key']!r})",
+        f"Template: {res['template']}",
+        "",
+        f"{'metric':<12}{'per cell':>10}{'per class':>11}",
+    ]
+    for k in keys:
+        a, b = res["per_cell"].get(k, float("nan")), res["per_class"].get(k, float("nan"))
+        lines.append(f"{k:<12}{a:>10.3f}{b:>11.3f}")
+    for n in [res["per_cell"].get("note"), *res.get("notes", [])]:
+        if n:
+            lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def _strict_json(obj):
+    """Replace NaN/inf by None and numpy scalars by Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
+def _load_data(spec: str):
+    if spec == "demo":
+        try:
+            from .data import demo_dataset
+        except ImportError:  # pragma: no cover
+            import scanpy as sc
+
+            return sc.datasets.pbmc68k_reduced()
+        return demo_dataset()
+    try:
+        from .data import read
+    except ImportError:  # pragma: no cover
+        import anndata as ad
+
+        return ad.read_h5ad(spec)
+    return read(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.evaluate DATA --label-key COL [...]``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m engine.evaluate", description="Zero-shot cell-type evaluation (CellWhisperer appendix D).")
+    p.add_argument("data", help="an .h5ad (or any format engine.read reads), or 'demo' for scanpy's pbmc68k_reduced")
+    p.add_argument("--label-key", default=None, help="obs column with the true labels (default for demo: bulk_labels)")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled default model)")
+    p.add_argument("--template", default="cellwhisperer", help="template name (cellwhisperer, langcell, plain) or a format string with {label}")
+    p.add_argument("--labels", default=None, help="comma-separated candidate labels (default: the labels present)")
+    p.add_argument("--max-cells-per-class", type=int, default=None, help="random cap per class (the paper uses 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--confusion", default=None, metavar="FILE.csv", help="write the per-cell confusion matrix")
+    args = p.parse_args(argv)
+    from .checkpoint import load_model
+    from .errors import LexicellError
+
+    label_key = args.label_key or ("bulk_labels" if args.data == "demo" else None)
+    if label_key is None:
+        p.error("--label-key is required")
+    try:
+        adata = _load_data(args.data)
+        model = load_model(args.model, device=args.device)
+        labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+        res = evaluate(adata, model, label_key, template=args.template, labels=labels, max_cells_per_class=args.max_cells_per_class, seed=args.seed, progress=not args.json)
+    except LexicellError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    res["data"] = args.data
+    if args.confusion:
+        conf = pd.DataFrame(res["confusion"]["matrix"], index=res["confusion"]["labels"], columns=res["confusion"]["labels"])
+        conf.index.name = "true \\ predicted"
+        conf.to_csv(args.confusion)
+    if args.json:
+        print(json.dumps(_strict_json(res), allow_nan=False))
+    else:
+        print(format_report(res))
+        if args.confusion:
+            print(f"confusion matrix written to {args.confusion}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+class _CallableModule(type(sys)):
+    """``engine.evaluate`` is both this module and (through ``engine.__init__``) the function :func:`evaluate`.
+
+    Once ``engine.evaluate`` has been imported as a module (``from engine.evaluate import ...``,
+    ``python -m engine.evaluate``), the package attribute ``engine.evaluate`` is the module; making the module
+    callable keeps ``engine.evaluate(adata, model, label_key)`` working whatever the import order.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

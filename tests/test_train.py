@@ -1,0 +1,227 @@
+"""CLIP training on a tiny synthetic paired set (engine.train)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from engine.errors import CheckpointError, ConfigError
+from engine.pairs import PairedData, write_tiny_archs4
+
+from conftest import GENES
+
+MARKERS = {
+    0: ["MS4A1", "CD79A", "CD79B", "CD19"],
+    1: ["CD3D", "CD3E", "CD2", "IL7R"],
+    2: ["LYZ", "CD14", "S100A8", "S100A9"],
+}
+NAMES = {0: ["B cell", "B lymphocyte"], 1: ["T cell", "T lymphocyte"], 2: ["monocyte", "classical monocyte"]}
+CONTEXTS = ["from blood", "from a healthy donor", "in the spleen", "from peripheral blood", "sample", "in lymph node"]
+
+
+def synthetic_pairs(n: int = 300, seed: int = 0) -> PairedData:
+    """3 "cell types" with distinct marker genes; texts = cell type phrase + context (24 unique texts)."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(1.0, 2.0, size=len(GENES))
+    kinds = np.arange(n) % 3
+    X = np.empty((n, len(GENES)), dtype=np.float32)
+    texts = []
+    for i, k in enumerate(kinds):
+        mu = base.copy()
+        mu[np.isin(GENES, MARKERS[k])] *= 20
+        X[i] = rng.poisson(mu)
+        texts.append(f"{NAMES[k][rng.integers(2)]} {CONTEXTS[rng.integers(len(CONTEXTS))]}")
+    return PairedData(X=sp.csr_matrix(X), var=pd.DataFrame(index=GENES), texts=texts, name="synthetic")
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    from engine.tokenizer import RankTokenizer
+
+    path = tmp_path_factory.mktemp("vocab") / "genes.tsv"
+    RankTokenizer(GENES, gene_medians=np.linspace(0.5, 3.0, len(GENES)), symbols=GENES).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_dir(tiny_text_dir, tmp_path_factory):
+    """conftest's tiny BERT, with a working WordPiece tokenizer.
+
+    With transformers 5, ``BertTokenizerFast(vocab_file=...)`` in conftest builds a 5-token vocabulary that maps
+    every word to [UNK], so all texts of one length look identical; in that case the same tiny BERT is
+    rebuilt with all-MiniLM-L6-v2's tokenizer and a matching 30,522-row embedding.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    from engine.towers import default_text_model_path
+
+    if AutoTokenizer.from_pretrained(str(tiny_text_dir)).vocab_size > 1000:
+        return tiny_text_dir
+    path = tmp_path_factory.mktemp("tiny_bert_fixed")
+    tok = AutoTokenizer.from_pretrained(str(default_text_model_path()))
+    cfg = AutoConfig.from_pretrained(str(tiny_text_dir))
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_config(vocab_file, text_dir, out, **train):
+    t = {
+        "epochs": 4, "batch_size": 32, "lr": 5e-3, "weight_decay": 0.0, "warmup_steps": 2, "val_fraction": 0.25,
+        "seed": 0, "select_metric": "mean_R@1", "lock_text": True, "progress": False, "num_threads": 1,
+    }
+    t.update(train)
+    return {
+        "model": {
+            "name": "tiny-trained",
+            "vocabulary": str(vocab_file),
+            "tower": {"type": "sparse_rank", "hidden_size": 16, "n_layers": 1, "dropout": 0.1, "token_dropout": 0.1, "max_length": 32},
+            "text_model": str(text_dir),
+            "text_pooling": "mean",
+            "text_max_length": 32,
+            "projection_dim": 8,
+            "heads": {"transcriptome": {"type": "mlp"}, "text": {"type": "linear"}},
+        },
+        "data": [{"type": "python", "callable": "tests.test_train:synthetic_pairs", "kwargs": {"n": 300}}],
+        "train": t,
+        "out": str(out),
+    }
+
+
+@pytest.mark.parametrize("lock_text", [True, False])
+def test_training_learns_and_writes_checkpoint(tmp_path, vocab_file, text_dir, lock_text):
+    from engine.checkpoint import load_model
+    from engine.train import train
+
+    cfg = make_config(vocab_file, text_dir, tmp_path / "run", lock_text=lock_text, epochs=5, lr=1e-2 if lock_text else 3e-3)
+    out = train(cfg, device="cpu")
+    assert out == tmp_path / "run"
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["status"] == "finished"
+    ep = log["epochs"]
+    assert [e["epoch"] for e in ep] == [0, 1, 2, 3, 4, 5]
+    assert ep[-1]["train_loss"] < ep[1]["train_loss"]
+    assert ep[-1]["val"]["loss"] < ep[0]["val"]["loss"]
+    best = max(e["val"]["mean_R@1"] for e in ep[1:])
+    assert best > ep[0]["val"]["mean_R@1"]
+    assert ep[-1]["val"]["R@5"] >= ep[0]["val"]["R@5"]
+    assert log["best_epoch"] in range(1, 6)
+    assert log["best_value"] == pytest.approx(best)
+    # native checkpoint with training metadata, loadable
+    model = load_model(out, device="cpu")
+    meta = model.metadata["training"]
+    assert meta["best_epoch"] == log["best_epoch"] and meta["finished"] is True
+    assert meta["n_pairs_train"] + meta["n_pairs_val"] == 300
+    assert meta["data_sources"][0]["name"] == "synthetic"
+    assert model.metadata["train_config"]["train"]["lock_text"] is lock_text
+    assert (out / "text_model").is_dir() != lock_text  # a fine-tuned text tower is stored in full
+    # the saved model separates the three kinds of cells in the shared space
+    data = synthetic_pairs(60, seed=5)
+    emb = model.embed_encoding(model.tokenizer.encode_matrix(data.X, data.var))
+    texts = model.embed_texts(["B cell from blood", "T cell from blood", "monocyte from blood"])
+    acc = ((emb @ texts.T).argmax(1) == np.arange(60) % 3).mean()
+    assert acc > 0.6
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, vocab_file, text_dir):
+    from safetensors.torch import load_file
+
+    from engine.train import train
+
+    full = train(make_config(vocab_file, text_dir, tmp_path / "full", epochs=2), device="cpu")
+    cfg = make_config(vocab_file, text_dir, tmp_path / "parts", epochs=2)
+    part = train(cfg, device="cpu", max_steps=9)  # stops in the middle of epoch 2 (7 steps per epoch)
+    log = json.loads((part / "train_log.json").read_text())
+    assert log["status"] == "stopped" and log["epochs"][-1]["partial"] is True
+    cached = list((tmp_path / "cache" / "text_features").glob("*.npy"))  # locked text features cached on disk
+    assert len(cached) == 1
+    resumed = train(cfg, device="cpu", resume=True)
+    a = load_file(str(full / "last" / "model.safetensors"))
+    b = load_file(str(resumed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert not any(k.startswith("text_tower.") for k in a)  # locked text tower is not copied
+    for k in a:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), k
+    la = json.loads((full / "train_log.json").read_text())["epochs"]
+    lb = json.loads((resumed / "train_log.json").read_text())["epochs"]
+    assert lb[-1]["epoch"] == 2 and not lb[-1]["partial"]
+    assert lb[-1]["val"]["R@1"] == pytest.approx(la[-1]["val"]["R@1"])
+
+
+def test_cli_locked_transcriptome_jsd_archs4_and_vocab_from_data(tmp_path, text_dir):
+    from engine.checkpoint import load_model
+    from engine.train import main
+
+    write_tiny_archs4(tmp_path / "tiny_archs4.h5", n_samples=60)
+    cfg = {
+        "model": {
+            "vocabulary": "data",
+            "tower": {"type": "sparse_rank", "hidden_size": 16, "n_layers": 1, "max_length": 16},
+            "text_model": str(text_dir),
+            "projection_dim": 8,
+            "heads": {"type": "mi_linear"},
+        },
+        "data": [{"type": "archs4", "path": "tiny_archs4.h5"}],  # relative to the config's folder
+        "init": {"callable": "tests.test_train:_init_hook", "kwargs": {"value": 2.0}},
+        "train": {
+            "epochs": 2, "batch_size": 16, "lock_transcriptome": True, "lock_text": True, "clip_weight": 1.0,
+            "jsd_weight": 0.5, "soft_targets": "text", "val_fraction": 0.2, "select_metric": "val_loss", "progress": False,
+            "keep_last": False,
+        },
+    }
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg))
+    rc = main(["--config", str(cfg_file), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    model = load_model(tmp_path / "out", device="cpu")
+    assert model.tokenizer.gene_ids[0] == "ENSG90000000000"
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(math.exp(2.0), rel=0.2)  # init hook ran
+    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
+    assert "train_jsd" in log["epochs"][1] and log["select_metric"] == "val_loss"
+    assert log["data_sources"][0]["type"] == "archs4"
+    assert not (tmp_path / "out" / "last").exists()  # keep_last: false
+
+
+def _init_hook(model, data, value: float = 1.0):
+    import torch
+
+    assert isinstance(data, PairedData)
+    with torch.no_grad():
+        model.logit_scale.fill_(value)
+
+
+def test_config_errors(tmp_path, vocab_file, text_dir):
+    from engine.train import load_config, train
+
+    base = make_config(vocab_file, text_dir, tmp_path / "x")
+    with pytest.raises(ConfigError, match="Unknown keys"):
+        load_config({**base, "train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match="no training data"):
+        load_config({**base, "data": []})
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "missing.json")
+    with pytest.raises(ConfigError):
+        load_config({**base, "train": {"clip_weight": 0, "jsd_weight": 0}})
+    with pytest.raises(CheckpointError, match="Nothing to resume"):
+        train(make_config(vocab_file, text_dir, tmp_path / "new", epochs=1), device="cpu", resume=True)
+    bad = make_config(vocab_file, text_dir, tmp_path / "bad", epochs=1, select_metric="R@99")
+    with pytest.raises(ConfigError, match="select_metric"):
+        train(bad, device="cpu")
+
+
+def test_yaml_config(tmp_path, vocab_file, text_dir):
+    yaml = pytest.importorskip("yaml")
+    from engine.train import load_config
+
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(make_config(vocab_file, text_dir, tmp_path / "y")))
+    cfg = load_config(f)
+    assert cfg["train"]["batch_size"] == 32 and cfg["train"]["clip_weight"] == 1.0
+    assert cfg["_base_dir"] == str(tmp_path.resolve())
