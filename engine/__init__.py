@@ -49,11 +49,11 @@ _EXPORTS = {
     # analysis
     "de_top_vs_bottom": "de",
     "de_groups": "de",
-    "enrich": "enrich",
+    "enrich": "enrichment",
     "list_libraries": "genesets",
     "load_library": "genesets",
-    "perturb": "perturb",
-    "perturb_scan": "perturb",
+    "perturb": "perturbation",
+    "perturb_scan": "perturbation",
     # evaluation
     "evaluate": "evaluate",
     "load_cellwhisperer": "cellwhisperer",

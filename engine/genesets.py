@@ -32,7 +32,7 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 GENESETS_DIR = ASSETS_DIR / "genesets"
 ENV_VAR = "LEXICELL_GENESETS"
 
-#: Libraries used by :func:`engine.enrich.enrich` when ``libraries=None``.
+#: Libraries used by :func:`engine.enrichment.enrich` when ``libraries=None``.
 DEFAULT_LIBRARIES: tuple[str, ...] = (
     "MSigDB_Hallmark_v7.5.1",
     "MSigDB_C2_CP_Reactome_v7.5.1",

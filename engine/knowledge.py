@@ -218,12 +218,68 @@ def _cd_aliases() -> dict[str, list[str]]:
     return out
 
 
+MAIN_TYPES = (
+    "T cell", "Natural killer cell", "B cell", "Plasma cell", "CD14+ Monocyte", "CD16+ Monocyte",
+    "CD1C+ dendritic cell", "Plasmacytoid dendritic cell", "Platelet", "Erythroid cell", "Hematopoietic stem cell",
+)
+
+
+def _celltype_hierarchy(ct: dict) -> dict[str, str]:
+    """Pegasus marker set -> its parent set (from "a subtype of X" in the description)."""
+    parents = {}
+    for name, (desc, _) in ct.items():
+        m = re.search(r"a subtype of (.+?)[.,]", desc)
+        if m:
+            suffix = re.search(r"\((human \w+)\)$", name)
+            parents[name] = f"{m.group(1)} ({suffix.group(1)})" if suffix else m.group(1)
+    return parents
+
+
+@lru_cache(maxsize=1)
+def weak_labels(min_z: float = 0.5) -> pd.DataFrame:
+    """Marker-based labels of the reference cells (weak supervision; no ground truth is involved).
+
+    Each gene is z-scored across the reference cells on ``log1p(expression / median)``; a cell's score for a
+    cell type is the mean z of the type's markers. The main immune type is the best-scoring one of
+    :data:`MAIN_TYPES` (if its score exceeds ``min_z``), the subtype the best-scoring child of that type.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per reference cell: ``main`` and ``sub`` marker-set names ('' when unassigned), ``score``.
+    """
+    X, genes = reference_expression()
+    R = np.log1p(X.toarray() / np.maximum(_nonzero_medians(X), 1e-3))
+    Z = (R - R.mean(0)) / (R.std(0) + 1e-6)
+    pos = pd.Series(np.arange(len(genes)), index=genes["symbol"].str.upper().to_numpy())
+    pos = pos[~pos.index.duplicated()]
+    ct = _read_gmt(GENESET_DIR / CELLTYPE_GMT)
+    parents = _celltype_hierarchy(ct)
+
+    def score(name):
+        p = pos.reindex([g.upper() for g in ct[name][1]]).dropna().astype(int).to_numpy()
+        return Z[:, p].mean(1) if p.size else np.full(Z.shape[0], -np.inf)
+
+    mains = [f"{t} (human immune)" for t in MAIN_TYPES if f"{t} (human immune)" in ct]
+    S = np.stack([score(m) for m in mains], 1)
+    best = S.argmax(1)
+    out = pd.DataFrame({"main": [mains[b] if S[i, b] > min_z else "" for i, b in enumerate(best)], "sub": "", "score": S.max(1)})
+    for m in mains:
+        kids = [k for k, p in parents.items() if p == m and k in ct]
+        rows = np.flatnonzero(out["main"].to_numpy() == m)
+        if kids and rows.size:
+            K = np.stack([score(k) for k in kids], 1)[rows]
+            out.loc[rows, "sub"] = [kids[j] if K[r, j] > 0 else "" for r, j in enumerate(K.argmax(1))]
+    return out
+
+
 def build_pairs(
     *,
     vocabulary: str | Path | None = None,
     n_per_celltype: int = 200,
     n_per_geneset: int = 4,
     n_per_gene: int = 3,
+    n_per_reference_cell: int = 30,
     min_set_size: int = 5,
     max_set_size: int = 300,
     background_top: int = 400,
@@ -278,15 +334,28 @@ def build_pairs(
         return np.unique(p)
 
     rows_i, rows_j, rows_v, texts, groups = [], [], [], [], []
-    state = {"row": 0, "group": 0}
+    state = {"row": 0}
 
-    def emit(set_pos: np.ndarray, text_choices: list[str], n: int, *, suppress: np.ndarray | None = None, frac=(0.5, 1.0)):
+    group_ids: dict[str, int] = {}
+
+    def group(key: str) -> int:
+        return group_ids.setdefault(key, len(group_ids))
+
+    def add_row(c: np.ndarray, r: np.ndarray, text: str, g: int) -> None:
+        rows_i.append(np.full(c.size, state["row"]))
+        rows_j.append(c)
+        rows_v.append(r * medians[c])
+        texts.append(text)
+        groups.append(g)
+        state["row"] += 1
+
+    def emit(set_pos, text_choices, n, *, key, suppress=None, frac=(0.5, 1.0), pool=None):
         if set_pos.size == 0 or not text_choices:
             return
-        g = state["group"]
-        state["group"] += 1
+        g = group(key)
         for _ in range(n):
-            bc, br = backgrounds[rng.integers(len(backgrounds))]
+            bg = pool[rng.integers(len(pool))] if pool is not None and len(pool) else rng.integers(len(backgrounds))
+            bc, br = backgrounds[bg]
             if suppress is not None and suppress.size:
                 keep = ~np.isin(bc, suppress) | np.isin(bc, set_pos)
                 bc, br = bc[keep], br[keep]
@@ -297,29 +366,32 @@ def build_pairs(
             keep = ~np.isin(bc, chosen)
             c = np.concatenate([bc[keep], chosen])
             r = np.concatenate([br[keep], boost])
-            rows_i.append(np.full(c.size, state["row"]))
-            rows_j.append(c)
-            rows_v.append(r * medians[c])
-            texts.append(text_choices[rng.integers(len(text_choices))])
-            groups.append(g)
-            state["row"] += 1
+            add_row(c, r, text_choices[rng.integers(len(text_choices))], g)
 
     # 1. cell types (parent markers added to subtypes; other types' markers suppressed in the background)
     ct = _read_gmt(GENESET_DIR / CELLTYPE_GMT)
     all_markers = positions([g for _, gs in ct.values() for g in gs])
-    parents = {}
-    for name, (desc, _) in ct.items():
-        m = re.search(r"a subtype of (.+?)\.", desc)
-        if m:
-            suffix = re.search(r"\((human \w+)\)$", name)
-            parents[name] = f"{m.group(1)} ({suffix.group(1)})" if suffix else m.group(1)
+    parents = _celltype_hierarchy(ct)
+    weak = weak_labels()
+    weak_names = set(weak["main"]) | set(weak["sub"])
+    ct_texts = {name: _celltype_texts(name, desc, gs, rng) for name, (desc, gs) in ct.items()}
     for name, (desc, gs) in ct.items():
         markers = list(gs)
         p = parents.get(name)
         while p in ct:
             markers += ct[p][1]
             p = parents.get(p)
-        emit(positions(markers), _celltype_texts(name, desc, gs, rng), n_per_celltype, suppress=all_markers, frac=(0.6, 1.0))
+        pool = np.flatnonzero((weak["main"] == name) | (weak["sub"] == name)) if name in weak_names else None
+        emit(positions(markers), ct_texts[name], n_per_celltype, key=name, suppress=all_markers, frac=(0.3, 1.0), pool=pool)
+    # 1b. the weakly labelled reference cells themselves (real co-expression), thinned for variety
+    for i in np.flatnonzero(weak["main"].to_numpy() != ""):
+        bc, br = backgrounds[i]
+        names = [weak["main"].iat[i]] + ([weak["sub"].iat[i]] if weak["sub"].iat[i] else [])
+        for _ in range(n_per_reference_cell):
+            name = names[rng.integers(len(names))]
+            keep = rng.random(bc.size) < rng.uniform(0.4, 0.95)
+            r = br[keep] * rng.lognormal(0.0, 0.3, size=int(keep.sum()))
+            add_row(bc[keep], r, ct_texts[name][rng.integers(len(ct_texts[name]))], group(name))
     # 2. pathways and GO terms
     for f in PATHWAY_GMTS:
         if f.startswith("GO_") and not include_go:
@@ -334,7 +406,7 @@ def build_pairs(
             if name in PROLIFERATION_SETS:
                 choices += PROLIFERATION_TEXTS
             n = n_per_geneset * (10 if name in PROLIFERATION_SETS else 1)
-            emit(pos, choices, n, frac=(0.3, 0.8))
+            emit(pos, choices, n, key=f"{f}:{name}", frac=(0.3, 0.8))
     # 3. single marker genes, with CD aliases
     cds = _cd_aliases()
     marker_syms = sorted({g for _, gs in ct.values() for g in gs})
@@ -342,7 +414,7 @@ def build_pairs(
         pos = positions([s])
         names = [s, *cds.get(s, [])]
         choices = [t for n in names for t in (f"{n}+ cells", f"cells expressing {n}", f"{n} high cells")]
-        emit(pos, choices, n_per_gene, suppress=None, frac=(1.0, 1.0))
+        emit(pos, choices, n_per_gene, key=f"gene:{s}", frac=(1.0, 1.0))
 
     i = np.concatenate(rows_i)
     j = np.concatenate(rows_j)
@@ -351,5 +423,114 @@ def build_pairs(
     var = pd.DataFrame({"ensembl_id": vocab.index.to_numpy(), "gene_symbol": vocab["symbol"].to_numpy()}, index=vocab.index.copy())
     if M.shape[0] == 0:
         raise DataError("No knowledge pairs were built", found="0 pairs", expected="marker and gene-set files in assets/genesets")
-    log.info("built %d knowledge pairs in %d groups", M.shape[0], state["group"])
+    log.info("built %d knowledge pairs in %d groups", M.shape[0], len(group_ids))
     return PairedData(X=M, var=var, texts=texts, groups=np.asarray(groups), name="knowledge")
+
+
+# --------------------------------------------------------------------------- GenePT-style initialisation
+def _text_features(text_tower, texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """Text-tower features ``(n, hidden)`` of ``texts``, cached on disk by tower source and text content."""
+    import hashlib
+    import os
+
+    import torch
+
+    from .embed import cache_dir
+
+    h = hashlib.blake2b((text_tower.source + text_tower.pooling + "\x1f".join(texts)).encode(), digest_size=16).hexdigest()
+    f = Path(cache_dir()) / "text_features" / f"knowledge_{h}.npy"
+    if f.is_file():
+        arr = np.load(f, allow_pickle=False)
+        if arr.shape[0] == len(texts):
+            return arr
+    out = []
+    was = text_tower.training
+    text_tower.eval()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = text_tower.tokenize(texts[i : i + batch_size])
+            out.append(text_tower(**enc).float().cpu().numpy())
+    text_tower.train(was)
+    arr = np.concatenate(out).astype(np.float32)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    np.save(f.with_suffix(".tmp.npy"), arr)
+    os.replace(f.with_suffix(".tmp.npy"), f)
+    return arr
+
+
+def gene_knowledge_vectors(tokenizer, text_tower, *, celltype_weight: float = 3.0, include_go: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Describe each vocabulary gene by the texts of the gene sets it belongs to (GenePT-style).
+
+    A gene's vector is the weighted mean of the text-tower features of the readable names of every shipped
+    gene set containing it (cell-type marker sets weigh ``celltype_weight``; GenePT, Chen & Zou 2024, uses
+    gene summaries instead, which are not installable offline).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(n_vocab_genes, text_hidden)`` float32 vectors (zero where a gene is in no set) and a bool mask of
+        the genes that have one.
+    """
+    sym_pos = pd.Series(np.arange(len(tokenizer.gene_ids)), index=pd.Index([str(s).upper() for s in tokenizer.symbols]))
+    sym_pos = sym_pos[~sym_pos.index.duplicated()]
+    names, members, weights = [], [], []
+    for f in (CELLTYPE_GMT, *PATHWAY_GMTS):
+        if f.startswith("GO_") and not include_go:
+            continue
+        for name, (_, gs) in _read_gmt(GENESET_DIR / f).items():
+            pos = sym_pos.reindex([g.upper() for g in gs]).dropna().astype(int).to_numpy()
+            if 0 < pos.size <= 500:
+                names.append(re.sub(r"\s*\(human \w+\)$", "", name) if f == CELLTYPE_GMT else _pretty(name))
+                members.append(pos)
+                weights.append(celltype_weight if f == CELLTYPE_GMT else 1.0)
+    feats = _text_features(text_tower, names)
+    rows = np.concatenate(members)
+    cols = np.concatenate([np.full(m.size, i) for i, m in enumerate(members)])
+    vals = np.concatenate([np.full(m.size, w) for m, w in zip(members, weights)])
+    A = sp.csr_matrix((vals, (rows, cols)), shape=(len(tokenizer.gene_ids), len(names)))
+    tot = np.asarray(A.sum(axis=1)).ravel()
+    V = np.asarray(A @ feats) / np.maximum(tot, 1e-9)[:, None]
+    return V.astype(np.float32), tot > 0
+
+
+def init_model(model, data=None, *, include_go: bool = True, identity_heads: bool = True) -> None:
+    """Start the model at a training-free, knowledge-derived zero-shot model (GenePT-style).
+
+    Gene token embeddings of a :class:`~engine.towers.SparseRankTower` are set to the gene knowledge vectors
+    of :func:`gene_knowledge_vectors` (PCA-reduced when the tower is narrower than the text tower); genes in
+    no set get small random vectors. When the tower is as wide as the text tower and the heads are square
+    bias-free linear maps, the heads start as identities and the residual blocks as no-ops, so before any
+    training a cell's embedding is the rank-weighted mean of its genes' text vectors and lives in the text
+    space. Used as the ``init`` hook of ``engine.train``.
+    """
+    import torch
+    from torch import nn
+
+    tower = model.transcriptome_tower
+    V, has = gene_knowledge_vectors(tower.tokenizer, model.text_tower, include_go=include_go)
+    d = tower.hidden_size
+    P = V[has]
+    if P.shape[1] > d:
+        Pc = P - P.mean(0)
+        _, _, vt = np.linalg.svd(Pc, full_matrices=False)
+        P = Pc @ vt[:d].T
+    elif P.shape[1] < d:
+        P = np.pad(P, ((0, 0), (0, d - P.shape[1])))
+    with torch.no_grad():
+        W = tower.gene_embeddings.weight
+        scale = float(np.linalg.norm(P, axis=1).mean())
+        W.mul_(0.1 * scale / (W.norm(dim=1).mean() + 1e-9))
+        W[torch.as_tensor(tower.tokenizer.token_ids[has])] = torch.as_tensor(P, dtype=W.dtype)
+        W[tower.tokenizer.pad_token_id].zero_()
+        if identity_heads:
+            for block in tower.blocks:
+                last = block[-1]
+                last.weight.zero_()
+                last.bias.zero_()
+            for head in (model.transcriptome_projection, model.text_projection):
+                if isinstance(head, nn.Linear) and head.weight.shape[0] == head.weight.shape[1]:
+                    head.weight.copy_(torch.eye(head.weight.shape[0]))
+                    if head.bias is not None:
+                        head.bias.zero_()
+    model.invalidate_caches()
+    log.info("initialised %d of %d gene embeddings from gene-set texts", int(has.sum()), has.size)

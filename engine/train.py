@@ -300,7 +300,11 @@ def build_model_from_config(model_cfg: dict, *, data: PairedData | None = None, 
             expected="a genes.tsv path or 'data'",
             fix="set model.vocabulary to a genes.tsv (RankTokenizer.save) or to 'data'",
         )
-    if str(vocab) in _VOCAB_FROM_DATA:
+    if isinstance(vocab, dict) and "callable" in vocab:
+        from .pairs import import_callable
+
+        tokenizer = import_callable(vocab["callable"])(**{**vocab.get("kwargs", {}), "max_length": special["max_length"]})
+    elif str(vocab) in _VOCAB_FROM_DATA:
         if data is None:
             raise ConfigError("vocabulary 'data' needs the training data", found="no data", expected="PairedData")
         tokenizer = vocabulary_from_data(data, **special)

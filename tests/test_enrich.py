@@ -1,4 +1,4 @@
-"""Tests of engine.enrich (offline/online over-representation) and engine.genesets (shipped libraries)."""
+"""Tests of engine.enrichment (offline/online over-representation) and engine.genesets (shipped libraries)."""
 from __future__ import annotations
 
 import re
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy.stats import hypergeom
 
-import engine.enrich as enrich_mod
-from engine.enrich import COLUMNS, enrich
+import engine.enrichment as enrich_mod
+from engine.enrichment import COLUMNS, enrich
 from engine.errors import DataError, EmptySelectionError, MissingKeyError
 from engine.genesets import DEFAULT_LIBRARIES, GENESETS_DIR, list_libraries, load_library
 

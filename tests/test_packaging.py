@@ -35,8 +35,8 @@ def test_environment_yml_matches_pyproject():
 def test_engine_import_is_headless():
     code = (
         "import sys, engine\n"
-        "from engine import checkpoint, embed, score, tokenizer, towers, model, data, de, enrich\n"
-        "for m in ['perturb', 'evaluate', 'train', 'pairs', 'knowledge', 'geneformer', 'cellwhisperer', 'convert']:\n"
+        "from engine import checkpoint, embed, score, tokenizer, towers, model, data, de\n"
+        "for m in ['perturbation', 'enrichment', 'evaluate', 'train', 'pairs', 'knowledge', 'geneformer', 'cellwhisperer', 'convert']:\n"
         "    try:\n"
         "        __import__('engine.' + m)\n"
         "    except ModuleNotFoundError as e:\n"

@@ -1,0 +1,110 @@
+"""Embedding throughput and query latency (issue 2 / issue 3 targets).
+
+Prints:
+- cells/s of the default-size transcriptome tower (SparseRankTower, width 384, 2 blocks, 256 tokens, 18.5k-gene
+  vocabulary) on synthetic sparse counts (default 100,000 cells x 20,000 genes, ~1,000 expressed genes per cell,
+  like 10x PBMC data), split into rank encoding and forward passes;
+- the same-run baseline: a dense matrix product of the same cells with a random (n_genes, 384) matrix
+  (``X @ W``), i.e. the cheapest linear "encoder" over all genes;
+- query latency: text embedding of one query (all-MiniLM-L6-v2), and scoring 100k and 1M cells.
+
+Usage: ``python bench/bench_embed.py [--cells 100000] [--genes 20000] [--nnz 1000]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def synthetic_counts(n_cells: int, n_genes: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    p = rng.pareto(1.2, n_genes) + 1e-3
+    p /= p.sum()
+    indptr = np.arange(0, (n_cells + 1) * nnz, nnz, dtype=np.int64)
+    indices = np.empty(n_cells * nnz, dtype=np.int32)
+    block = 10_000
+    for s in range(0, n_cells, block):
+        e = min(n_cells, s + block)
+        cols = rng.choice(n_genes, size=(e - s, nnz * 2), p=p)
+        cols.sort(axis=1)
+        for i in range(e - s):  # unique genes per cell
+            u = np.unique(cols[i])[:nnz]
+            if u.size < nnz:
+                u = np.unique(np.concatenate([u, rng.choice(n_genes, nnz, replace=False)]))[:nnz]
+            indices[(s + i) * nnz : (s + i + 1) * nnz] = np.sort(u)
+    data = rng.negative_binomial(2, 0.5, size=indices.size).astype(np.float32) + 1
+    return sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=100_000)
+    ap.add_argument("--genes", type=int, default=20_000)
+    ap.add_argument("--nnz", type=int, default=1_000)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from engine.model import TranscriptomeTextModel
+    from engine.tokenizer import RankTokenizer
+    from engine.towers import SparseRankTower, TextTower, default_text_model_path
+
+    print(f"synthetic data: {args.cells} cells x {args.genes} genes, {args.nnz} expressed genes per cell", flush=True)
+    X = synthetic_counts(args.cells, args.genes, args.nnz)
+    genes = [f"G{i}" for i in range(args.genes)]
+    rng = np.random.default_rng(1)
+    vocab = [g for g in genes if rng.random() < 0.925]  # ~18.5k of 20k genes in the vocabulary
+    tok = RankTokenizer(vocab, gene_medians=rng.uniform(0.5, 5, len(vocab)), max_length=256)
+    tower = SparseRankTower(tok, hidden_size=384, n_layers=2)
+    text = TextTower(default_text_model_path())
+    model = TranscriptomeTextModel(tower, text, projection_dim=384).eval()
+
+    tok.encode_matrix(X[:100], genes)  # compile the numba kernel outside the timing
+    t0 = time.perf_counter()
+    enc = tok.encode_matrix(X, genes)
+    t_enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    emb = model.embed_encoding(enc, batch_size=4096)
+    t_fwd = time.perf_counter() - t0
+    total = t_enc + t_fwd
+    print(f"rank encoding: {t_enc:.2f} s ({args.cells / t_enc:,.0f} cells/s)")
+    print(f"tower + projection: {t_fwd:.2f} s ({args.cells / t_fwd:,.0f} cells/s)")
+    print(f"default-size tower, end to end: {args.cells / total:,.0f} cells/s (goal >= 20,000)")
+
+    W = np.random.default_rng(2).standard_normal((args.genes, 384)).astype(np.float32)
+    t0 = time.perf_counter()
+    _ = X @ W
+    t_lin = time.perf_counter() - t0
+    print(f"baseline X @ W (all genes, sparse x dense): {t_lin:.2f} s ({args.cells / t_lin:,.0f} cells/s); "
+          f"tower / baseline time ratio {total / t_lin:.2f}")
+
+    model.embed_texts(["warm-up"])
+    t0 = time.perf_counter()
+    q = model.embed_texts(["structural cells with immune functions"], cache=False)
+    t_text = time.perf_counter() - t0
+    print(f"text embedding of one query: {t_text * 1000:.1f} ms")
+    scale = float(model.logit_scale.exp())
+    for n in (100_000, 1_000_000):
+        E = np.resize(emb, (n, emb.shape[1])).astype(np.float32)
+        E @ q[0]
+        reps = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            s = (E @ q[0]) * scale
+            reps.append(time.perf_counter() - t0)
+        print(f"scoring {n:,} cells: {min(reps) * 1000:.1f} ms (goal < 100 ms for 1M)")
+    del s
+
+
+if __name__ == "__main__":
+    main()
