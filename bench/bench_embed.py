@@ -93,7 +93,7 @@ def main() -> None:
     q = model.embed_texts(["structural cells with immune functions"], cache=False)
     t_text = time.perf_counter() - t0
     print(f"text embedding of one query: {t_text * 1000:.1f} ms")
-    scale = float(model.logit_scale.exp())
+    scale = float(model.logit_scale.detach().exp())
     for n in (100_000, 1_000_000):
         E = np.resize(emb, (n, emb.shape[1])).astype(np.float32)
         E @ q[0]
