@@ -1,0 +1,251 @@
+"""Process-wide resources shared read-only by all browser sessions.
+
+One model and one copy of each dataset (with its embeddings and layouts) live per
+process, keyed by path; every session gets a :func:`session_adata` view whose
+``obs``/``uns``/``obsm`` containers are its own while the matrices are shared, so
+one user's query columns or labels never appear in another user's session.
+Embedding runs once per (dataset, model) in a background thread
+(:class:`EmbeddingJob`); sessions wait on it without blocking the event loop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from functools import partial
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import anndata as ad
+
+import engine
+from engine.errors import CancelledError, LexicellError
+
+__all__ = [
+    "EMBED_KEY",
+    "EmbeddingJob",
+    "get_model",
+    "get_dataset",
+    "model_future",
+    "dataset_future",
+    "embedding_job",
+    "session_adata",
+    "layout_keys",
+    "has_embeddings",
+    "clear",
+]
+
+log = logging.getLogger(__name__)
+
+EMBED_KEY = "transcriptome_embeds"
+DEMO = "demo"
+
+_lock = threading.RLock()
+_models: dict[str, Future] = {}
+_datasets: dict[str, Future] = {}
+_jobs: dict[tuple, "EmbeddingJob"] = {}
+_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lexicell-load")
+
+
+def _key(path, none_key: str) -> str:
+    if path is None or str(path) in ("", none_key):
+        return none_key
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def _timed(what: str, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    log.info("%s in %.1f s", what, time.perf_counter() - t0)
+    return out
+
+
+def _retry_failed(store: dict, key: str) -> None:
+    fut = store.get(key)
+    if fut is not None and fut.done() and fut.exception() is not None:
+        del store[key]  # a failed load is retried by the next session
+
+
+def model_future(path=None) -> Future:
+    """Future of the model at ``path`` (None: the bundled default), loaded once per process in a thread."""
+    key = _key(path, "default")
+    with _lock:
+        _retry_failed(_models, key)
+        if key not in _models:
+            _models[key] = _executor.submit(_timed, f"loaded model {key}", engine.load_model,
+                                            None if key == "default" else key)
+        return _models[key]
+
+
+def dataset_future(path=None) -> Future:
+    """Future of the dataset at ``path`` (None: the demo, scanpy's pbmc68k_reduced), read once per process."""
+    key = _key(path, DEMO)
+    with _lock:
+        _retry_failed(_datasets, key)
+        if key not in _datasets:
+            reader = engine.demo_dataset if key == DEMO else partial(engine.read, key)
+            _datasets[key] = _executor.submit(_timed, f"read dataset {key}", reader)
+        return _datasets[key]
+
+
+def get_model(path=None):
+    """The model at ``path`` (None: the bundled default), loaded once per process.
+
+    Raises
+    ------
+    engine.errors.CheckpointError
+        When it cannot be loaded.
+    """
+    return model_future(path).result()
+
+
+def get_dataset(path=None) -> ad.AnnData:
+    """The dataset at ``path`` (None: the demo), read once per process.
+
+    The returned object is shared: treat it as read-only and give sessions :func:`session_adata`.
+    """
+    return dataset_future(path).result()
+
+
+def put_dataset(key: str, adata: ad.AnnData) -> None:
+    """Register an in-memory dataset under ``key`` (benchmarks and tests)."""
+    fut: Future = Future()
+    fut.set_result(adata)
+    with _lock:
+        _datasets[_key(key, DEMO)] = fut
+
+
+def put_model(key: str, model) -> None:
+    """Register a loaded model under ``key`` (tests)."""
+    fut: Future = Future()
+    fut.set_result(model)
+    with _lock:
+        _models[_key(key, "default")] = fut
+
+
+def clear() -> None:
+    """Forget every cached model, dataset and job (tests)."""
+    with _lock:
+        _models.clear()
+        _datasets.clear()
+        _jobs.clear()
+
+
+def has_embeddings(adata: ad.AnnData, model) -> bool:
+    """True when ``obsm['transcriptome_embeds']`` exists and belongs to ``model``."""
+    if model is None or EMBED_KEY not in adata.obsm:
+        return False
+    try:
+        engine.get_embeds(adata, model)
+    except LexicellError:
+        return False
+    return True
+
+
+def layout_keys(adata: ad.AnnData) -> list[str]:
+    """2-D layouts in ``obsm``: keys starting with ``X_`` with at least two columns, UMAP first."""
+    keys = [k for k in adata.obsm.keys() if k.startswith("X_") and getattr(adata.obsm[k], "ndim", 0) == 2
+            and adata.obsm[k].shape[1] >= 2]
+    order = {"X_umap": 0, "X_tsne": 1, "X_draw_graph_fa": 2, "X_pca": 9}
+    return sorted(keys, key=lambda k: (order.get(k, 5), k))
+
+
+class EmbeddingJob:
+    """Embedding (and, without any layout, UMAP) of one shared dataset in a background thread.
+
+    Attributes
+    ----------
+    future
+        Resolves to None when ``obsm['transcriptome_embeds']`` (and a layout) are in the shared dataset;
+        raises the engine error otherwise (e.g. :class:`~engine.errors.CancelledError`).
+    batches_done, n_batches
+        Progress, counted from the engine's between-batch ``cancel`` polls.
+    """
+
+    def __init__(self, adata: ad.AnnData, model, *, batch_size: int = 1024):
+        self.adata = adata
+        self.model = model
+        self.batch_size = batch_size
+        self.n_batches = max(1, math.ceil(adata.n_obs / batch_size))
+        self.batches_done = 0
+        self.stage = "waiting"
+        self.started = time.perf_counter()
+        self._cancel = threading.Event()
+        self.future: Future = _executor.submit(self._run)
+
+    def _poll(self) -> bool:
+        self.batches_done += 1
+        return self._cancel.is_set()
+
+    def _run(self) -> None:
+        self.stage = "embedding cells"
+        engine.embed_cells(self.adata, self.model, batch_size=self.batch_size, progress=False, cancel=self._poll)
+        if not layout_keys(self.adata):
+            self.stage = "computing UMAP"
+            engine.umap(self.adata, keep_existing=True)
+        self.stage = "done"
+
+    @property
+    def fraction(self) -> float:
+        """Share of batches done (0..1)."""
+        return min(1.0, max(0, self.batches_done - 1) / self.n_batches)
+
+    def cancel(self) -> None:
+        """Ask the job to stop after the current batch."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done() and isinstance(self.future.exception(), CancelledError)
+
+
+def embedding_job(adata: ad.AnnData, model) -> EmbeddingJob | None:
+    """The running (or finished) embedding job of ``adata`` with ``model``; None when nothing is to be done.
+
+    A failed or cancelled job is replaced by a new one on the next call.
+    """
+    if has_embeddings(adata, model) and layout_keys(adata):
+        return None
+    key = (id(adata), model.fingerprint())
+    with _lock:
+        job = _jobs.get(key)
+        if job is None or (job.future.done() and job.future.exception() is not None):
+            job = EmbeddingJob(adata, model)
+            _jobs[key] = job
+        return job
+
+
+def session_adata(base: ad.AnnData) -> ad.AnnData:
+    """A per-session AnnData sharing ``X``, ``raw``, ``var``, layers and arrays with ``base``.
+
+    ``obs`` is a copy and ``uns``/``obsm``/``obsp`` are new containers, so columns and keys a session adds
+    (query scores, labels, DE groups) stay in that session.
+    """
+    return ad.AnnData(
+        X=base.X,
+        obs=base.obs.copy(),
+        var=base.var,
+        uns=dict(base.uns),
+        obsm=dict(base.obsm),
+        varm=dict(base.varm),
+        obsp=dict(base.obsp),
+        layers=dict(base.layers),
+        raw=base.raw,
+    )
+
+
+def sync_from_base(session: ad.AnnData, base: ad.AnnData) -> None:
+    """Copy shared results (embeddings, their params, new layouts) from ``base`` into a session's containers."""
+    for k in base.obsm.keys():
+        if k == EMBED_KEY or (k.startswith("X_") and k not in session.obsm):
+            session.obsm[k] = base.obsm[k]
+    for k in (EMBED_KEY, "lexicell_neighbors", "lexicell"):
+        if k in base.uns:
+            session.uns[k] = base.uns[k]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,324 @@
+"""Assemble the dashboard: :class:`Explorer` (one per session or notebook cell) and :func:`build_app`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future
+
+import holoviews as hv
+import panel as pn
+
+from engine.errors import CancelledError, LexicellError
+
+from . import cache
+from .state import AppState
+from .views.analysis import DEView, DescribeView
+from .views.export import AboutView, ExportView
+from .views.map import MapView
+from .views.perturb import PerturbView
+from .views.query import QueryView
+from .views.zero_shot import ZeroShotView
+
+__all__ = ["Explorer", "build_app", "ensure_extensions"]
+
+log = logging.getLogger(__name__)
+
+TITLE = "Lexicell"
+ACCENT = "#2f5d9b"
+CSS = """
+.selection-count-text { font-size: 14px; }
+.job-label p { margin: 0; font-size: 13px; color: #555; }
+"""
+
+
+def ensure_extensions() -> None:
+    """Load Panel's Tabulator and HoloViews' Bokeh extensions (per session, or per notebook cell)."""
+    pn.extension("tabulator", raw_css=[CSS], notifications=False)
+    hv.extension("bokeh", logo=False)
+
+
+class EmbeddingStatus(pn.viewable.Viewer):
+    """Top-of-page progress of loading the model and embedding the cells (shared by all sessions).
+
+    The map shows the dataset's existing layout meanwhile; queries and labels become available when done.
+    """
+
+    def __init__(self, explorer: "Explorer"):
+        super().__init__()
+        self.explorer = explorer
+        self.job: cache.EmbeddingJob | None = None
+        self.alert = pn.pane.Alert("", alert_type="info", visible=False, margin=(0, 5), sizing_mode="stretch_width")
+        self.progress = pn.indicators.Progress(value=-1, max=100, visible=False, width=300, bar_color="info",
+                                               margin=(0, 10))
+        self.cancel = pn.widgets.Button(name="Cancel embedding", button_type="warning", visible=False, width=150)
+        self.retry = pn.widgets.Button(name="Compute embeddings", button_type="primary", visible=False, width=170)
+        self.cancel.on_click(lambda event: self.job and self.job.cancel())
+        self.retry.on_click(lambda event: self.start())
+        self._layout = pn.Column(self.alert, pn.Row(self.progress, self.cancel, self.retry), margin=0,
+                                 sizing_mode="stretch_width")
+
+    def __panel__(self):
+        return self._layout
+
+    def start(self) -> None:
+        """Wait for the model (if loading), then for the embeddings, without blocking the event loop."""
+        ex = self.explorer
+        if ex.state.model is not None:
+            self.job = cache.embedding_job(ex.base, ex.state.model)
+            if self.job is None:
+                ex.state.attach_embeddings(ex.base)
+                return
+        self.retry.visible = False
+        self.progress.param.update(visible=True, value=-1, active=True)
+        self._say()
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.onload(self.wait)
+            return
+        try:  # notebook: schedule on the kernel's running loop
+            asyncio.get_running_loop().create_task(self.wait())
+        except RuntimeError:  # plain Python (scripts, tests): no event loop to wait on
+            if ex.state.model is None:
+                ex.model_future.add_done_callback(lambda fut: fut.exception() is None and self._model_loaded())
+                return
+            if self.job is not None:
+                self.job.future.exception()  # wait
+            self._finish()
+
+    def _model_loaded(self) -> None:
+        ex = self.explorer
+        ex.set_model(ex.model_future.result())
+        self.job = cache.embedding_job(ex.base, ex.state.model)
+        if self.job is not None:
+            self.job.future.exception()
+        self._finish()
+
+    def _say(self) -> None:
+        st = self.explorer.state
+        if st.model is None:
+            text = "Loading the model… The map shows the dataset's own layout meanwhile."
+        else:
+            job = self.job
+            detail = f": {job.stage} ({job.batches_done}/{job.n_batches} batches)" if job is not None else ""
+            text = (f"Embedding {st.n_cells:,} cells with model **{st.model.name}**{detail}. The map shows the "
+                    "existing layout meanwhile; queries and labels become available when this is done.")
+        self.alert.param.update(object=text, alert_type="info", visible=True)
+
+    async def wait(self) -> None:
+        ex = self.explorer
+        if ex.state.model is None:
+            try:
+                model = await asyncio.wrap_future(ex.model_future)
+            except Exception as err:  # noqa: BLE001
+                self._fail(err, "Loading the model failed.")
+                return
+            ex.set_model(model)
+            self.job = cache.embedding_job(ex.base, model)
+        if self.job is not None:
+            self.cancel.visible = True
+            self._say()
+            while not self.job.future.done():
+                await asyncio.sleep(0.4)
+                self.progress.param.update(value=int(100 * self.job.fraction))
+                self._say()
+        self._finish()
+
+    def _fail(self, err: BaseException, what: str) -> None:
+        self.progress.visible = False
+        self.cancel.visible = False
+        if isinstance(err, CancelledError):
+            self.alert.param.update(object="Embedding was cancelled; queries need embeddings.", alert_type="warning",
+                                    visible=True)
+            self.retry.visible = self.explorer.state.model is not None
+            return
+        msg = str(err) if isinstance(err, LexicellError) else f"Unexpected error ({type(err).__name__}): {err}"
+        if not isinstance(err, LexicellError):
+            log.error("%s", what, exc_info=err)
+        self.alert.param.update(object=f"{what} {msg}", alert_type="danger", visible=True)
+        self.retry.visible = self.explorer.state.model is not None
+
+    def _finish(self) -> None:
+        st = self.explorer.state
+        err = self.job.future.exception() if self.job is not None else None
+        if err is not None:
+            self._fail(err, "Embedding failed.")
+            return
+        self.progress.visible = False
+        self.cancel.visible = False
+        st.attach_embeddings(self.explorer.base)
+        self.alert.param.update(object="", visible=False)
+        if self.job is not None:
+            st.notify(f"Embeddings ready for {st.n_cells:,} cells.", "success")
+
+
+class Explorer(pn.viewable.Viewer):
+    """The Lexicell dashboard for one dataset and model.
+
+    In Jupyter, ``Explorer(adata, model)`` displays the dashboard in the cell; results of the session (kept
+    scores, accepted labels) are in ``explorer.adata``. Served, one Explorer is built per browser session
+    (:func:`build_app`), sharing the dataset's matrices and embeddings but not its ``obs``.
+
+    Parameters
+    ----------
+    adata
+        The dataset (treated as read-only; embeddings are added to it if missing).
+    model
+        A transcriptome-text model (:func:`engine.load_model`), or a ``concurrent.futures.Future`` of one (the
+        map is shown while it loads).
+    name
+        Dataset name shown in the page.
+    input_path
+        File the dataset came from; the export refuses to overwrite it.
+    """
+
+    def __init__(self, adata, model, *, name: str | None = None, input_path: str | None = None, **params):
+        super().__init__(**params)
+        ensure_extensions()
+        self.base = adata
+        if isinstance(model, Future):
+            self.model_future = model
+            model = model.result() if model.done() and model.exception() is None else None
+        else:
+            self.model_future = None
+        self.state = AppState(cache.session_adata(adata), model, dataset_name=name or "dataset",
+                              input_path=input_path)
+        self.map = MapView(self.state)
+        self.query = QueryView(self.state)
+        self.message = pn.pane.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
+        self.state.param.watch(self._on_message, ["message", "message_kind"])
+        self.info = pn.pane.Markdown("", margin=(0, 10))
+        self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
+        self.status = EmbeddingStatus(self)
+        self.tools_placeholder = pn.pane.Markdown("*The analysis tools appear when the model is loaded.*")
+        self._tools_built = False
+        if model is not None:
+            self.set_model(model)
+        if not self.state.embeds_ready or not cache.layout_keys(self.base):
+            self.status.start()
+
+    @property
+    def adata(self):
+        """This session's annotated dataset."""
+        return self.state.adata
+
+    def set_model(self, model) -> None:
+        """Attach the (loaded) model and build the analysis tabs."""
+        st = self.state
+        st.set_model(model)
+        self._update_info()
+        if self._tools_built:
+            return
+        self._tools_built = True
+        self.zero_shot = ZeroShotView(st)
+        self.describe = DescribeView(st)
+        self.de = DEView(st)
+        self.perturb = PerturbView(st)
+        self.export = ExportView(st)
+        self.about = AboutView(st)
+        self.tabs[:] = [
+            ("Query", self.query), ("Zero-shot labels", self.zero_shot), ("Describe selection", self.describe),
+            ("DE + enrichment", self.de), ("Perturbation", self.perturb), ("Save / export", self.export),
+            ("About", self.about)]
+        self.tools_placeholder.visible = False
+
+    def _update_info(self) -> None:
+        st = self.state
+        model = f"model **{st.model.name}** ({st.model.projection_dim}-d)" if st.model is not None else "model loading…"
+        self.info.object = f"**{st.dataset_name}**: {st.n_cells:,} cells × {st.adata.n_vars:,} genes  \n{model}"
+
+    def _on_message(self, *_):
+        st = self.state
+        self.message.param.update(object=st.message, alert_type=st.message_kind, visible=bool(st.message))
+
+    def sidebar(self) -> list:
+        self._update_info()
+        return [
+            self.info,
+            self.map.controls(),
+            pn.pane.Markdown(
+                "**Map tools**: pan, wheel zoom, *box select* and *lasso select* in the toolbar above the map; hover "
+                "shows the cell under the pointer. The selection feeds Describe, DE and Perturbation.",
+                styles={"font-size": "12px"}),
+        ]
+
+    def main(self) -> list:
+        return [pn.Column(self.status, self.message, self.query.bar(), self.map, sizing_mode="stretch_width"),
+                pn.Column(self.tools_placeholder, self.tabs, sizing_mode="stretch_width")]
+
+    def __panel__(self):
+        side = pn.Column(*self.sidebar(), width=300, margin=(0, 10))
+        return pn.Column(
+            pn.pane.HTML(f'<h2 style="margin:4px 0;color:{ACCENT}">{TITLE}: explore cells in plain language</h2>'),
+            pn.Row(side, pn.Column(*self.main(), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            sizing_mode="stretch_width")
+
+    def template(self) -> pn.template.FastListTemplate:
+        """The full-page app (for serving)."""
+        return _template(self.sidebar(), self.main())
+
+
+def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
+    return pn.template.FastListTemplate(
+        title=f"{TITLE}: explore cells in plain language", sidebar=sidebar, main=main, accent=ACCENT,
+        sidebar_width=320, main_layout=None, theme_toggle=False)
+
+
+def _chain(source: Future, target: Future) -> None:
+    """Resolve ``target`` with the outcome of ``source``."""
+
+    def _copy(fut: Future) -> None:
+        if target.done():
+            return
+        err = fut.exception()
+        if err is not None:
+            target.set_exception(err)
+        else:
+            target.set_result(fut.result())
+
+    source.add_done_callback(_copy)
+
+
+def build_app(data: str | None = None, model: str | None = None, *, name: str | None = None):
+    """Build one session's page for the shared dataset at ``data`` (None: demo) and model at ``model``.
+
+    The page is returned at once; the dataset is awaited without blocking the server (other sessions stay
+    responsive while a large dataset loads), the map is drawn from its own layout, and only then is the
+    model loaded (if no other session has started it), so the first paint does not wait for torch.
+
+    Returns
+    -------
+    panel.template.FastListTemplate
+    """
+    ensure_extensions()
+    data_future = cache.dataset_future(data)
+    if name is None:
+        name = "pbmc68k_reduced (demo)" if data is None else str(data).rstrip("/").rsplit("/", 1)[-1]
+    input_path = None if data is None else str(data)
+
+    if data_future.done() and data_future.exception() is None:
+        return Explorer(data_future.result(), cache.model_future(model), name=name, input_path=input_path).template()
+
+    sidebar = pn.Column(pn.pane.Markdown(f"**{name}**  \nloading…"), sizing_mode="stretch_width")
+    main = pn.Column(pn.pane.Alert(f"Loading **{name}**…", alert_type="info"),
+                     pn.indicators.LoadingSpinner(value=True, size=50), sizing_mode="stretch_width")
+    extra = pn.Column(sizing_mode="stretch_width")
+
+    async def load():
+        try:
+            adata = await asyncio.wrap_future(data_future)
+        except Exception as err:  # noqa: BLE001 - shown in the page
+            msg = str(err) if isinstance(err, LexicellError) else f"{type(err).__name__}: {err}"
+            main[:] = [pn.pane.Alert(f"**Lexicell could not load the dataset.** {msg}", alert_type="danger")]
+            return
+        t0 = time.perf_counter()
+        model_ready: Future = Future()
+        explorer = Explorer(adata, model_ready, name=name, input_path=input_path)
+        sidebar[:] = explorer.sidebar()
+        first, second = explorer.main()
+        main[:] = [first]
+        extra[:] = [second]
+        log.info("session page built in %.1f s", time.perf_counter() - t0)
+        _chain(cache.model_future(model), model_ready)  # start (or join) loading the model now
+
+    pn.state.onload(load)
+    return _template([sidebar], [main, extra])

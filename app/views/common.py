@@ -1,0 +1,175 @@
+"""Shared view helpers: running long work off the event loop with progress, cancel and error display."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+
+from engine.errors import CancelledError, LexicellError
+
+from ..state import AppState
+
+__all__ = ["Job", "StateView", "csv_download", "display_table", "table_widget", "EXECUTOR"]
+
+log = logging.getLogger(__name__)
+
+#: Worker threads for long work of all sessions (embedding has its own pool in app.cache).
+EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lexicell-job")
+
+
+class StateView(pn.viewable.Viewer):
+    """Base class of the dashboard's views: holds the session's :class:`~app.state.AppState`."""
+
+    state = param.ClassSelector(class_=AppState)
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state=state, **params)
+
+
+class Job(pn.viewable.Viewer):
+    """Runs ``compute`` in a worker thread and ``apply`` on the event loop, with a progress bar and messages.
+
+    Engine errors appear as an alert in the page (``str(err)`` is written for users); unexpected errors are
+    logged with their traceback and shown as one line. ``cancel_requested`` is the ``cancel=`` callable for
+    engine functions that loop; each poll counts as one batch of progress.
+    """
+
+    running = param.Boolean(default=False)
+
+    def __init__(self, *, cancellable: bool = False, **params):
+        super().__init__(**params)
+        self._cancel = threading.Event()
+        self.polls = 0
+        self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
+                                               margin=(12, 5), bar_color="primary")
+        self.label = pn.pane.Markdown("", visible=False, margin=(4, 5), css_classes=["job-label"])
+        self.cancel_button = pn.widgets.Button(name="Cancel", button_type="warning", visible=False, width=80,
+                                               margin=(4, 5))
+        self.cancel_button.on_click(lambda event: self._cancel.set())
+        self.cancellable = cancellable
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, margin=(5, 5), sizing_mode="stretch_width")
+        self._layout = pn.Column(pn.Row(self.progress, self.label, self.cancel_button, margin=0), self.alert,
+                                 margin=0, sizing_mode="stretch_width")
+
+    def __panel__(self):
+        return self._layout
+
+    def cancel_requested(self) -> bool:
+        self.polls += 1
+        return self._cancel.is_set()
+
+    def show(self, text: str, kind: str = "danger") -> None:
+        self.alert.param.update(object=text, alert_type=kind, visible=bool(text))
+
+    def clear(self) -> None:
+        self.alert.param.update(object="", visible=False)
+
+    async def run(self, compute: Callable[[], object], apply: Callable[[object], None], *,
+                  label: str = "Working", disable: Sequence = ()) -> bool:
+        """Run ``compute()`` off the loop, then ``apply(result)``; returns True on success."""
+        if self.running:
+            return False
+        self.running = True
+        self._cancel.clear()
+        self.polls = 0
+        self.clear()
+        for w in disable:
+            w.disabled = True
+        self.progress.param.update(visible=True, active=True, value=-1)
+        self.label.param.update(object=f"{label}…", visible=True)
+        self.cancel_button.visible = self.cancellable
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(EXECUTOR, compute)
+        ok = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=0.3)
+                if done:
+                    break
+                extra = f", {self.polls} batches" if self.polls else ""
+                self.label.object = f"{label}… {time.perf_counter() - t0:.0f} s{extra}"
+            result = fut.result()
+            t1 = time.perf_counter()
+            apply(result)
+            ok = True
+            log.debug("%s: compute %.3f s, apply %.3f s", label, t1 - t0, time.perf_counter() - t1)
+        except CancelledError:
+            self.show("Cancelled.", "warning")
+        except LexicellError as err:
+            self.show(str(err), "danger")
+        except Exception as err:  # noqa: BLE001 - the page must never show a traceback
+            log.exception("%s failed", label)
+            self.show(f"Unexpected error ({type(err).__name__}): {err}", "danger")
+        finally:
+            for w in disable:
+                w.disabled = False
+            self.progress.param.update(visible=False, active=False)
+            self.label.visible = False
+            self.cancel_button.visible = False
+            self.running = False
+        return ok
+
+    def guard(self, fn: Callable[[], object]) -> bool:
+        """Run a quick synchronous action, showing engine errors in the page."""
+        self.clear()
+        try:
+            fn()
+        except LexicellError as err:
+            self.show(str(err), "danger")
+            return False
+        except Exception as err:  # noqa: BLE001
+            log.exception("action failed")
+            self.show(f"Unexpected error ({type(err).__name__}): {err}", "danger")
+            return False
+        return True
+
+
+def table_widget(**kw) -> pn.widgets.Tabulator:
+    """A read-only, sortable, paginated table."""
+    opts = dict(value=pd.DataFrame(), pagination="local", page_size=12, disabled=True, show_index=False,
+                sizing_mode="stretch_width", height=360, layout="fit_data_table")
+    opts.update(kw)
+    return pn.widgets.Tabulator(**opts)
+
+
+P_COLUMNS = ("pval", "pval_adj")
+
+
+def display_table(table: pd.DataFrame, *, digits: int = 4) -> tuple[pd.DataFrame, dict]:
+    """A copy of ``table`` for a Tabulator: floats rounded to ``digits`` significant digits, p-values kept
+    exact and shown in scientific notation; returns ``(frame, formatters)``."""
+    from bokeh.models.widgets.tables import ScientificFormatter
+
+    shown = table.copy()
+    shown.attrs = {}
+    formatters = {}
+    for c in shown.columns:
+        if c in P_COLUMNS:
+            formatters[c] = ScientificFormatter(precision=2, power_limit_low=-3)
+        elif shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda v: float(f"{v:.{digits}g}") if np.isfinite(v) else v)
+    return shown, formatters
+
+
+def csv_download(get_table: Callable[[], pd.DataFrame | None], filename: str, label: str = "Download CSV"):
+    """A FileDownload button writing the table returned by ``get_table`` as CSV."""
+
+    def _cb():
+        df = get_table()
+        buf = io.StringIO()
+        (df if df is not None else pd.DataFrame()).to_csv(buf, index=df is not None and not isinstance(df.index, pd.RangeIndex))
+        buf.seek(0)
+        return buf
+
+    return pn.widgets.FileDownload(callback=_cb, filename=filename, label=label, button_type="light", width=180,
+                                   margin=(5, 5))

@@ -1,0 +1,137 @@
+"""Save and export: the annotated dataset (.h5ad), the map (PNG) and every table (CSV); the About pane."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import panel as pn
+
+from ..state import AppState
+from .common import Job, StateView, csv_download
+
+__all__ = ["ExportView", "AboutView"]
+
+
+def _default_save_path(state: AppState) -> str:
+    if state.input_path:
+        p = Path(state.input_path)
+        return str(p.with_name(p.stem + "_lexicell.h5ad"))
+    return str(Path.cwd() / f"{state.dataset_name}_lexicell.h5ad")
+
+
+class ExportView(StateView):
+    """Save the session's annotated dataset to a new file, download it, the map PNG and the tables."""
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state, **params)
+        self.job = Job()
+        self.path = pn.widgets.TextInput(name="Save annotated dataset on the server as (new .h5ad file)",
+                                         value=_default_save_path(state), sizing_mode="stretch_width")
+        self.save = pn.widgets.Button(name="Save .h5ad", button_type="primary", width=120, margin=(23, 5, 5, 5))
+        self.saved = pn.pane.Markdown("")
+        self.h5ad_download = pn.widgets.FileDownload(callback=self._h5ad, filename=f"{state.dataset_name}_lexicell.h5ad",
+                                                     label="Download .h5ad", button_type="light", width=180)
+        self.png_download = pn.widgets.FileDownload(callback=self._png, filename=f"{state.dataset_name}_map.png",
+                                                    label="Map PNG", button_type="light", width=180)
+        self.save.on_click(self._save)
+        self.tables = [
+            csv_download(self._obs, "obs.csv", "Cell table (obs) CSV"),
+            csv_download(self._scores, "query_scores.csv", "Query scores CSV"),
+            csv_download(lambda: self.state.zs_probs, "zero_shot_probabilities.csv", "Zero-shot probabilities CSV"),
+            csv_download(self._metrics, "zero_shot_metrics.csv", "Zero-shot metrics CSV"),
+            csv_download(lambda: self.state.description, "description.csv", "Description CSV"),
+            csv_download(lambda: self.state.de_table, "de_top_vs_bottom.csv", "DE table CSV"),
+            csv_download(lambda: self.state.enrich_table, "enrichment.csv", "Enrichment CSV"),
+            csv_download(lambda: self.state.perturb_table, "perturbation_cells.csv", "Perturbation CSV"),
+            csv_download(lambda: self.state.scan_table, "perturbation_scan.csv", "Perturbation scan CSV"),
+        ]
+
+    def __panel__(self):
+        return pn.Column(
+            pn.pane.Markdown("The dataset is never overwritten: results are written to a **new** file. Kept query "
+                             "scores, accepted labels and DE groups are obs columns of this session only."),
+            pn.Row(self.path, self.save, sizing_mode="stretch_width"), self.job, self.saved,
+            pn.Row(self.h5ad_download, self.png_download),
+            pn.pane.Markdown("#### Tables"),
+            pn.FlexBox(*self.tables),
+            sizing_mode="stretch_width",
+        )
+
+    async def _save(self, event=None):
+        path = self.path.value
+        st = self.state
+
+        def apply(p):
+            self.saved.object = f"Saved to `{p}`."
+            st.notify(f"Saved the annotated dataset to {p}.", "success")
+
+        await self.job.run(lambda: st.save_h5ad(path), apply, label="Writing .h5ad", disable=[self.save])
+
+    def _h5ad(self):
+        return io.BytesIO(self.state.h5ad_bytes())
+
+    def _png(self):
+        return io.BytesIO(self.state.map_png())
+
+    def _obs(self):
+        return self.state.adata.obs
+
+    def _scores(self):
+        if not self.state.history:
+            return None
+        return pd.DataFrame({h.query: h.scores for h in self.state.history}, index=self.state.adata.obs_names)
+
+    def _metrics(self):
+        ev = self.state.evaluation
+        if not ev:
+            return None
+        rows = []
+        for level in ("per_cell", "per_class"):
+            rows.append({"level": level, **{k: v for k, v in (ev.get(level) or {}).items() if not isinstance(v, list)}})
+        return pd.DataFrame(rows)
+
+
+class AboutView(StateView):
+    """The loaded model (name, towers, projection, metadata, full config) and the dataset."""
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state, **params)
+        self.summary = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.config = pn.pane.JSON({}, depth=2, name="config", sizing_mode="stretch_width", theme="light")
+        self.metadata = pn.pane.JSON({}, depth=2, name="metadata", sizing_mode="stretch_width", theme="light")
+        self.state.param.watch(self.refresh, ["embeds_ready"])
+        self.refresh()
+
+    def __panel__(self):
+        return pn.Column(self.summary, pn.pane.Markdown("#### Model metadata"), self.metadata,
+                         pn.pane.Markdown("#### Model configuration (config.json)"), self.config,
+                         sizing_mode="stretch_width")
+
+    def refresh(self, *_):
+        st = self.state
+        info = st.model_info()
+        tt = info["transcriptome_tower"] or {}
+        xt = info["text_tower"] or {}
+        emb = st.adata.uns.get("transcriptome_embeds", {})
+        params = emb.get("params", {}) if isinstance(emb, dict) else {}
+        lines = [
+            f"### Model: {info['name']}",
+            f"- shared space: **{info['projection_dim']}** dimensions; logit scale exp(logit_scale) = {info['logit_scale']:.2f}",
+            f"- transcriptome tower: `{tt.get('type', '?')}` (hidden size {tt.get('hidden_size', '?')}, "
+            f"{tt.get('n_layers', '?')} layers); head `{(info['heads']['transcriptome'] or {}).get('type', '?')}`",
+            f"- text tower: `{xt.get('type', '?')}` from `{xt.get('source', '?')}` (pooling {xt.get('pooling', '?')}); "
+            f"head `{(info['heads']['text'] or {}).get('type', '?')}`",
+            f"- fingerprint `{info['fingerprint']}`; loaded from `{info['source']}`",
+            f"### Dataset: {st.dataset_name}",
+            f"- {st.n_cells:,} cells × {st.adata.n_vars:,} genes; layouts: {', '.join(st.param.layout_key.objects) or 'none yet'}",
+            f"- embeddings: {'ready' if st.embeds_ready else 'being computed'}"
+            + (f" ({params.get('n_genes_matched')} of {params.get('n_genes')} genes matched the model's vocabulary,"
+               f" expression: {params.get('expression')})" if params else ""),
+        ]
+        if st.input_path:
+            lines.append(f"- file: `{st.input_path}`")
+        self.summary.object = "\n".join(lines)
+        self.config.object = json.loads(json.dumps(info["config"], default=str))
+        self.metadata.object = json.loads(json.dumps(info["metadata"], default=str)) or {"metadata": "none"}

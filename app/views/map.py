@@ -1,0 +1,317 @@
+"""The datashaded cell map with its colour, layout and gene controls, selection tools and side histogram."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import holoviews as hv
+import numpy as np
+import panel as pn
+import param
+
+from .. import plots
+from ..state import GENE, AppState
+from .common import Job, StateView
+
+__all__ = ["MapView"]
+
+log = logging.getLogger(__name__)
+
+
+def _outline(data=None):
+    """The selection outline drawn over the map (box or lasso), as a dashed path."""
+    if data is None:
+        return hv.Path([]).opts(color="black", line_dash="dashed", line_width=1.5, show_legend=False)
+    kind, geom = data
+    if kind == "box":
+        x0, y0, x1, y1 = geom
+        pts = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    else:
+        g = np.asarray(geom)
+        pts = [tuple(p) for p in g] + [tuple(g[0])]
+    return hv.Path([pts]).opts(color="black", line_dash="dashed", line_width=1.5, show_legend=False)
+
+
+class MapView(StateView):
+    """Cell map (datashaded), hover, box/lasso selection with a visible count, and a histogram beside it."""
+
+    width = param.Integer(default=770)
+    height = param.Integer(default=560)
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state, **params)
+        st = self.state
+        self.job = Job()
+        self.layout_select = pn.widgets.Select(name="Layout (obsm)", options=list(st.param.layout_key.objects),
+                                               value=st.layout_key, sizing_mode="stretch_width")
+        self.color_select = pn.widgets.Select(name="Colour by", options=st.color_options(), value=st.color_by,
+                                              sizing_mode="stretch_width")
+        self.gene_input = pn.widgets.AutocompleteInput(
+            name="Gene expression", options=st.gene_names(), case_sensitive=False, search_strategy="includes",
+            min_characters=1, restrict=False, placeholder="type a gene, e.g. CD3D", sizing_mode="stretch_width")
+        self.category_select = pn.widgets.MultiChoice(name="Select cells of category", options=[],
+                                                      sizing_mode="stretch_width", visible=False)
+        self.clear_button = pn.widgets.Button(name="Clear selection", button_type="default", width=130)
+        self.count = pn.pane.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
+        self.plot = pn.pane.HoloViews(None, width=self.width + 10, height=self.height + 40, linked_axes=False)
+        self.placeholder = pn.pane.Alert("", alert_type="info", visible=False)
+        self.side = pn.pane.HoloViews(None, width=330, height=320, linked_axes=False)
+        self.side_note = pn.pane.Markdown("", margin=(0, 10), width=320)
+        self.colour_note = pn.pane.HTML("", margin=(0, 10), css_classes=["colour-note"])
+        self._outline_pipe = hv.streams.Pipe(data=None)
+        self._ranges = None
+        self._streams = []
+        self._redraw_pending = False
+        self._syncing = False
+        self._data_pipe = None
+        self._side_pipe = None
+        self._key = None
+        self._style = plots.MapStyle()
+
+        self.layout_select.param.watch(self._on_layout_widget, "value")
+        self.color_select.param.watch(self._on_color_widget, "value")
+        self.gene_input.param.watch(self._on_gene, "value")
+        self.category_select.param.watch(self._on_category, "value")
+        self.clear_button.on_click(lambda event: self.state.clear_selection())
+        st.param.watch(self._on_map_version, "map_version")
+        st.param.watch(self._on_layout_state, "layout_key")
+        st.param.watch(self._on_selection, "selection")
+        st.param.watch(self._refresh_layout_options, "embeds_ready")
+        self.redraw()
+
+    # ------------------------------------------------------------------ layout pieces
+    def controls(self) -> pn.Column:
+        """Widgets for the sidebar."""
+        return pn.Column(self.layout_select, self.color_select, self.gene_input, self.category_select,
+                         pn.Row(self.clear_button, self.count), self.job, sizing_mode="stretch_width")
+
+    def __panel__(self):
+        return pn.Row(pn.Column(self.placeholder, self.plot, self.colour_note),
+                      pn.Column(self.side, self.side_note, margin=(10, 0)), sizing_mode="stretch_width")
+
+    # ------------------------------------------------------------------ reactions
+    def _on_layout_widget(self, event):
+        if self._syncing:
+            return
+        if event.new and event.new != self.state.layout_key:
+            self.state.layout_key = event.new
+
+    def _on_layout_state(self, event):
+        self._ranges = None
+        with self._sync():
+            self.layout_select.value = event.new
+        self.state.clear_selection()
+        self.schedule_redraw()
+
+    def _refresh_layout_options(self, *_):
+        with self._sync():
+            self.layout_select.param.update(options=list(self.state.param.layout_key.objects),
+                                            value=self.state.layout_key)
+
+    def _on_color_widget(self, event):
+        if self._syncing:
+            return
+        if event.new is not None and event.new != self.state.color_by:
+            if event.new == GENE and not self.state.gene:
+                return
+            self.state.set_color(event.new)
+
+    def _on_gene(self, event):
+        if event.new:
+            self.job.guard(lambda: self.state.set_gene(event.new))
+
+    def _on_category(self, event):
+        if event.new and not self._syncing:
+            self.job.guard(lambda: self.state.select_values(event.new))
+
+    def _on_map_version(self, *_):
+        opts = self.state.color_options()
+        with self._sync():
+            if opts != self.color_select.options:
+                self.color_select.options = opts
+            if self.state.color_by in opts.values() and self.color_select.value != self.state.color_by:
+                self.color_select.value = self.state.color_by
+        self.schedule_redraw()
+
+    @contextmanager
+    def _sync(self):
+        """Update widgets from the state without their watchers writing back (no ping-pong)."""
+        self._syncing = True
+        try:
+            yield
+        finally:
+            self._syncing = False
+
+    def schedule_redraw(self) -> None:
+        """Redraw on the next tick of the server's event loop (several changes in a row give one redraw)."""
+        doc = pn.state.curdoc
+        if doc is None or doc.session_context is None:
+            self.redraw()
+            return
+        if self._redraw_pending:
+            return
+        self._redraw_pending = True
+
+        def _do():
+            self._redraw_pending = False
+            self.redraw()
+
+        pn.state.execute(_do, schedule=True)
+
+    def _on_selection(self, *_):
+        self.count.object = self._count_html()
+        self._outline_pipe.send(self.state.selection_geometry)
+        self._update_side()
+
+    def _count_html(self) -> str:
+        n = self.state.n_selected
+        total = self.state.n_cells
+        if self.state.selection is None:
+            return f'<span class="selection-count-text">No selection ({total:,} cells)</span>'
+        return f'<span class="selection-count-text"><b>{n:,}</b> of {total:,} cells selected</span>'
+
+    # ------------------------------------------------------------------ drawing
+    def _on_bounds(self, bounds=None, **_):
+        if bounds is not None and all(np.isfinite(b) for b in bounds):
+            self.state.select_box(*bounds)
+
+    def _on_lasso(self, geometry=None, **_):
+        if geometry is not None and len(geometry) >= 3:
+            self.state.select_lasso(np.asarray(geometry))
+
+    def _on_range(self, x_range=None, y_range=None, **_):
+        if x_range is not None and y_range is not None:
+            self._ranges = (tuple(x_range), tuple(y_range))
+
+    def figure(self):
+        """The HoloViews object of the map (the coloured cells, legend and selection outline)."""
+        fig = self._figure()
+        return None if fig is None else fig[0]
+
+    def _mode_key(self, df, spec) -> tuple:
+        """Plots with the same key can be recoloured in place (same element types, columns and layout)."""
+        has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
+        return (spec.kind in ("continuous", "diverging"), has_nan, tuple(df.columns), self.state.layout_key,
+                len(df))
+
+    def _figure(self, frame=None):
+        frame = frame or self.state.map_frame()
+        if frame is None:
+            return None
+        df, spec = frame
+        xlim, ylim = self._ranges if self._ranges else (None, None)
+        title = f"{self.state.dataset_name} ({self.state.layout_key})"
+        inplace = spec.kind in ("continuous", "diverging")
+        self._data_pipe = hv.streams.Pipe(data=df) if inplace else None
+        if inplace:
+            self._style.set_from(spec)
+        el, main = plots.cell_map_layers(df, spec, width=self.width, height=self.height, title=title, xlim=xlim,
+                                         ylim=ylim, pipe=self._data_pipe, style=self._style if inplace else None)
+        # a fresh pipe per figure: streams shared between figures keep old plots alive
+        self._outline_pipe = hv.streams.Pipe(data=self.state.selection_geometry)
+        outline = hv.DynamicMap(_outline, streams=[self._outline_pipe])
+        self._key = self._mode_key(df, spec)
+        return (el * outline).opts(legend_position="right", toolbar="above", title=title,
+                                   legend_opts=plots.LEGEND_OPTS), main
+
+    def redraw(self) -> None:
+        """Redraw the map for the current colouring and layout (in place when only the values change)."""
+        t0 = time.perf_counter()
+        self._redraw()
+        log.debug("map redrawn in %.3f s", time.perf_counter() - t0)
+
+    def _redraw(self) -> None:
+        frame = self.state.map_frame()
+        if frame is not None and self._data_pipe is not None and self.plot.object is not None:
+            df, spec = frame
+            if spec.kind in ("continuous", "diverging") and self._mode_key(df, spec) == self._key:
+                self._style.set_from(spec)
+                self._data_pipe.send(df)
+                self._after_draw(spec)
+                return
+        for s in self._streams:
+            s.clear()
+            s.source = None
+        fig = self._figure(frame)
+        if fig is None:
+            self.placeholder.param.update(
+                object="This dataset has no 2-D layout yet: it appears when the embeddings and UMAP are ready.",
+                visible=True)
+            self.plot.object = None
+            self._update_side()
+            return
+        obj, main = fig
+        self.placeholder.visible = False
+        bounds = hv.streams.BoundsXY(source=main)
+        lasso = hv.streams.Lasso(source=main)
+        rng = hv.streams.RangeXY(source=main)
+        bounds.add_subscriber(self._on_bounds)
+        lasso.add_subscriber(self._on_lasso)
+        rng.add_subscriber(self._on_range)
+        self._streams = [bounds, lasso, rng]
+        spec = frame[1] if frame is not None else self.state.color_spec()
+        if spec.kind == "categorical":
+            cats = [str(c) for c in spec.values.categories]
+            with self._sync():
+                self.category_select.param.update(options=cats, value=[], visible=True)
+        else:
+            with self._sync():
+                self.category_select.param.update(options=[], value=[], visible=False)
+        self.plot.object = obj
+        self._outline_pipe.send(self.state.selection_geometry)
+        self._after_draw(spec)
+
+    def _after_draw(self, spec) -> None:
+        self.colour_note.object = self._colour_text(spec)
+        self._update_side()
+
+    def _colour_text(self, spec=None) -> str:
+        spec = spec or self.state.color_spec()
+        what = {"categorical": "categories", "continuous": "continuous", "diverging": "diverging",
+                "none": "cell density"}[spec.kind]
+        extra = ""
+        if spec.kind == "diverging" and spec.clim is not None:
+            extra = f"; white = {spec.center:.3g}, colour range {spec.clim[0]:.3g} to {spec.clim[1]:.3g}"
+        elif spec.kind == "categorical":
+            extra = f"; {len(spec.colors)} categories"
+        import html
+
+        return (f'<span class="colour-note-text">Colour: <b>{html.escape(spec.name or "cells")}</b> '
+                f"({what}{extra}) on {html.escape(str(self.state.layout_key))}</span>")
+
+    def _update_side(self) -> None:
+        t0 = time.perf_counter()
+        self._update_side_()
+        log.debug("side plot in %.3f s", time.perf_counter() - t0)
+
+    def _update_side_(self) -> None:
+        st = self.state
+        sel = st.selection_mask()
+        hist = None
+        if st.scores is not None:
+            rec = st.current_record()
+            n = len(st.scores)
+            hist = dict(values=st.scores, selected=sel, name="query score",
+                        diverging_center=rec.center if rec is not None else None, title=f"Scores: {st.query[:40]}")
+            note = (f"{n:,} cells scored; median {np.median(st.scores):.2f}, "
+                    f"range {np.min(st.scores):.2f} to {np.max(st.scores):.2f}.")
+        else:
+            note = "Type a query to see the distribution of its scores here."
+            spec = st.color_spec()
+            if spec.kind in ("continuous", "diverging"):
+                hist = dict(values=np.asarray(spec.values), selected=sel, name=spec.name, title=spec.name,
+                            diverging_center=spec.center if spec.kind == "diverging" else None)
+            elif spec.kind == "categorical":
+                self._side_pipe = None
+                self.side.object = plots.category_bars(spec.values, selected=sel, name=spec.name, colors=spec.colors)
+            else:
+                self._side_pipe = None
+                self.side.object = None
+        if hist is not None:
+            if self._side_pipe is not None and self.side.object is not None:
+                self._side_pipe.send(hist)  # same plot, new data
+            else:
+                self._side_pipe = hv.streams.Pipe(data=hist)
+                self.side.object = hv.DynamicMap(lambda data: plots.histogram(**data), streams=[self._side_pipe])
+        self.side_note.object = note

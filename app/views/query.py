@@ -1,0 +1,92 @@
+"""Free-text query: type a description, cells are coloured by how well they match (CellWhisperer's search)."""
+from __future__ import annotations
+
+import panel as pn
+
+from ..state import AppState
+from .common import Job, StateView
+
+__all__ = ["QueryView"]
+
+EXAMPLES = ["B cells", "natural killer cells", "CD14 monocytes", "T cells MINUS regulatory T cells",
+            "dendritic cells", "proliferating cells"]
+
+
+class QueryView(StateView):
+    """Query box with Search button, examples, a history to go back to and a "keep as obs column" action."""
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state, **params)
+        self.job = Job()
+        self.text = pn.widgets.TextInput(
+            name="Describe the cells you are looking for",
+            placeholder='e.g. "B cells", "T cells MINUS regulatory T cells"', sizing_mode="stretch_width")
+        self.search = pn.widgets.Button(name="Search cells", button_type="primary", width=130, margin=(23, 5, 5, 5))
+        self.examples = pn.widgets.Select(name="Examples", options=[""] + EXAMPLES, width=230)
+        self.history = pn.widgets.Select(name="History (click to go back)", options=[], sizing_mode="stretch_width")
+        self.keep_name = pn.widgets.TextInput(name="Column name (optional)", placeholder="score_<query>", width=200)
+        self.keep = pn.widgets.Button(name="Keep as obs column", button_type="default", width=160, margin=(23, 5, 5, 5))
+        self.timing = pn.pane.Markdown("", margin=(0, 5))
+        self._syncing = False
+
+        self.search.on_click(self._search)
+        self.text.param.watch(self._search, "enter_pressed")
+        self.examples.param.watch(self._example, "value")
+        self.history.param.watch(self._history, "value")
+        self.keep.on_click(lambda event: self.job.guard(lambda: self.state.keep_query(self.keep_name.value or None)))
+        self.state.param.watch(self._on_history, "history")
+        self.state.param.watch(self._on_query, "query")
+
+    def bar(self) -> pn.Column:
+        """The query bar shown above the map."""
+        return pn.Column(pn.Row(self.text, self.search, sizing_mode="stretch_width"), self.job,
+                         sizing_mode="stretch_width", margin=0)
+
+    def __panel__(self):
+        return pn.Column(
+            pn.pane.Markdown(
+                "Cells are scored by the model's similarity between their transcriptome and your text "
+                "(logit = cosine × exp(logit_scale)); `A MINUS B` scores A minus B. Red = better match than "
+                "the median cell (or than B), blue = worse."),
+            pn.Row(self.examples, self.history, sizing_mode="stretch_width"),
+            pn.Row(self.keep_name, self.keep),
+            self.timing,
+            sizing_mode="stretch_width",
+        )
+
+    async def _search(self, event=None):
+        text = self.text.value_input if self.text.value_input is not None else self.text.value
+        st = self.state
+
+        def apply(rec):
+            st.apply_query(rec)
+            self.timing.object = f"Scored {st.n_cells:,} cells in {rec.seconds * 1000:.0f} ms."
+
+        await self.job.run(lambda: st.compute_query(text), apply, label="Scoring cells", disable=[self.search])
+
+    async def _example(self, event):
+        if event.new:
+            self.text.param.update(value=event.new, value_input=event.new)
+            await self._search()
+
+    def _history(self, event):
+        if self._syncing or not event.new or event.new == self.state.query:
+            return
+        self.job.guard(lambda: self.state.show_history(event.new))
+
+    def _sync_history(self) -> None:
+        """Mirror the state's history and current query in the Select without re-triggering it."""
+        self._syncing = True
+        try:
+            opts = [h.query for h in reversed(self.state.history)]
+            value = self.state.query if self.state.query in opts else None
+            if opts != self.history.options or value != self.history.value:
+                self.history.param.update(options=opts, value=value)
+        finally:
+            self._syncing = False
+
+    def _on_history(self, *_):
+        self._sync_history()
+
+    def _on_query(self, event):
+        self._sync_history()

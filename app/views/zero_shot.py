@@ -1,0 +1,184 @@
+"""Zero-shot labels: built-in or custom label sets, templates, metrics against a ground-truth column."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import panel as pn
+
+import engine
+
+from .. import plots
+from ..label_sets import LABEL_SETS, label_names
+from ..state import AppState
+from .common import Job, StateView, csv_download, table_widget
+
+__all__ = ["ZeroShotView"]
+
+CUSTOM = "Custom list"
+NO_TRUTH = "(none)"
+
+
+def _definitions(set_name: str) -> pd.DataFrame:
+    """Label, CL id and Cell Ontology definition of a built-in set."""
+    rows = []
+    table = None
+    try:
+        from engine.ontology import cell_ontology_table
+
+        table = cell_ontology_table()
+    except Exception:  # noqa: BLE001 - definitions are a nicety
+        table = None
+    for label, cl in LABEL_SETS[set_name]["labels"]:
+        d = ""
+        if cl and table is not None and cl in table.index:
+            d = str(table.loc[cl, "definition"] or "")
+        rows.append({"label": label, "CL id": cl or "", "definition": d})
+    return pd.DataFrame(rows)
+
+
+class ZeroShotView(StateView):
+    """Pick or edit labels, run zero-shot labelling, evaluate against a ground-truth column, accept labels."""
+
+    def __init__(self, state: AppState, **params):
+        super().__init__(state, **params)
+        self.job = Job()
+        first = next(iter(LABEL_SETS))
+        self.label_set = pn.widgets.Select(name="Label set", options=list(LABEL_SETS) + [CUSTOM], value=first, width=240)
+        self.labels = pn.widgets.TextAreaInput(name="Labels (one per line, editable)", value="\n".join(label_names(first)),
+                                               height=200, sizing_mode="stretch_width")
+        templates = dict(engine.TEMPLATES)
+        self.template = pn.widgets.Select(name="Template", options=list(templates) + ["custom"],
+                                          value=LABEL_SETS[first]["template"] if LABEL_SETS[first]["template"] in templates else "custom",
+                                          width=160)
+        self.custom_template = pn.widgets.TextInput(name="Custom template ({label}, {definition})",
+                                                    value="A sample of {label}", width=300)
+        self.template_text = pn.pane.Markdown("", margin=(0, 5))
+        self.run_button = pn.widgets.Button(name="Label cells", button_type="primary", width=130)
+        self.summary = table_widget(height=260, page_size=10)
+        self.truth = pn.widgets.Select(name="Ground-truth column", options=[NO_TRUTH] + state.truth_columns(), width=220)
+        self.eval_button = pn.widgets.Button(name="Evaluate", button_type="default", width=110, margin=(23, 5, 5, 5))
+        self.metrics = table_widget(height=260, page_size=12, layout="fit_columns")
+        self.confusion = pn.pane.HoloViews(None, width=560, height=460)
+        self.eval_info = pn.pane.Markdown("", css_classes=["eval-info"])
+        self.accept_name = pn.widgets.TextInput(name="Accept as obs column", value="zero_shot", width=200)
+        self.accept = pn.widgets.Button(name="Accept labels", button_type="success", width=130, margin=(23, 5, 5, 5))
+        self.definitions = table_widget(height=220, page_size=8, layout="fit_columns")
+        self.definitions_card = pn.Card(self.definitions, title="Cell Ontology definitions", collapsed=True,
+                                        sizing_mode="stretch_width")
+        self.definitions_card.param.watch(self._fill_definitions, "collapsed")
+
+        self.label_set.param.watch(self._on_set, "value")
+        self.template.param.watch(self._show_template, "value")
+        self.custom_template.param.watch(self._show_template, "value")
+        self.run_button.on_click(self._run)
+        self.eval_button.on_click(self._evaluate)
+        self.accept.on_click(lambda event: self.job.guard(lambda: self.state.accept_labels(self.accept_name.value)))
+        self.state.param.watch(self._on_map_version, "map_version")
+        self._show_template()
+
+    def __panel__(self):
+        left = pn.Column(
+            pn.Row(self.label_set, self.template, self.custom_template),
+            self.template_text, self.labels, self.definitions_card,
+            pn.Row(self.run_button, self.accept_name, self.accept), self.job,
+            sizing_mode="stretch_width")
+        right = pn.Column(
+            pn.pane.Markdown("#### Predicted labels"), self.summary,
+            pn.Row(self.truth, self.eval_button), self.eval_info, self.metrics, self.confusion,
+            sizing_mode="stretch_width")
+        return pn.Row(left, right, sizing_mode="stretch_width")
+
+    # ------------------------------------------------------------------ reactions
+    def template_value(self) -> str:
+        return self.custom_template.value if self.template.value == "custom" else self.template.value
+
+    def _show_template(self, *_):
+        fmt = engine.TEMPLATES.get(self.template.value, self.custom_template.value)
+        self.custom_template.visible = self.template.value == "custom"
+        self.template_text.object = f"Label text: *{fmt}*"
+
+    def _on_set(self, event):
+        if event.new == CUSTOM:
+            return
+        info = LABEL_SETS[event.new]
+        self.labels.value = "\n".join(label_names(event.new))
+        if info["template"] in engine.TEMPLATES:
+            self.template.value = info["template"]
+        else:
+            self.custom_template.value = info["template"]
+            self.template.value = "custom"
+        self._fill_definitions()
+
+    def _fill_definitions(self, *_):
+        """Fill the definitions table lazily (the ontology takes a few seconds to load the first time)."""
+        if self.definitions_card.collapsed or self.label_set.value == CUSTOM:
+            return
+        self.definitions.value = _definitions(self.label_set.value)
+
+    def _on_map_version(self, *_):
+        opts = [NO_TRUTH] + self.state.truth_columns()
+        if opts != self.truth.options:
+            self.truth.options = opts
+
+    async def _run(self, event=None):
+        labels = [x.strip() for x in self.labels.value.splitlines() if x.strip()]
+        template = self.template_value()
+        st = self.state
+
+        def apply(probs):
+            st.apply_zero_shot(probs, template)
+            self._show_summary()
+
+        await self.job.run(lambda: st.compute_zero_shot(labels, template), apply, label="Labelling cells",
+                           disable=[self.run_button])
+
+    def _show_summary(self):
+        st = self.state
+        labels = st.zs_labels()
+        conf = st.zs_probs.to_numpy().max(axis=1)
+        df = pd.DataFrame({"label": np.asarray(labels, dtype=object), "confidence": conf})
+        summ = df.groupby("label", observed=True).agg(cells=("confidence", "size"), mean_confidence=("confidence", "mean"))
+        summ = summ.reset_index().sort_values("cells", ascending=False)
+        summ["mean_confidence"] = summ["mean_confidence"].round(3)
+        self.summary.value = summ
+
+    async def _evaluate(self, event=None):
+        key = self.truth.value
+        if key in (None, NO_TRUTH):
+            self.job.show("Choose a ground-truth obs column (e.g. bulk_labels) first.", "warning")
+            return
+        template = self.template_value()
+        st = self.state
+
+        def apply(res):
+            st.apply_evaluate(res)
+            self._show_metrics(res)
+
+        await self.job.run(lambda: st.compute_evaluate(key, template), apply, label="Evaluating",
+                           disable=[self.eval_button])
+
+    def _show_metrics(self, res: dict):
+        levels = {"per cell": res.get("per_cell") or {}, "per class (mean embedding)": res.get("per_class") or {}}
+        keys = [k for k in (levels["per cell"] or levels["per class (mean embedding)"])
+                if k not in ("note", "skipped_classes")]
+        rows = []
+        for k in keys:
+            row = {"metric": k}
+            for level, m in levels.items():
+                v = m.get(k)
+                row[level] = round(v, 3) if isinstance(v, float) else v
+            rows.append(row)
+        self.metrics.value = pd.DataFrame(rows)
+        pc = res.get("per_cell") or {}
+        self.eval_info.object = (
+            f"**Zero-shot vs `{res.get('label_key', '')}`**: {res.get('n_cells', '?')} cells, "
+            f"{res.get('n_classes', '?')} classes (labels from the column, template *{res.get('template', '')}*); "
+            f"per-cell accuracy {pc.get('accuracy', float('nan')):.3f}, macro F1 {pc.get('f1_macro', float('nan')):.3f}, "
+            f"ROC-AUC {pc.get('roc_auc', float('nan')):.3f}. Confusion matrix below (rows: true labels).")
+        conf = res.get("confusion") or {}
+        if conf.get("labels") is not None:
+            self.confusion.object = plots.confusion_heatmap(
+                conf["labels"], conf["matrix"], title=f"Confusion: {res.get('label_key', '')} (rows true, row-normalised)")
+
+    def downloads(self) -> list:
+        return [csv_download(lambda: self.state.zs_probs, "zero_shot_probabilities.csv", "Zero-shot probabilities CSV")]

@@ -1,0 +1,139 @@
+"""Start the Lexicell dashboard.
+
+    python run_app.py                                  # demo: pbmc68k_reduced with the default model
+    python run_app.py --data my.h5ad [--model DIR] [--port 5006] [--host 0.0.0.0] [--no-show]
+    python run_app.py --data my.h5ad --host 0.0.0.0 --basic-auth PASSWORD_OR_FILE --cookie-secret S
+    panel serve run_app.py --args --data my.h5ad       # the same, through Panel's own server
+
+This file is the only place that wires the command line to the app (``app.build_app``) and the server
+(``panel.serve``). Each browser session gets its own state; the model and each dataset's embeddings are
+loaded once per process and shared read-only.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="run_app.py", description="Lexicell: explore single cells in plain language.")
+    p.add_argument("--data", help="dataset (.h5ad, 10x .h5/.mtx folder, table); default: the bundled demo")
+    p.add_argument("--model", help="model folder (native Lexicell format); default: the bundled default model")
+    p.add_argument("--name", help="dataset name shown in the page")
+    p.add_argument("--port", type=int, default=5006, help="port (0 = any free port)")
+    p.add_argument("--host", default="localhost", help="address to listen on; 0.0.0.0 shares with your lab")
+    p.add_argument("--no-show", action="store_true", help="do not open a browser tab")
+    p.add_argument("--allow-websocket-origin", action="append", default=None, metavar="HOST[:PORT]",
+                   help="extra origins allowed to connect (repeatable), e.g. myserver.lab.org:5006")
+    auth = p.add_argument_group("access control (use with --host 0.0.0.0)")
+    auth.add_argument("--basic-auth", metavar="PASSWORD|FILE",
+                      help="one shared password, or a JSON file of {user: password}")
+    auth.add_argument("--cookie-secret", help="secret to sign login cookies (required for OAuth)")
+    auth.add_argument("--oauth-provider", help="OAuth provider passed to Panel (github, google, azure, generic, ...)")
+    auth.add_argument("--oauth-key", help="OAuth client id")
+    auth.add_argument("--oauth-secret", help="OAuth client secret")
+    auth.add_argument("--oauth-redirect-uri", help="OAuth redirect URI")
+    auth.add_argument("--oauth-encryption-key", help="key to encrypt OAuth user data in cookies")
+    auth.add_argument("--oauth-extra-params", metavar="JSON", help="extra OAuth parameters as a JSON object")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--verbose", action="store_true", help="log what the engine does")
+    return p.parse_args(argv)
+
+
+def make_app_factory(args: argparse.Namespace):
+    """A function building one session's page, for ``pn.serve({"/": factory})``."""
+    from app import build_app
+
+    def factory():
+        return build_app(args.data, args.model, name=args.name)
+
+    return factory
+
+
+def serve_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for :func:`panel.serve` from the command line."""
+    import json
+
+    kw: dict = dict(port=args.port, address=args.host, show=not args.no_show, title="Lexicell")
+    origins = list(args.allow_websocket_origin or [])
+    if args.host not in ("localhost", "127.0.0.1") and not origins:
+        origins = ["*"] if args.host == "0.0.0.0" else [f"{args.host}:{args.port}"]
+    if origins:
+        kw["websocket_origin"] = origins
+    if args.basic_auth:
+        kw["basic_auth"] = args.basic_auth
+    for name in ("cookie_secret", "oauth_provider", "oauth_key", "oauth_secret", "oauth_redirect_uri",
+                 "oauth_encryption_key"):
+        if getattr(args, name):
+            kw[name] = getattr(args, name)
+    if args.oauth_extra_params:
+        kw["oauth_extra_params"] = json.loads(args.oauth_extra_params)
+    if (args.basic_auth or args.oauth_provider) and not args.cookie_secret:
+        kw["cookie_secret"] = os.environ.get("LEXICELL_COOKIE_SECRET") or os.urandom(24).hex()
+    return kw
+
+
+def warm_up(args: argparse.Namespace) -> None:
+    """Prepare in background threads while the server starts.
+
+    First the dataset and the plotting kernels (datashader's numba compilation), which the first paint
+    needs; then the model and the embeddings.
+    """
+    import threading
+
+    from app import cache
+
+    data_future = cache.dataset_future(args.data)
+    log = logging.getLogger("lexicell")
+
+    def plots():
+        from app import plots as _plots
+
+        _plots.warm_up()
+
+    plot_thread = threading.Thread(target=plots, name="lexicell-warm-plots", daemon=True)
+    plot_thread.start()
+
+    def model_and_embeddings():
+        try:
+            adata = data_future.result()
+            plot_thread.join()
+            model = cache.model_future(args.model).result()
+            job = cache.embedding_job(adata, model)
+            if job is not None:
+                job.future.result()
+        except Exception as err:  # noqa: BLE001 - the page shows errors to the user
+            log.warning("warm-up: %s", err)
+
+    threading.Thread(target=model_and_embeddings, name="lexicell-warm-model", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("LEXICELL_DEBUG") else logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    import panel as pn
+
+    warm_up(args)
+    kw = serve_kwargs(args)
+    url_host = "localhost" if args.host in ("0.0.0.0", "localhost") else args.host
+    print(f"Lexicell: serving on http://{url_host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    pn.serve({"/": make_app_factory(args)}, **kw)
+    return 0
+
+
+if __name__.startswith("bokeh"):
+    # `panel serve run_app.py --args ...`: this module runs once per session.
+    _args = parse_args(sys.argv[1:])
+    make_app_factory(_args)().servable(title="Lexicell")
+elif __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The dashboard tested without a browser: drive AppState and the views' params, assert on outcomes."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import engine
+from engine.errors import DataError, EmptySelectionError, LexicellError, MissingKeyError, QueryError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_text_dir):
+    """The demo dataset embedded once with a tiny random model (module scope: embedding is the slow part)."""
+    from conftest import build_tiny_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("app_cache")))
+    model = build_tiny_model(tiny_text_dir)
+    base = engine.demo_dataset()
+    engine.embed_cells(base, model, progress=False)
+    yield base, model
+    mp.undo()
+
+
+@pytest.fixture
+def state(demo):
+    from app import cache
+    from app.state import AppState
+
+    base, model = demo
+    return AppState(cache.session_adata(base), model, dataset_name="demo")
+
+
+# ---------------------------------------------------------------------- sessions and shared data
+def test_sessions_share_matrices_but_not_obs(demo):
+    from app import cache
+    from app.state import AppState
+
+    base, model = demo
+    a = AppState(cache.session_adata(base), model)
+    b = AppState(cache.session_adata(base), model)
+    assert np.shares_memory(a.adata.obsm["transcriptome_embeds"], base.obsm["transcriptome_embeds"])
+    assert a.adata.X is base.X or np.shares_memory(a.adata.X, base.X)
+    a.run_query("B cells")
+    key = a.keep_query("my_score")
+    a.run_zero_shot(["B cell", "T cell"])
+    a.accept_labels("my_labels")
+    assert key in a.adata.obs and "my_labels" in a.adata.obs
+    for other in (b.adata, base):
+        assert key not in other.obs and "my_labels" not in other.obs
+        assert "my_labels_probabilities" not in other.obsm
+    assert b.scores is None and b.history == []
+
+
+def test_embedding_job_is_none_when_embeddings_exist(demo):
+    from app import cache
+
+    base, model = demo
+    assert cache.has_embeddings(base, model)
+    assert cache.embedding_job(base, model) is None
+    assert not cache.has_embeddings(base, None)
+
+
+def test_embedding_job_runs_in_background(demo, tiny_text_dir):
+    from app import cache
+
+    base, model = demo
+    fresh = cache.session_adata(base)
+    del fresh.obsm["transcriptome_embeds"]
+    job = cache.embedding_job(fresh, model)
+    assert job is not None
+    job.future.result(timeout=120)
+    assert cache.has_embeddings(fresh, model) and job.stage == "done"
+    np.testing.assert_allclose(fresh.obsm["transcriptome_embeds"], base.obsm["transcriptome_embeds"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------- colouring and queries
+def test_default_colour_is_a_cell_type_column(state):
+    assert state.color_by == "bulk_labels"
+    spec = state.color_spec()
+    assert spec.kind == "categorical" and len(spec.colors) == state.adata.obs["bulk_labels"].nunique()
+    assert all(c.startswith("#") for c in spec.colors.values())
+
+
+def test_query_scores_history_and_colour(state):
+    from app.state import QUERY
+
+    rec = state.run_query("B cells")
+    assert rec.scores.shape == (700,) and rec.scores.dtype == np.float32
+    assert state.color_by == QUERY
+    spec = state.color_spec()
+    assert spec.kind == "diverging"
+    lo, hi = spec.clim
+    assert np.isclose(lo + hi, 2 * spec.center)  # symmetric around the centre
+    assert np.isclose(spec.center, np.median(rec.scores))
+    state.run_query("B cells MINUS T cells")
+    assert state.color_spec().center == 0.0
+    assert [h.query for h in state.history] == ["B cells", "B cells MINUS T cells"]
+    state.show_history("B cells")
+    assert state.query == "B cells" and np.array_equal(state.scores, rec.scores)
+    np.testing.assert_allclose(state.scores, engine.score_text(state.adata, state.model, "B cells", write=False))
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "MINUS T cells"])
+def test_bad_queries_raise_engine_errors(state, bad):
+    with pytest.raises(QueryError):
+        state.run_query(bad)
+
+
+def test_query_before_embeddings_is_a_clear_error(demo):
+    from app import cache
+    from app.state import AppState
+
+    base, model = demo
+    st = AppState(cache.session_adata(base), None)
+    with pytest.raises(LexicellError, match="still being embedded"):
+        st.run_query("B cells")
+    assert st.color_spec().kind == "categorical"  # the map works without the model
+
+
+def test_gene_colouring(state):
+    state.set_gene("cd3d")  # case-insensitive
+    spec = state.color_spec()
+    assert state.gene == "CD3D" and spec.kind == "continuous"
+    np.testing.assert_allclose(spec.values, state.adata.raw[:, "CD3D"].X.toarray().ravel())
+    with pytest.raises(MissingKeyError, match="not in this dataset"):
+        state.set_gene("NOTAGENE1")
+
+
+# ---------------------------------------------------------------------- selection
+def test_box_lasso_and_category_selection(state):
+    xy = state.coords()
+    n = state.select_box(0, 0, 10, 10)
+    expected = int(((xy[:, 0] >= 0) & (xy[:, 0] <= 10) & (xy[:, 1] >= 0) & (xy[:, 1] <= 10)).sum())
+    assert n == expected == state.n_selected
+    assert state.selection_geometry[0] == "box"
+    square = [(0, 0), (10, 0), (10, 10), (0, 10)]
+    assert state.select_lasso(square) == expected
+    m = state.select_values(["CD19+ B"])  # the default colouring is bulk_labels
+    assert m == int((state.adata.obs["bulk_labels"] == "CD19+ B").sum())
+    state.clear_selection()
+    assert state.selection is None and state.selection_mask() is None
+
+
+def test_map_view_shows_count_and_redraws(state):
+    from app.views.map import MapView
+
+    view = MapView(state)
+    assert "No selection (700 cells)" in view.count.object
+    state.select_box(-100, -100, 100, 100)
+    assert "<b>700</b> of 700 cells selected" in view.count.object
+    state.run_query("T cells")
+    assert "score: T cells" in view.colour_note.object
+    assert view.plot.object is not None and view.side.object is not None
+
+
+# ---------------------------------------------------------------------- zero-shot, describe
+def test_zero_shot_accept_and_evaluate(state):
+    from app.label_sets import LABEL_SETS, label_names
+    from app.state import ZERO_SHOT
+
+    labels = label_names("Immune (coarse)")
+    probs = state.run_zero_shot(labels, LABEL_SETS["Immune (coarse)"]["template"])
+    assert probs.shape == (700, len(labels))
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert state.color_by == ZERO_SHOT and state.color_spec().kind == "categorical"
+    key = state.accept_labels("coarse")
+    assert list(state.adata.obs[key].cat.categories) == labels
+    res = state.run_evaluate("bulk_labels")
+    assert {"per_cell", "per_class", "confusion"} <= set(res)
+    assert len(res["confusion"]["labels"]) == 10
+
+
+def test_label_sets_are_valid():
+    from app.label_sets import LABEL_SETS
+    from engine.ontology import cell_ontology_table
+
+    table = cell_ontology_table()
+    for name, info in LABEL_SETS.items():
+        labels = [lab for lab, _ in info["labels"]]
+        assert len(labels) == len(set(labels)) >= 2, name
+        assert info["template"] in engine.TEMPLATES or "{label}" in info["template"]
+        for lab, cl in info["labels"]:
+            if cl is not None:
+                assert table.loc[cl, "label"] == lab, (name, lab, cl)
+
+
+def test_describe_needs_a_selection(state):
+    with pytest.raises(EmptySelectionError):
+        state.run_describe()
+    state.select_values(["CD19+ B"], column="bulk_labels")
+    table = state.run_describe(libraries=["MSigDB_Hallmark_v7.5.1"], top_n=3)
+    assert list(table.columns[:4]) == ["library", "term", "zscore", "logit"] and 0 < len(table) <= 3
+
+
+# ---------------------------------------------------------------------- DE, enrichment, perturbation
+def test_de_and_enrichment(state):
+    with pytest.raises(QueryError):
+        state.run_de(n=20)  # no query yet
+    state.run_query("monocytes")
+    table = state.run_de(n=30)
+    assert {"gene", "logfoldchange", "pval_adj", "direction"} <= set(table.columns)
+    assert table.attrs["n_used"] == 30
+    state.select_box(-100, -100, 100, 100)
+    table = state.run_de(fraction=0.1, within_selection=True)
+    assert table.attrs["n_used"] == 70
+    enr = state.run_enrich(n_genes=50)
+    assert {"term", "library", "pval_adj", "genes"} <= set(enr.columns)
+    assert enr.attrs["messages"]
+
+
+def test_too_few_cells_for_de_is_a_message(state):
+    state.run_query("monocytes")
+    xy = state.coords()
+    state.select_box(xy[0, 0], xy[0, 1], xy[0, 0], xy[0, 1])
+    with pytest.raises(EmptySelectionError):
+        state.run_de(n=3, within_selection=True)
+
+
+def test_perturbation_and_scan(state):
+    from app.state import PERTURB
+
+    state.run_query("B cells")
+    state.select_values(["CD19+ B"], column="bulk_labels")
+    table = state.run_perturb(["CD74"], mode="delete", goal_label="B cell")
+    n_sel = state.n_selected
+    assert len(table) == n_sel
+    assert {"cos_original_perturbed", "delta_logit", "goal_shift"} <= set(table.columns)
+    assert state.color_by == PERTURB
+    vals = state.perturb_values
+    assert np.isfinite(vals).sum() == n_sel and np.isnan(vals[~state.selection_mask()]).all()
+    scan = state.run_scan(max_cells=20, max_genes=5)
+    assert len(scan) <= 5 and "mean_delta_logit" in scan.columns
+    with pytest.raises(QueryError):
+        state.run_perturb([])
+
+
+# ---------------------------------------------------------------------- export, about
+def test_save_h5ad_never_overwrites(state, tmp_path):
+    import anndata as ad
+
+    src = tmp_path / "input.h5ad"
+    src.write_bytes(b"x")
+    state.input_path = str(src)
+    with pytest.raises(DataError, match="overwrite the input"):
+        state.save_h5ad(src)
+    state.run_query("B cells")
+    state.keep_query("b_score")
+    state.run_de(n=20)  # uns holds a DataFrame and None values
+    out = state.save_h5ad(tmp_path / "annotated")
+    assert out.name == "annotated.h5ad"
+    back = ad.read_h5ad(out)
+    assert "b_score" in back.obs and "transcriptome_embeds" in back.obsm
+    with pytest.raises(DataError, match="already exists"):
+        state.save_h5ad(out)
+    assert state.h5ad_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+
+
+def test_map_png_and_model_info(state):
+    png = state.map_png(width=300, height=200)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    state.run_query("T cells")
+    assert state.map_png(width=300, height=200) != png
+    info = state.model_info()
+    assert info["name"] == "tiny" and info["projection_dim"] == 8
+    assert info["transcriptome_tower"]["type"] and info["text_tower"]["type"] == "hf"
+
+
+# ---------------------------------------------------------------------- plots
+def test_plot_functions_are_pure_and_correct():
+    import holoviews as hv
+
+    from app import plots
+
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(500, 2)).astype(np.float32)
+    v = rng.normal(size=500).astype(np.float32)
+    spec = plots.ColorSpec("diverging", v, name="s", clim=plots.symmetric_clim(v))
+    df = plots.cell_frame(xy, spec, cell_ids=[f"c{i}" for i in range(500)])
+    agg = plots.aggregate(df, spec, width=40, height=30)
+    assert agg.shape == (30, 40)
+    # reference: the mean of the values falling in the top-right pixel block equals datashader's
+    cnt = plots.aggregate(df, plots.ColorSpec("none"), width=40, height=30)
+    assert int(np.nansum(cnt.values)) == 500
+    lo, hi = plots.symmetric_clim(np.array([-1.0, 0.0, 3.0]), center=1.0, quantile=1.0)
+    assert (lo, hi) == (-1.0, 3.0)
+    el = plots.cell_map(df, spec, dynamic=False, spread="none")
+    assert isinstance(el, hv.Image) and el.data["color"].shape == (560, 640)
+    coarse = plots.cell_map(df, spec, dynamic=False)  # few cells: aggregated at 1/3 resolution
+    assert coarse.data["color"].shape == (186, 213)
+    # datashader's per-pixel means, weighted by per-pixel counts, give back the mean of all values
+    mean = plots.aggregate(df, spec, width=40, height=30).values
+    np.testing.assert_allclose(np.nansum(mean * cnt.values) / cnt.values.sum(), v.mean(), rtol=1e-4)
+    cat = plots.ColorSpec("categorical", pd.Categorical(rng.choice(["a", "b"], 500)), name="c")
+    el = plots.cell_map(plots.cell_frame(xy, cat), cat, dynamic=False)
+    assert isinstance(el, hv.Overlay)
+    for obj in (el, plots.histogram(v, selected=v > 0), plots.category_bars(cat.values),
+                plots.confusion_heatmap(["a", "b"], [[3, 1], [0, 4]])):
+        hv.render(obj)
+    png = plots.map_png(plots.cell_frame(xy, cat), cat, width=100, height=80)
+    assert png[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- views: errors appear in the page
+def test_job_shows_engine_errors_not_tracebacks(state):
+    from app.views.query import QueryView
+
+    view = QueryView(state)
+    view.text.value_input = "   "
+    asyncio.run(view._search())
+    assert view.job.alert.visible and "The query is empty" in view.job.alert.object
+    assert "Traceback" not in view.job.alert.object
+    view.text.value_input = "natural killer cells"
+    asyncio.run(view._search())
+    assert not view.job.alert.visible and state.query == "natural killer cells"
+    assert "Scored 700 cells" in view.timing.object
+
+
+def test_explorer_builds_and_waits_for_a_loading_model(demo):
+    from app.layout import Explorer
+
+    base, model = demo
+    fut: Future = Future()
+    ex = Explorer(base, fut, name="demo")  # model still loading: map only
+    assert ex.state.model is None and len(ex.tabs) == 0 and ex.map.plot.object is not None
+    fut.set_result(model)  # the done-callback attaches the model and builds the tools
+    assert ex.state.model is model and ex.state.embeds_ready and len(ex.tabs) == 7
+    ex.template()
+    ex2 = Explorer(base, model, name="demo")
+    assert len(ex2.tabs) == 7 and ex2.adata is not ex.adata
+
+
+# ---------------------------------------------------------------------- command line
+def test_cli_options_reach_pn_serve():
+    import run_app
+
+    args = run_app.parse_args(["--data", "x.h5ad", "--host", "0.0.0.0", "--port", "7000", "--no-show",
+                               "--basic-auth", "secret", "--allow-websocket-origin", "lab.org:7000"])
+    kw = run_app.serve_kwargs(args)
+    assert kw["address"] == "0.0.0.0" and kw["port"] == 7000 and kw["show"] is False
+    assert kw["basic_auth"] == "secret" and kw["websocket_origin"] == ["lab.org:7000"] and kw["cookie_secret"]
+    args = run_app.parse_args(["--oauth-provider", "github", "--oauth-key", "k", "--oauth-secret", "s",
+                               "--cookie-secret", "c", "--oauth-extra-params", '{"scope": "user"}'])
+    kw = run_app.serve_kwargs(args)
+    assert (kw["oauth_provider"], kw["oauth_key"], kw["oauth_secret"], kw["cookie_secret"]) == ("github", "k", "s", "c")
+    assert kw["oauth_extra_params"] == {"scope": "user"} and "basic_auth" not in kw
+    assert run_app.serve_kwargs(run_app.parse_args([]))["address"] == "localhost"

@@ -1,0 +1,189 @@
+"""Browser tests of the dashboard: headless Chromium (Debian package) driven by Playwright.
+
+One server (in a thread) and one browser serve the whole module; every test opens its own page, i.e. its own
+session. Tests wait on conditions, never on fixed sleeps. Screenshots go to ``tests/_output/``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM = os.environ.get("LEXICELL_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+OUT = Path(__file__).parent / "_output"
+TIMEOUT = int(os.environ.get("LEXICELL_UI_TIMEOUT", 60_000))  # ms; the machine may be busy
+
+if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+sync_api.expect.set_options(timeout=TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_text_dir):
+    """A threaded Panel server of the dashboard on the demo dataset (default model if bundled, else tiny)."""
+    import panel as pn
+
+    import engine
+    from app.layout import Explorer
+    from engine.checkpoint import default_model_path
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("ui_cache")))
+    if default_model_path().is_dir():
+        model = engine.load_model()
+    else:
+        from conftest import build_tiny_model
+
+        model = build_tiny_model(tiny_text_dir)
+    base = engine.demo_dataset()
+    engine.embed_cells(base, model, progress=False)
+    port = _free_port()
+    server = pn.serve({"/": lambda: Explorer(base, model, name="pbmc68k_reduced (demo)").template()},
+                      port=port, address="127.0.0.1", threaded=True, show=False, title="Lexicell")
+    yield f"http://127.0.0.1:{port}/", base
+    server.stop()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served):
+    url, _ = served
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    pg.goto(url)
+    pg.locator(".bk-Canvas, canvas").first.wait_for(state="visible")
+    yield pg
+    ctx.close()
+
+
+def _shot(page, name: str) -> Path:
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def _query(page, text: str) -> None:
+    box = page.get_by_placeholder('e.g. "B cells", "T cells MINUS regulatory T cells"')
+    box.fill(text)
+    box.press("Enter")
+
+
+def _tab(page, name: str) -> None:
+    page.locator(".bk-tab", has_text=name).first.click()
+
+
+def test_page_loads(page):
+    sync_api.expect(page.get_by_text("Lexicell: explore cells in plain language").first).to_be_visible()
+    sync_api.expect(page.get_by_text("No selection (700 cells)")).to_be_visible()
+    sync_api.expect(page.get_by_role("button", name="Search cells")).to_be_visible()
+    _shot(page, "ui_loaded")
+
+
+def _map_pixels(page) -> bytes:
+    return page.locator(".bk-Canvas").first.screenshot()
+
+
+def test_query_recolours_map(page):
+    before = _map_pixels(page)
+    _query(page, "B cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
+    sync_api.expect(page.get_by_text("Scored 700 cells")).to_be_visible()
+    assert "Unexpected error" not in page.content()
+    page.wait_for_function("() => true")  # let the canvas repaint
+    assert _map_pixels(page) != before
+    _query(page, "B cells MINUS T cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells MINUS T cells")).to_be_visible()
+    sync_api.expect(page.get_by_role("combobox", name="History (click to go back)")).to_contain_text("B cells MINUS T cells")
+    page.get_by_role("combobox", name="History (click to go back)").select_option("B cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells (")).to_be_visible()
+    assert "Unexpected error" not in page.content()
+    _shot(page, "ui_query")
+
+
+def test_empty_query_shows_message_not_traceback(page):
+    page.get_by_role("button", name="Search cells").click()
+    sync_api.expect(page.get_by_text("The query is empty").first).to_be_visible()
+    assert "Traceback" not in page.content()
+
+
+def test_zero_shot_labels_and_metrics(page):
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("button", name="Label cells").click()
+    sync_api.expect(page.get_by_text("mean_confidence").first).to_be_visible()
+    page.get_by_role("combobox", name="Ground-truth column").select_option("bulk_labels")
+    page.get_by_role("button", name="Evaluate").click()
+    sync_api.expect(page.get_by_text("per cell").first).to_be_visible()
+    sync_api.expect(page.locator(".eval-info", has_text="per-cell accuracy")).to_be_visible()
+    sync_api.expect(page.locator(".eval-info ~ * .bk-Canvas, .bk-Canvas").nth(2)).to_be_visible()
+    _shot(page, "ui_zero_shot")
+
+
+def test_box_selection_updates_count(page):
+    page.get_by_title("Box Select").first.click()
+    canvas = page.locator(".bk-Canvas").first
+    box = canvas.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.45
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * 0.4, y0 + box["height"] * 0.4, steps=10)
+    page.mouse.up()
+    sync_api.expect(page.get_by_text("cells selected").first).to_be_visible()
+    text = page.locator(".selection-count-text").first.inner_text()
+    n = int(text.split()[0].replace(",", ""))
+    assert 0 < n < 700
+    _shot(page, "ui_selection")
+
+
+def test_de_and_enrichment_tables(page):
+    _query(page, "monocytes")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: monocytes")).to_be_visible()
+    _tab(page, "DE + enrichment")
+    page.get_by_role("button", name="Run DE").click()
+    sync_api.expect(page.get_by_text("top vs").first).to_be_visible()
+    sync_api.expect(page.get_by_text("logfoldchange").first).to_be_visible()
+    page.get_by_role("button", name="Run enrichment").click()
+    sync_api.expect(page.get_by_text("combined_score").first).to_be_visible()
+    sync_api.expect(page.get_by_role("button", name="DE table CSV").first).to_be_visible()
+    page.get_by_text("combined_score").first.scroll_into_view_if_needed()
+    assert "Unexpected error" not in page.content()
+    _shot(page, "ui_de")
+
+
+def test_perturbation_histogram(page):
+    _query(page, "B cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
+    _tab(page, "Perturbation")
+    chooser = page.get_by_placeholder("type gene symbols")
+    chooser.click()
+    chooser.fill("CD74")
+    page.get_by_role("option", name="CD74").first.click()
+    page.get_by_role("button", name="Perturb", exact=True).click()
+    sync_api.expect(page.get_by_text("cells perturbed").first).to_be_visible()
+    sync_api.expect(page.get_by_text("(delete CD74)").first).to_be_visible()
+    page.get_by_text("cells perturbed").first.scroll_into_view_if_needed()
+    assert "Unexpected error" not in page.content()
+    _shot(page, "ui_perturb")
