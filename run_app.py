@@ -115,8 +115,10 @@ def warm_up(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("LEXICELL_DEBUG") else logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if os.environ.get("LEXICELL_DEBUG"):
+        logging.getLogger("app").setLevel(logging.DEBUG)
     if args.threads:
         import torch
 

@@ -112,8 +112,12 @@ class EmbeddingStatus(pn.viewable.Viewer):
             except Exception as err:  # noqa: BLE001
                 self._fail(err, "Loading the model failed.")
                 return
-            ex.set_model(model)
-            self.job = cache.embedding_job(ex.base, model)
+            try:
+                ex.set_model(model)
+                self.job = cache.embedding_job(ex.base, model)
+            except Exception as err:  # noqa: BLE001
+                self._fail(err, "Starting the analysis failed.")
+                return
         if self.job is not None:
             self.cancel.visible = True
             self._say()
@@ -146,9 +150,10 @@ class EmbeddingStatus(pn.viewable.Viewer):
         self.progress.visible = False
         self.cancel.visible = False
         st.attach_embeddings(self.explorer.base)
+        log.debug("state %x embeddings attached: ready=%s, model=%s, obsm=%s, base obsm=%s", id(st), st.embeds_ready,
+                  st.model is not None, list(st.adata.obsm.keys()), list(self.explorer.base.obsm.keys()))
         self.alert.param.update(object="", visible=False)
-        if self.job is not None:
-            st.notify(f"Embeddings ready for {st.n_cells:,} cells.", "success")
+        st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: type a query.", "success")
 
 
 class Explorer(pn.viewable.Viewer):
@@ -260,7 +265,9 @@ class Explorer(pn.viewable.Viewer):
 def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
     return pn.template.FastListTemplate(
         title=f"{TITLE}: explore cells in plain language", sidebar=sidebar, main=main, accent=ACCENT,
-        sidebar_width=320, main_layout=None, theme_toggle=False)
+        sidebar_width=320, main_layout=None, theme_toggle=False,
+        # system fonts: the app works offline (the Fast theme still asks for Open Sans; a miss is harmless)
+        font="-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif")
 
 
 def _chain(source: Future, target: Future) -> None:

@@ -124,6 +124,10 @@ class AppState(param.Parameterized):
         return DENSITY
 
     # ------------------------------------------------------------------ dataset, layouts
+    def layouts(self) -> list[str]:
+        """obsm keys of the available 2-D layouts."""
+        return [k for k in self.param.layout_key.objects if k]
+
     def _refresh_layouts(self) -> None:
         keys = cache.layout_keys(self.adata)
         self.param.layout_key.objects = keys
@@ -154,6 +158,8 @@ class AppState(param.Parameterized):
 
     def _require_embeddings(self) -> None:
         if not self.embeds_ready:
+            log.debug("no embeddings: state %x model %s obsm %s", id(self), self.model is not None,
+                      list(self.adata.obsm.keys()))
             raise MissingEmbeddingError(
                 "The cells are still being embedded", found="no transcriptome embeddings yet",
                 expected="obsm['transcriptome_embeds']", fix="wait until the progress bar at the top has finished")

@@ -147,6 +147,8 @@ def test_box_lasso_and_category_selection(state):
 
 
 def test_map_view_shows_count_and_redraws(state):
+    import holoviews as hv
+
     from app.views.map import MapView
 
     view = MapView(state)
@@ -156,6 +158,13 @@ def test_map_view_shows_count_and_redraws(state):
     state.run_query("T cells")
     assert "score: T cells" in view.colour_note.object
     assert view.plot.object is not None and view.side.object is not None
+    from bokeh.models import HoverTool
+
+    fig = hv.render(view.plot.object)
+    assert any(isinstance(t, HoverTool) for t in fig.tools)  # server-side hover of one cell (selector)
+    pipe = view._data_pipe
+    state.run_query("B cells")  # same kind of colouring: recoloured in place, same plot
+    assert view._data_pipe is pipe and np.array_equal(pipe.data["color"], state.scores)
 
 
 # ---------------------------------------------------------------------- zero-shot, describe
@@ -349,3 +358,34 @@ def test_cli_options_reach_pn_serve():
     assert (kw["oauth_provider"], kw["oauth_key"], kw["oauth_secret"], kw["cookie_secret"]) == ("github", "k", "s", "c")
     assert kw["oauth_extra_params"] == {"scope": "user"} and "basic_auth" not in kw
     assert run_app.serve_kwargs(run_app.parse_args([]))["address"] == "localhost"
+
+
+def test_long_work_can_be_cancelled(state):
+    from app.views.perturb import PerturbView
+    from engine.errors import CancelledError
+
+    with pytest.raises(CancelledError):
+        state.compute_scan(max_cells=20, max_genes=5, cancel=lambda: True)
+    view = PerturbView(state)
+    view.scan_job._cancel.set()
+    view.scan_job.cancel_requested = lambda: True  # as if the Cancel button had been pressed
+    asyncio.run(view._scan())
+    assert view.scan_job.alert.visible and view.scan_job.alert.object == "Cancelled."
+    assert state.scan_table is None
+
+
+def test_build_app_serves_shared_data_to_each_session(demo):
+    import panel as pn
+
+    from app import cache
+    from app.layout import build_app
+
+    base, model = demo
+    cache.put_dataset("shared-demo", base)
+    cache.put_model("shared-tiny", model)
+    try:
+        page = build_app("shared-demo", "shared-tiny", name="demo")
+        assert isinstance(page, pn.template.FastListTemplate)
+        assert cache.get_dataset("shared-demo") is base and cache.get_model("shared-tiny") is model
+    finally:
+        cache.clear()

@@ -187,3 +187,29 @@ def test_perturbation_histogram(page):
     page.get_by_text("cells perturbed").first.scroll_into_view_if_needed()
     assert "Unexpected error" not in page.content()
     _shot(page, "ui_perturb")
+
+
+def test_sessions_are_independent(browser, served):
+    url, base = served
+    pages = []
+    for _ in range(2):
+        ctx = browser.new_context(viewport={"width": 1500, "height": 1200})
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT)
+        pg.goto(url)
+        pg.locator(".bk-Canvas").first.wait_for(state="visible")
+        pages.append((ctx, pg))
+    (ctx_a, a), (ctx_b, b) = pages
+    _query(a, "B cells")
+    sync_api.expect(a.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
+    a.get_by_role("textbox", name="Column name (optional)").fill("kept_by_a")
+    a.get_by_role("button", name="Keep as obs column").click()
+    sync_api.expect(a.get_by_text("as obs column 'kept_by_a'").first).to_be_visible()
+    sync_api.expect(a.get_by_role("combobox", name="Colour by")).to_contain_text("obs: kept_by_a")
+    b.reload()
+    b.locator(".bk-Canvas").first.wait_for(state="visible")
+    assert "kept_by_a" not in b.get_by_role("combobox", name="Colour by").inner_text()
+    assert b.get_by_role("combobox", name="History (click to go back)").inner_text().strip() == ""
+    assert "kept_by_a" not in base.obs
+    ctx_a.close()
+    ctx_b.close()

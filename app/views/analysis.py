@@ -10,6 +10,11 @@ from .common import Job, StateView, csv_download, display_table, table_widget
 __all__ = ["DescribeView", "DEView"]
 
 
+#: Libraries described by default: cell types and compact pathway sets (about 3,600 terms).
+DEFAULT_LIBRARIES = ("Cell_Ontology", "CellType_Markers_Human_pegasus", "MSigDB_Hallmark_v7.5.1",
+                     "MSigDB_C2_CP_PID_v7.5.1", "Pegasus_Signatures_Human")
+
+
 def _library_names() -> list[str]:
     try:
         import engine
@@ -27,7 +32,8 @@ class DescribeView(StateView):
         super().__init__(state, **params)
         self.job = Job()
         libs = _library_names()
-        self.libraries = pn.widgets.MultiChoice(name="Term libraries", options=libs, value=libs,
+        default = [lib for lib in DEFAULT_LIBRARIES if lib in libs] or libs
+        self.libraries = pn.widgets.MultiChoice(name="Term libraries", options=libs, value=default,
                                                 sizing_mode="stretch_width")
         self.top_n = pn.widgets.IntInput(name="Terms per library", value=5, start=1, end=50, width=130)
         self.run_button = pn.widgets.Button(name="Describe selection", button_type="primary", width=160,
@@ -36,7 +42,8 @@ class DescribeView(StateView):
         self.info = pn.pane.Markdown(
             "Select cells on the map (box or lasso), then describe them: their mean embedding is scored against "
             "every term of the libraries, z-scored across terms, and the best terms per library are listed. "
-            "The first run embeds all terms once (cached on disk).")
+            "The first run embeds the libraries' terms once (cached on disk): about 15 s for the default "
+            "libraries on a CPU, a minute more with GO Biological Process and Reactome.")
         self.run_button.on_click(self._run)
 
     def __panel__(self):
@@ -119,7 +126,7 @@ class DEView(StateView):
             self.job, self.de_info,
             pn.Row(self.volcano, pn.Column(self.de_table, self.de_csv, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
-            pn.layout.Divider(),
+            pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
             pn.Row(self.n_genes, self.online, self.enrich_button), self.enrich_info,
             self.bars, self.enrich_table, self.enrich_csv,
             sizing_mode="stretch_width",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,11 +15,15 @@ from .common import Job, StateView, csv_download
 __all__ = ["ExportView", "AboutView"]
 
 
+def _stem(state: AppState) -> str:
+    """A file-name-safe stem for exports, from the input file or the dataset name."""
+    name = Path(state.input_path).stem if state.input_path else state.dataset_name
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_.") or "dataset"
+
+
 def _default_save_path(state: AppState) -> str:
-    if state.input_path:
-        p = Path(state.input_path)
-        return str(p.with_name(p.stem + "_lexicell.h5ad"))
-    return str(Path.cwd() / f"{state.dataset_name}_lexicell.h5ad")
+    folder = Path(state.input_path).parent if state.input_path else Path.cwd()
+    return str(folder / f"{_stem(state)}_lexicell.h5ad")
 
 
 class ExportView(StateView):
@@ -31,9 +36,9 @@ class ExportView(StateView):
                                          value=_default_save_path(state), sizing_mode="stretch_width")
         self.save = pn.widgets.Button(name="Save .h5ad", button_type="primary", width=120, margin=(23, 5, 5, 5))
         self.saved = pn.pane.Markdown("")
-        self.h5ad_download = pn.widgets.FileDownload(callback=self._h5ad, filename=f"{state.dataset_name}_lexicell.h5ad",
+        self.h5ad_download = pn.widgets.FileDownload(callback=self._h5ad, filename=f"{_stem(state)}_lexicell.h5ad",
                                                      label="Download .h5ad", button_type="light", width=180)
-        self.png_download = pn.widgets.FileDownload(callback=self._png, filename=f"{state.dataset_name}_map.png",
+        self.png_download = pn.widgets.FileDownload(callback=self._png, filename=f"{_stem(state)}_map.png",
                                                     label="Map PNG", button_type="light", width=180)
         self.save.on_click(self._save)
         self.tables = [
@@ -125,7 +130,7 @@ class AboutView(StateView):
             f"head `{(info['heads']['text'] or {}).get('type', '?')}`",
             f"- fingerprint `{info['fingerprint']}`; loaded from `{info['source']}`",
             f"### Dataset: {st.dataset_name}",
-            f"- {st.n_cells:,} cells × {st.adata.n_vars:,} genes; layouts: {', '.join(st.param.layout_key.objects) or 'none yet'}",
+            f"- {st.n_cells:,} cells × {st.adata.n_vars:,} genes; layouts: {', '.join(st.layouts()) or 'none yet'}",
             f"- embeddings: {'ready' if st.embeds_ready else 'being computed'}"
             + (f" ({params.get('n_genes_matched')} of {params.get('n_genes')} genes matched the model's vocabulary,"
                f" expression: {params.get('expression')})" if params else ""),

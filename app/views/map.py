@@ -43,7 +43,7 @@ class MapView(StateView):
         super().__init__(state, **params)
         st = self.state
         self.job = Job()
-        self.layout_select = pn.widgets.Select(name="Layout (obsm)", options=list(st.param.layout_key.objects),
+        self.layout_select = pn.widgets.Select(name="Layout (obsm)", options=st.layouts(),
                                                value=st.layout_key, sizing_mode="stretch_width")
         self.color_select = pn.widgets.Select(name="Colour by", options=st.color_options(), value=st.color_by,
                                               sizing_mode="stretch_width")
@@ -106,7 +106,7 @@ class MapView(StateView):
 
     def _refresh_layout_options(self, *_):
         with self._sync():
-            self.layout_select.param.update(options=list(self.state.param.layout_key.objects),
+            self.layout_select.param.update(options=self.state.layouts(),
                                             value=self.state.layout_key)
 
     def _on_color_widget(self, event):
@@ -180,6 +180,15 @@ class MapView(StateView):
         if geometry is not None and len(geometry) >= 3:
             self.state.select_lasso(np.asarray(geometry))
 
+    def _zoomed(self, df) -> bool:
+        """Whether the user zoomed in (the stored ranges cover less than the cells' extent)."""
+        if not self._ranges:
+            return False
+        (x0, x1), (y0, y1) = self._ranges
+        xs, ys = df["x"].to_numpy(), df["y"].to_numpy()
+        tx, ty = 0.01 * float(np.ptp(xs) or 1), 0.01 * float(np.ptp(ys) or 1)
+        return bool(x0 > xs.min() + tx or x1 < xs.max() - tx or y0 > ys.min() + ty or y1 < ys.max() - ty)
+
     def _on_range(self, x_range=None, y_range=None, **_):
         if x_range is not None and y_range is not None:
             self._ranges = (tuple(x_range), tuple(y_range))
@@ -200,7 +209,7 @@ class MapView(StateView):
         if frame is None:
             return None
         df, spec = frame
-        xlim, ylim = self._ranges if self._ranges else (None, None)
+        xlim, ylim = self._ranges if self._zoomed(df) else (None, None)
         title = f"{self.state.dataset_name} ({self.state.layout_key})"
         inplace = spec.kind in ("continuous", "diverging")
         self._data_pipe = hv.streams.Pipe(data=df) if inplace else None
@@ -226,8 +235,13 @@ class MapView(StateView):
         if frame is not None and self._data_pipe is not None and self.plot.object is not None:
             df, spec = frame
             if spec.kind in ("continuous", "diverging") and self._mode_key(df, spec) == self._key:
+                # one update, not two: store the data silently, then change the style (which re-renders);
+                # if the style is unchanged, trigger the data stream instead
+                before = (self._style.clim, self._style.clabel, self._style.cmap[0])
+                self._data_pipe.update(data=df)
                 self._style.set_from(spec)
-                self._data_pipe.send(df)
+                if (self._style.clim, self._style.clabel, self._style.cmap[0]) == before:
+                    hv.streams.Stream.trigger([self._data_pipe])
                 self._after_draw(spec)
                 return
         for s in self._streams:

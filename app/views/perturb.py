@@ -52,7 +52,7 @@ class PerturbView(StateView):
             self.job, self.summary,
             pn.Row(self.hist, pn.Column(self.cells_table, self.cells_csv, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
-            pn.layout.Divider(),
+            pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
             pn.pane.Markdown("#### Scan: rank genes by their effect (each gene perturbed alone)"),
             pn.Row(self.scan_cells, self.scan_genes, self.scan_button), self.scan_job,
             self.scan_table, self.scan_csv,

@@ -57,6 +57,7 @@ class QueryView(StateView):
     async def _search(self, event=None):
         text = self.text.value_input if self.text.value_input is not None else self.text.value
         st = self.state
+        st.notify("")  # a new query replaces older notices
 
         def apply(rec):
             st.apply_query(rec)
