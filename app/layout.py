@@ -192,7 +192,7 @@ class Explorer(pn.viewable.Viewer):
         self.message = pn.pane.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
         self.state.param.watch(self._on_message, ["message", "message_kind"])
         self.info = pn.pane.Markdown("", margin=(0, 10))
-        self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
+        self.tabs = pn.Tabs(dynamic=True, sizing_mode="stretch_width")  # hidden tabs are not rendered
         self.status = EmbeddingStatus(self)
         self.tools_placeholder = pn.pane.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False

@@ -31,7 +31,15 @@ import scipy.sparse as sp
 
 from .errors import DataError
 
-__all__ = ["reference_expression", "build_vocabulary", "build_pairs", "gene_table"]
+__all__ = [
+    "reference_expression",
+    "build_vocabulary",
+    "build_pairs",
+    "gene_table",
+    "holdout_cells",
+    "variable_gene_ranking",
+    "proxy_benchmark",
+]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,51 @@ def _nonzero_medians(X: sp.csr_matrix) -> np.ndarray:
         if v.size:
             med[j] = float(np.median(v))
     return med
+
+
+HOLDOUT_SEED = 20260321  # fixed: the held-out reference cells never depend on a training seed
+
+
+def holdout_cells(fraction: float) -> np.ndarray:
+    """Indices of the reference cells held out of training (for :func:`proxy_benchmark`).
+
+    The split is fixed (seeded by :data:`HOLDOUT_SEED`), so every recipe is compared on the same cells.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int indices into the rows of :func:`reference_expression`; empty when ``fraction`` is 0.
+    """
+    n = reference_expression()[0].shape[0]
+    k = int(round(float(fraction) * n))
+    if k <= 0:
+        return np.zeros(0, dtype=int)
+    return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n, size=k, replace=False))
+
+
+@lru_cache(maxsize=1)
+def variable_gene_ranking() -> pd.Series:
+    """Reference genes ranked by normalised dispersion (scanpy's ``seurat`` flavour), most variable first.
+
+    Users often load data subset to highly variable genes (scanpy's ``pbmc68k_reduced`` keeps 765); pairs
+    restricted to the top of this ranking teach the model such panels (``panel_fraction`` of
+    :func:`build_pairs`).
+
+    Returns
+    -------
+    pandas.Series
+        ``dispersions_norm`` indexed by Ensembl ID, sorted descending (genes seen in at least 3 cells).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    X, genes = reference_expression()
+    seen = np.asarray((X > 0).sum(axis=0)).ravel() >= 3
+    a = ad.AnnData(X=X[:, np.flatnonzero(seen)].copy(), var=genes[seen].copy())
+    sc.pp.log1p(a)
+    hv = sc.pp.highly_variable_genes(a, flavor="seurat", inplace=False)
+    disp = pd.Series(np.nan_to_num(hv["dispersions_norm"].to_numpy(), nan=-np.inf), index=a.var_names)
+    return disp.sort_values(ascending=False)
 
 
 def build_vocabulary(path: str | Path | None = None, *, max_length: int = 256):
@@ -286,6 +339,10 @@ def build_pairs(
     background_top: int = 400,
     seed: int = 0,
     include_go: bool = True,
+    holdout_fraction: float = 0.0,
+    panel_fraction: float = 0.0,
+    panel_sizes: tuple[int, int] = (500, 3000),
+    boost_range: tuple[float, float] = (1.05, 3.0),
 ):
     """Build knowledge-derived pseudo-cell / text pairs.
 
@@ -301,6 +358,17 @@ def build_pairs(
     background_top
         Each background cell keeps its ``background_top`` highest-ranked genes (rank encodings are truncated
         anyway), which bounds memory.
+    holdout_fraction
+        Fraction of the reference cells left out entirely (neither backgrounds nor weakly labelled pairs),
+        always the same cells (:func:`holdout_cells`); :func:`proxy_benchmark` evaluates on them.
+    panel_fraction
+        Fraction of pairs whose profile is restricted to a highly-variable-gene panel of the reference
+        (top ``panel_sizes[0]``..``panel_sizes[1]`` genes of :func:`variable_gene_ranking`), as in data
+        subset to HVGs; the set's genes are restricted too (the pair keeps its full profile when fewer than
+        two of them are left).
+    boost_range
+        A pseudo-cell's chosen set genes get ``background top ratio x U(*boost_range)``: ranges starting
+        below 1 put some of them among, not above, the background's top genes.
 
     Returns
     -------
@@ -325,6 +393,9 @@ def build_pairs(
     ok = ~np.isnan(cols)
     Xb = X[:, np.flatnonzero(ok)].tocsr()
     cols = cols[ok].astype(int)
+    held = set(holdout_cells(holdout_fraction).tolist())
+    train_cells = np.array([i for i in range(Xb.shape[0]) if i not in held])
+    hv_rank = gene_pos.reindex(variable_gene_ranking().index).dropna().astype(int).to_numpy()
     backgrounds = []
     for i in range(Xb.shape[0]):
         sl = slice(Xb.indptr[i], Xb.indptr[i + 1])
@@ -353,20 +424,37 @@ def build_pairs(
         groups.append(g)
         state["row"] += 1
 
+    def panel(min_set: int = 2, set_pos=None):
+        """A random HVG panel (bool mask over the vocabulary), or None for a full profile."""
+        if panel_fraction <= 0 or rng.random() >= panel_fraction:
+            return None
+        m = np.zeros(n_genes, dtype=bool)
+        m[hv_rank[: int(rng.integers(panel_sizes[0], panel_sizes[1] + 1))]] = True
+        if set_pos is not None and int(m[set_pos].sum()) < min_set:
+            return None
+        return m
+
     def emit(set_pos, text_choices, n, *, key, suppress=None, frac=(0.5, 1.0), pool=None):
         if set_pos.size == 0 or not text_choices:
             return
         g = group(key)
+        pool = np.intersect1d(pool, train_cells) if pool is not None else None
         for _ in range(n):
-            bg = pool[rng.integers(len(pool))] if pool is not None and len(pool) else rng.integers(len(backgrounds))
+            bg = pool[rng.integers(len(pool))] if pool is not None and len(pool) else train_cells[rng.integers(len(train_cells))]
             bc, br = backgrounds[bg]
             if suppress is not None and suppress.size:
                 keep = ~np.isin(bc, suppress) | np.isin(bc, set_pos)
                 bc, br = bc[keep], br[keep]
-            k = max(1, int(round(set_pos.size * rng.uniform(*frac))))
-            chosen = rng.choice(set_pos, size=min(k, set_pos.size), replace=False)
+            sp_ = set_pos
+            m = panel(min(2, set_pos.size), set_pos)
+            if m is not None:
+                sp_ = set_pos[m[set_pos]]
+                keep = m[bc]
+                bc, br = bc[keep], br[keep]
+            k = max(1, int(round(sp_.size * rng.uniform(*frac))))
+            chosen = rng.choice(sp_, size=min(k, sp_.size), replace=False)
             top = float(br.max()) if br.size else 1.0
-            boost = top * rng.uniform(1.05, 3.0, size=chosen.size)
+            boost = top * rng.uniform(boost_range[0], boost_range[1], size=chosen.size)
             keep = ~np.isin(bc, chosen)
             c = np.concatenate([bc[keep], chosen])
             r = np.concatenate([br[keep], boost])
@@ -389,10 +477,14 @@ def build_pairs(
         emit(positions(markers), ct_texts[name], n_per_celltype, key=name, suppress=all_markers, frac=(0.3, 1.0), pool=pool)
     # 1b. the weakly labelled reference cells themselves (real co-expression), thinned for variety
     for i in np.flatnonzero(weak["main"].to_numpy() != ""):
-        bc, br = backgrounds[i]
+        if i in held:
+            continue
+        bc0, br0 = backgrounds[i]
         names = [weak["main"].iat[i]] + ([weak["sub"].iat[i]] if weak["sub"].iat[i] else [])
         for _ in range(n_per_reference_cell):
             name = names[rng.integers(len(names))]
+            m = panel(0)
+            bc, br = (bc0[m[bc0]], br0[m[bc0]]) if m is not None else (bc0, br0)
             keep = rng.random(bc.size) < rng.uniform(0.4, 0.95)
             r = br[keep] * rng.lognormal(0.0, 0.3, size=int(keep.sum()))
             add_row(bc[keep], r, ct_texts[name][rng.integers(len(ct_texts[name]))], group(name))
@@ -538,3 +630,49 @@ def init_model(model, data=None, *, include_go: bool = True, identity_heads: boo
                         head.bias.zero_()
     model.invalidate_caches()
     log.info("initialised %d of %d gene embeddings from gene-set texts", int(has.sum()), has.size)
+
+
+# --------------------------------------------------------------------------- proxy benchmark (no evaluation labels)
+def proxy_benchmark(model, *, holdout_fraction: float = 0.2, panel_size: int = 800, template: str = "cellwhisperer") -> dict:
+    """Zero-shot accuracy on held-out reference cells with marker-derived labels, for choosing recipes.
+
+    The public evaluation set (``pbmc68k_reduced``) must not steer training choices, so recipes are compared
+    on reference cells that :func:`build_pairs` left out (``holdout_fraction``, the same cells every time),
+    labelled by :func:`weak_labels` (main immune types, cell names without the tissue suffix). The protocol
+    is :func:`engine.evaluate.evaluate` (seed 000 appendix D), once with all genes and once restricted to the
+    ``panel_size`` most variable reference genes (like data subset to HVGs).
+
+    Returns
+    -------
+    dict
+        ``{"full": {...}, "panel": {...}, "n_cells": int, "labels": [...]}``; each inner dict holds per-cell
+        ``roc_auc``, ``accuracy``, ``f1_macro``.
+
+    Raises
+    ------
+    engine.errors.DataError
+        When ``holdout_fraction`` leaves fewer than 20 labelled cells.
+    """
+    import anndata as ad
+
+    from .evaluate import evaluate
+
+    X, genes = reference_expression()
+    held = holdout_cells(holdout_fraction)
+    weak = weak_labels()
+    lab = weak["main"].to_numpy()[held]
+    keep = held[lab != ""]
+    lab = lab[lab != ""]
+    if keep.size < 20:
+        raise DataError("Too few held-out reference cells for the proxy benchmark", found=f"{keep.size} labelled cells",
+                        expected=">= 20", fix="raise holdout_fraction")
+    names = np.array([re.sub(r"\s*\(human \w+\)$", "", s) for s in lab], dtype=object)
+    var = pd.DataFrame({"gene_symbol": genes["symbol"].to_numpy()}, index=genes.index.copy())
+    a = ad.AnnData(X=X[keep].copy(), obs=pd.DataFrame({"label": pd.Categorical(names)}, index=[f"ref{i}" for i in keep]), var=var)
+    out = {"n_cells": int(keep.size), "labels": sorted(set(names))}
+    panel = variable_gene_ranking().index[:panel_size]
+    for key, sub in (("full", a), ("panel", a[:, a.var_names.isin(panel)].copy())):
+        r = evaluate(sub, model, "label", template=template)
+        out[key] = {k: r["per_cell"][k] for k in ("roc_auc", "accuracy", "f1_macro")}
+        out[key]["roc_auc_per_class_mean"] = r["per_class"]["roc_auc"]
+    return out

@@ -73,6 +73,8 @@ try:  # numba ships with umap-learn; the numpy fallback is exact but slower
 
     @numba.njit(parallel=True, cache=True)
     def _rank_rows_numba(indptr, indices, data, col_token, col_scale, max_genes, offset, out_ids, out_len):
+        # Same result as a stable descending sort of every expressed gene, but only the top ``max_genes``
+        # are sorted: a partition finds the threshold value first (O(m) instead of O(m log m) per cell).
         n = indptr.shape[0] - 1
         for i in numba.prange(n):
             start = indptr[i]
@@ -88,10 +90,31 @@ try:  # numba ships with umap-learn; the numpy fallback is exact but slower
                     vals[m] = -v * col_scale[c]
                     toks[m] = t
                     m += 1
-            order = np.argsort(vals[:m], kind="mergesort")
             k = min(m, max_genes)
-            for r in range(k):
-                out_ids[i, offset + r] = toks[order[r]]
+            if k < m:
+                thr = np.partition(vals[:m].copy(), k - 1)[k - 1]
+                sel = np.empty(k, dtype=np.int64)
+                cnt = 0
+                for p in range(m):
+                    if vals[p] < thr:
+                        sel[cnt] = p
+                        cnt += 1
+                for p in range(m):
+                    if cnt >= k:
+                        break
+                    if vals[p] == thr:
+                        sel[cnt] = p
+                        cnt += 1
+                sub = np.empty(k, dtype=np.float64)
+                for r in range(k):
+                    sub[r] = vals[sel[r]]
+                order = np.argsort(sub, kind="mergesort")
+                for r in range(k):
+                    out_ids[i, offset + r] = toks[sel[order[r]]]
+            else:
+                order = np.argsort(vals[:m], kind="mergesort")
+                for r in range(k):
+                    out_ids[i, offset + r] = toks[order[r]]
             out_len[i] = k
 
     _HAVE_NUMBA = True

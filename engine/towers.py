@@ -87,6 +87,8 @@ class SparseRankTower(TranscriptomeTower):
         Dropout inside the MLP blocks (training only).
     token_dropout
         Fraction of gene tokens dropped at random during training (augmentation).
+    mlp_ratio
+        Inner width of each residual block as a multiple of ``hidden_size`` (cost per cell grows with it).
     """
 
     def __init__(
@@ -97,8 +99,11 @@ class SparseRankTower(TranscriptomeTower):
         n_layers: int = 2,
         dropout: float = 0.1,
         token_dropout: float = 0.0,
+        mlp_ratio: float = 2.0,
     ) -> None:
         super().__init__()
+        self.mlp_ratio = float(mlp_ratio)
+        inner = max(1, int(round(self.mlp_ratio * hidden_size)))
         self.tokenizer = tokenizer
         self.hidden_size = int(hidden_size)
         self.n_layers = int(n_layers)
@@ -116,10 +121,10 @@ class SparseRankTower(TranscriptomeTower):
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.LayerNorm(hidden_size),
-                nn.Linear(hidden_size, 2 * hidden_size),
+                nn.Linear(hidden_size, inner),
                 nn.GELU(),
                 nn.Dropout(dropout),
-                nn.Linear(2 * hidden_size, hidden_size),
+                nn.Linear(inner, hidden_size),
             )
             for _ in range(n_layers)
         )
@@ -155,6 +160,7 @@ class SparseRankTower(TranscriptomeTower):
             "n_layers": self.n_layers,
             "dropout": self.dropout,
             "token_dropout": self.token_dropout,
+            "mlp_ratio": self.mlp_ratio,
             "tokenizer": self.tokenizer.special_config(),
         }
 
@@ -167,6 +173,7 @@ class SparseRankTower(TranscriptomeTower):
             n_layers=int(config.get("n_layers", 2)),
             dropout=float(config.get("dropout", 0.1)),
             token_dropout=float(config.get("token_dropout", 0.0)),
+            mlp_ratio=float(config.get("mlp_ratio", 2.0)),
         )
 
 

@@ -530,29 +530,37 @@ class _Trainer:
         self.train_tx_feats = self.val_tx_feats = None
         if self.lock_text:
             m.text_tower.eval()
-            cache_file = self._text_cache_file() if self.t.get("cache_text_features", True) else None
-            if cache_file is not None and cache_file.is_file():
-                try:
-                    arr = np.load(cache_file, allow_pickle=False)
-                    if arr.shape[0] == len(self.texts):
-                        self.text_feats = torch.from_numpy(arr).to(dev)
-                        log.info("text features of %d unique texts from cache %s", len(self.texts), cache_file)
-                except (OSError, ValueError) as err:
-                    log.warning("ignoring unreadable text-feature cache %s: %s", cache_file, err)
-            if self.text_feats is None:
-                self._compute_text_features()
-                if cache_file is not None and self.text_feats is not None:
-                    cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache_file.with_suffix(".tmp.npy")
-                    np.save(tmp, self.text_feats.cpu().numpy())
-                    os.replace(tmp, cache_file)
+            use_cache = bool(self.t.get("cache_text_features", True))
+            store_dir = self._text_cache_dir() if use_cache else None
+            known, arr = self._load_text_store(store_dir) if store_dir is not None else ({}, None)
+            missing = [x for x in dict.fromkeys(self.texts) if x not in known]
+            new = self._compute_text_features(missing) if missing else None
+            if arr is None and new is None:
+                return
+            width = (arr if arr is not None else new).shape[1]
+            feats = np.empty((len(self.texts), width), dtype=np.float32)
+            miss_pos = {x: i for i, x in enumerate(missing)}
+            for i, x in enumerate(self.texts):
+                feats[i] = arr[known[x]] if x in known else new[miss_pos[x]]
+            self.text_feats = torch.from_numpy(feats).to(dev)
+            log.info("text features: %d unique texts, %d from cache, %d computed", len(self.texts),
+                     len(self.texts) - len(missing), len(missing))
+            if store_dir is not None and missing:
+                all_texts = list(known) + missing
+                all_arr = np.concatenate([a for a in (arr, new) if a is not None])
+                store_dir.mkdir(parents=True, exist_ok=True)
+                tmp = store_dir / "features.tmp.npy"
+                np.save(tmp, all_arr)
+                (store_dir / "texts.tmp.json").write_text(json.dumps(all_texts), encoding="utf-8")
+                os.replace(tmp, store_dir / "features.npy")
+                os.replace(store_dir / "texts.tmp.json", store_dir / "texts.json")
         if self.lock_tx:
             m.transcriptome_tower.eval()
             self.train_tx_feats = self._tx_features(self.train_enc)
             self.val_tx_feats = self._tx_features(self.val_enc) if self.val_enc is not None else None
 
-    def _text_cache_file(self) -> Path:
-        """Disk cache of locked text features, keyed by the text tower (config and weights) and the texts."""
+    def _text_cache_dir(self) -> Path:
+        """Disk cache of locked text features (one store per text tower: config and weights), keyed per text."""
         import hashlib
 
         from .embed import cache_dir
@@ -562,25 +570,40 @@ class _Trainer:
         for k, v in sorted(self.model.text_tower.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        h.update("\x1f".join(self.texts).encode())
-        return Path(cache_dir()) / "text_features" / f"{h.hexdigest()}.npy"
+        return Path(cache_dir()) / "text_features" / h.hexdigest()
+
+    @staticmethod
+    def _load_text_store(store_dir: Path) -> tuple[dict, np.ndarray | None]:
+        """``({text: row}, features)`` of a text-feature store; empty when absent or unreadable."""
+        try:
+            texts = json.loads((store_dir / "texts.json").read_text(encoding="utf-8"))
+            arr = np.load(store_dir / "features.npy", allow_pickle=False)
+            if not isinstance(texts, list) or arr.ndim != 2 or arr.shape[0] != len(texts):
+                raise ValueError(f"{len(texts)} texts for features of shape {arr.shape}")
+            return {str(x): i for i, x in enumerate(texts)}, arr.astype(np.float32, copy=False)
+        except FileNotFoundError:
+            return {}, None
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("ignoring unreadable text-feature cache %s: %s", store_dir, err)
+            return {}, None
 
     @torch.no_grad()
-    def _compute_text_features(self) -> None:
+    def _compute_text_features(self, texts: list[str]) -> np.ndarray:
+        """``(len(texts), text_hidden)`` float32 features of the (locked) text tower."""
         m, dev = self.model, self.device
         bs = int(self.t["text_batch_size"])
         feats = []
         from tqdm.auto import tqdm
 
         t0 = time.perf_counter()
-        order = np.argsort([len(x) for x in self.texts], kind="stable")  # similar lengths per batch: less padding
+        order = np.argsort([len(x) for x in texts], kind="stable")  # similar lengths per batch: less padding
         for i in tqdm(range(0, len(order), bs), desc="Text features (locked tower)", disable=not self.progress, unit="batch"):
-            enc = m.text_tower.tokenize([self.texts[j] for j in order[i : i + bs]], device=dev)
-            feats.append(m.text_tower(**enc).float())
-        if feats:
-            self.text_feats = torch.empty((len(order), feats[0].shape[1]), dtype=torch.float32, device=dev)
-            self.text_feats[torch.from_numpy(order).to(dev)] = torch.cat(feats)
-        log.info("text features of %d unique texts in %.1f s", len(self.texts), time.perf_counter() - t0)
+            enc = m.text_tower.tokenize([texts[j] for j in order[i : i + bs]], device=dev)
+            feats.append(m.text_tower(**enc).float().cpu().numpy())
+        out = np.empty((len(order), feats[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(feats)
+        log.info("text features of %d texts in %.1f s", len(texts), time.perf_counter() - t0)
+        return out
 
     @torch.no_grad()
     def _tx_features(self, enc: _Encoded) -> torch.Tensor:

@@ -33,3 +33,31 @@ def test_weak_labels_are_marker_sets():
     assert len(w) == 559
     named = set(w["main"]) - {""}
     assert named and all(n.endswith("(human immune)") for n in named)
+
+
+def test_holdout_cells_fixed_and_disjoint():
+    a, b = knowledge.holdout_cells(0.2), knowledge.holdout_cells(0.2)
+    assert np.array_equal(a, b) and a.size == round(0.2 * 559) and np.unique(a).size == a.size
+    assert knowledge.holdout_cells(0.0).size == 0
+
+
+def test_variable_gene_ranking_sorted():
+    r = knowledge.variable_gene_ranking()
+    assert r.index.str.startswith("ENSG").all() and r.is_monotonic_decreasing and len(r) > 5_000
+
+
+@pytest.mark.slow
+def test_build_pairs_holdout_and_panels(tmp_path):
+    tok = knowledge.build_vocabulary(tmp_path / "genes.tsv", max_length=64)
+    kw = dict(vocabulary=tmp_path / "genes.tsv", n_per_celltype=2, n_per_geneset=1, n_per_gene=1, include_go=False)
+    full = knowledge.build_pairs(n_per_reference_cell=1, **kw)
+    held = knowledge.build_pairs(n_per_reference_cell=1, holdout_fraction=0.5, **kw)
+    # weakly labelled copies of held-out cells are gone
+    assert held.X.shape[0] < full.X.shape[0]
+    panel = knowledge.build_pairs(n_per_reference_cell=0, panel_fraction=1.0, panel_sizes=(500, 500), **kw)
+    top = set(knowledge.variable_gene_ranking().index[:500])
+    ids = np.asarray(tok.gene_ids)
+    nnz_genes = set(ids[np.unique(panel.X.indices)])
+    # every profile restricted to the 500-gene panel, except sets with fewer than two panel genes
+    restricted = [len(set(ids[panel.X[i].indices]) - top) == 0 for i in range(panel.X.shape[0])]
+    assert np.mean(restricted) > 0.5 and len(nnz_genes) > 500

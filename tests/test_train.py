@@ -140,7 +140,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, vocab_file, text_dir):
     part = train(cfg, device="cpu", max_steps=9)  # stops in the middle of epoch 2 (7 steps per epoch)
     log = json.loads((part / "train_log.json").read_text())
     assert log["status"] == "stopped" and log["epochs"][-1]["partial"] is True
-    cached = list((tmp_path / "cache" / "text_features").glob("*.npy"))  # locked text features cached on disk
+    cached = list((tmp_path / "cache" / "text_features").glob("*/features.npy"))  # locked text features cached on disk
     assert len(cached) == 1
     resumed = train(cfg, device="cpu", resume=True)
     a = load_file(str(full / "last" / "model.safetensors"))

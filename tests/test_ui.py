@@ -167,8 +167,10 @@ def test_de_and_enrichment_tables(page):
     sync_api.expect(page.get_by_text("logfoldchange").first).to_be_visible()
     page.get_by_role("button", name="Run enrichment").click()
     sync_api.expect(page.get_by_text("combined_score").first).to_be_visible()
+    # Tabulator draws rows once the table is on screen: scroll to it, as a user would
+    page.get_by_role("button", name="Enrichment CSV").first.scroll_into_view_if_needed()
+    page.locator(".tabulator").nth(1).locator(".tabulator-row").first.wait_for()
     sync_api.expect(page.get_by_role("button", name="DE table CSV").first).to_be_visible()
-    page.get_by_text("combined_score").first.scroll_into_view_if_needed()
     assert "Unexpected error" not in page.content()
     _shot(page, "ui_de")
 

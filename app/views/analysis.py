@@ -144,13 +144,15 @@ class DEView(StateView):
             st.apply_de(table)
             self.volcano.object = plots.volcano(table, title=f"Top vs bottom {table.attrs.get('n_used', '')} cells")
             shown, fmt = display_table(table)
-            self.de_table.param.update(value=shown, formatters=fmt)
+            self.de_table.formatters = fmt
+            self.de_table.value = shown
             n_up = int(((table["direction"] == "up") & (table["pval_adj"] < 0.05)).sum())
             n_down = int(((table["direction"] == "down") & (table["pval_adj"] < 0.05)).sum())
             msgs = " ".join(table.attrs.get("messages") or [])
             self.de_info.object = (f"**{table.attrs.get('n_used')} top vs {table.attrs.get('n_used')} bottom cells** "
                                    f"({table.attrs.get('method', '')}); {n_up} genes up and {n_down} down at FDR < 0.05. {msgs}")
-            self.enrich_table.value = self.enrich_table.value.iloc[0:0]
+            if len(self.enrich_table.value):
+                self.enrich_table.value = self.enrich_table.value.iloc[0:0]
             self.bars.object = None
 
         await self.job.run(lambda: st.compute_de(**kw), apply, label="Testing genes", disable=[self.de_button])
@@ -163,7 +165,8 @@ class DEView(StateView):
             st.apply_enrich(table)
             self.bars.object = plots.enrichment_bars(table, width=880)
             shown, fmt = display_table(table)
-            self.enrich_table.param.update(value=shown, formatters=fmt)
+            self.enrich_table.formatters = fmt
+            self.enrich_table.value = shown
             self.enrich_info.object = " ".join(table.attrs.get("messages") or [])
 
         await self.job.run(lambda: st.compute_enrich(n_genes=n_genes, online=online), apply,

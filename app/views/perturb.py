@@ -104,7 +104,8 @@ class PerturbView(StateView):
         def apply(table: pd.DataFrame):
             st.apply_scan(table)
             shown, fmt = display_table(table)
-            self.scan_table.param.update(value=shown, formatters=fmt)
+            self.scan_table.formatters = fmt  # formatters first, then data (a joint update can leave rows blank)
+            self.scan_table.value = shown
 
         await self.scan_job.run(
             lambda: st.compute_scan(mode=mode, goal_label=goal, max_cells=max_cells, max_genes=max_genes,
