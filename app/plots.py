@@ -398,7 +398,7 @@ def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: 
     top = df[up | down].nlargest(n_labels, "neg_log10_padj")
     labels = hv.Labels(top, kdims=["logfoldchange", "neg_log10_padj"], vdims=["gene"]).opts(
         text_font_size="8pt", yoffset=0.0, text_color="#333333", text_baseline="bottom")
-    return (scatter * labels).opts(width=width, height=height)
+    return (scatter * labels).opts(width=width, height=height, shared_axes=False)
 
 
 def enrichment_bars(table: pd.DataFrame, *, n: int = 15, width: int = 520, height: int = 380,
@@ -415,7 +415,7 @@ def enrichment_bars(table: pd.DataFrame, *, n: int = 15, width: int = 520, heigh
     return hv.Bars(df, kdims=[hv.Dimension("label", label="term")],
                    vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "overlap", "library"]).opts(
         invert_axes=True, width=width, height=height, tools=["hover"], color="#4c78a8", title=title,
-        yaxis="left", fontsize={"yticks": "7pt"})
+        yaxis="left", fontsize={"yticks": "7pt"}, shared_axes=False)  # not linked to the volcano's -log10 p axis
 
 
 def _short(text: str, n: int) -> str:

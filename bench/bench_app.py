@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------------- browser: first paint and query
 def bench_browser(model: str | None, queries: list[str]) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Error as PlaywrightError, sync_playwright
 
     port = _free_port()
     cmd = [sys.executable, str(ROOT / "run_app.py"), "--port", str(port), "--no-show"]
@@ -79,15 +79,25 @@ def bench_browser(model: str | None, queries: list[str]) -> None:
             page.get_by_text("embeddings ready for").first.wait_for()
             report("python run_app.py -> model loaded, cells embedded", time.perf_counter() - t0)
             box = page.get_by_placeholder(QUERY_BOX)
+
+            def canvas_png() -> bytes:
+                # bokeh may replace the canvas element while it repaints: retry on a detached element
+                for _ in range(20):
+                    try:
+                        return page.locator(".bk-Canvas").first.screenshot(timeout=5_000)
+                    except PlaywrightError:
+                        time.sleep(0.02)
+                return b""
+
             times = []
             for q in queries:
-                canvas_before = page.locator(".bk-Canvas").first.screenshot()
+                canvas_before = canvas_png()
                 box.fill(q)
                 t1 = time.perf_counter()
                 box.press("Enter")
                 page.locator(".colour-note-text", has_text=f"score: {q}").wait_for()
                 deadline = time.perf_counter() + 10
-                while (page.locator(".bk-Canvas").first.screenshot() == canvas_before
+                while (canvas_png() == canvas_before
                        and time.perf_counter() < deadline):
                     pass  # the canvas repaint follows the DOM update
                 times.append(time.perf_counter() - t1)

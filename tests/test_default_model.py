@@ -88,3 +88,13 @@ def test_evaluate_cli_on_a_slice(tmp_path):
     )
     res = json.loads(out.stdout)
     assert res["n_classes"] == 3 and 0.5 < res["per_cell"]["roc_auc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_proxy_benchmark_on_held_out_reference_cells(default_model):
+    from engine.knowledge import proxy_benchmark
+
+    res = proxy_benchmark(default_model, holdout_fraction=0.2)
+    assert res["n_cells"] >= 20 and len(res["labels"]) >= 4 and res["level"] == "main"
+    for key in ("full", "panel", "shallow"):
+        assert 0.5 < res[key]["roc_auc"] <= 1.0, (key, res[key])

@@ -169,7 +169,10 @@ def test_de_and_enrichment_tables(page):
     sync_api.expect(page.get_by_text("combined_score").first).to_be_visible()
     # Tabulator draws rows once the table is on screen: scroll to it, as a user would
     page.get_by_role("button", name="Enrichment CSV").first.scroll_into_view_if_needed()
-    page.locator(".tabulator").nth(1).locator(".tabulator-row").first.wait_for()
+    sync_api.expect(page.locator(".tabulator").nth(1).locator(".tabulator-row")).not_to_have_count(0)
+    # the header shows the table's own columns, in order (once shifted by one column)
+    header = [t.strip() for t in page.locator(".tabulator").nth(1).locator(".tabulator-col-title").all_inner_texts()]
+    assert [t for t in header if t][:2] == ["term", "library"], header
     sync_api.expect(page.get_by_role("button", name="DE table CSV").first).to_be_visible()
     assert "Unexpected error" not in page.content()
     _shot(page, "ui_de")

@@ -1,11 +1,12 @@
 """Describe a selection with keywords, and top-vs-bottom DE followed by enrichment."""
 from __future__ import annotations
 
+import pandas as pd
 import panel as pn
 
 from .. import plots
 from ..state import QUERY, AppState
-from .common import Job, StateView, csv_download, display_table, table_widget
+from .common import Job, StateView, csv_download, show_table, table_widget
 
 __all__ = ["DescribeView", "DEView"]
 
@@ -81,6 +82,7 @@ class DEView(StateView):
         self.de_button = pn.widgets.Button(name="Run DE", button_type="primary", width=110, margin=(23, 5, 5, 5))
         self.volcano = pn.pane.HoloViews(None, width=500, height=400)
         self.de_table = table_widget(height=400, page_size=12)
+        self.de_holder = pn.Column(self.de_table, sizing_mode="stretch_width")
         self.de_info = pn.pane.Markdown("")
         self.n_genes = pn.widgets.IntInput(name="Top up-regulated genes", value=50, start=5, end=500, width=170)
         self.online = pn.widgets.Checkbox(name="Try Enrichr online", value=False, margin=(30, 5, 5, 5))
@@ -88,6 +90,7 @@ class DEView(StateView):
                                                margin=(23, 5, 5, 5))
         self.bars = pn.pane.HoloViews(None, width=900, height=400)
         self.enrich_table = table_widget(height=400, page_size=12)
+        self.enrich_holder = pn.Column(self.enrich_table, sizing_mode="stretch_width")
         self.enrich_info = pn.pane.Markdown("")
         self.de_csv = csv_download(lambda: self.state.de_table, "de_top_vs_bottom.csv", "DE table CSV")
         self.enrich_csv = csv_download(lambda: self.state.enrich_table, "enrichment.csv", "Enrichment CSV")
@@ -124,11 +127,11 @@ class DEView(StateView):
                              "(offline gene-set libraries by default)."),
             pn.Row(self.source, self.mode, self.n, self.fraction, self.within, self.de_button),
             self.job, self.de_info,
-            pn.Row(self.volcano, pn.Column(self.de_table, self.de_csv, sizing_mode="stretch_width"),
+            pn.Row(self.volcano, pn.Column(self.de_holder, self.de_csv, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
             pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
             pn.Row(self.n_genes, self.online, self.enrich_button), self.enrich_info,
-            self.bars, self.enrich_table, self.enrich_csv,
+            self.bars, self.enrich_holder, self.enrich_csv,
             sizing_mode="stretch_width",
         )
 
@@ -143,16 +146,14 @@ class DEView(StateView):
         def apply(table):
             st.apply_de(table)
             self.volcano.object = plots.volcano(table, title=f"Top vs bottom {table.attrs.get('n_used', '')} cells")
-            shown, fmt = display_table(table)
-            self.de_table.formatters = fmt
-            self.de_table.value = shown
+            self.de_table = show_table(self.de_holder, table, height=400, page_size=12)
             n_up = int(((table["direction"] == "up") & (table["pval_adj"] < 0.05)).sum())
             n_down = int(((table["direction"] == "down") & (table["pval_adj"] < 0.05)).sum())
             msgs = " ".join(table.attrs.get("messages") or [])
             self.de_info.object = (f"**{table.attrs.get('n_used')} top vs {table.attrs.get('n_used')} bottom cells** "
                                    f"({table.attrs.get('method', '')}); {n_up} genes up and {n_down} down at FDR < 0.05. {msgs}")
             if len(self.enrich_table.value):
-                self.enrich_table.value = self.enrich_table.value.iloc[0:0]
+                self.enrich_table = show_table(self.enrich_holder, pd.DataFrame(), height=400, page_size=12)
             self.bars.object = None
 
         await self.job.run(lambda: st.compute_de(**kw), apply, label="Testing genes", disable=[self.de_button])
@@ -164,9 +165,7 @@ class DEView(StateView):
         def apply(table):
             st.apply_enrich(table)
             self.bars.object = plots.enrichment_bars(table, width=880)
-            shown, fmt = display_table(table)
-            self.enrich_table.formatters = fmt
-            self.enrich_table.value = shown
+            self.enrich_table = show_table(self.enrich_holder, table, height=400, page_size=12)
             self.enrich_info.object = " ".join(table.attrs.get("messages") or [])
 
         await self.job.run(lambda: st.compute_enrich(n_genes=n_genes, online=online), apply,

@@ -18,7 +18,7 @@ from engine.errors import CancelledError, LexicellError
 
 from ..state import AppState
 
-__all__ = ["Job", "StateView", "csv_download", "display_table", "table_widget", "EXECUTOR"]
+__all__ = ["Job", "StateView", "csv_download", "display_table", "show_table", "table_widget", "EXECUTOR"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,18 @@ def table_widget(**kw) -> pn.widgets.Tabulator:
                 sizing_mode="stretch_width", height=360, layout="fit_data_table")
     opts.update(kw)
     return pn.widgets.Tabulator(**opts)
+
+
+def show_table(holder: pn.Column, table: pd.DataFrame, **kw) -> pn.widgets.Tabulator:
+    """Show ``table`` (rounded by :func:`display_table`) in ``holder`` as a new read-only Tabulator.
+
+    A fresh widget renders reliably; changing the data and formatters of one already on the page could leave
+    its rows blank in the browser. Returns the new widget.
+    """
+    shown, fmt = display_table(table) if len(table.columns) else (table, {})
+    widget = table_widget(value=shown, formatters=fmt, **kw)
+    holder.objects = [widget]
+    return widget
 
 
 P_COLUMNS = ("pval", "pval_adj")

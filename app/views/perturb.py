@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import AppState
-from .common import Job, StateView, csv_download, display_table, table_widget
+from .common import Job, StateView, csv_download, show_table, table_widget
 
 __all__ = ["PerturbView"]
 
@@ -34,6 +34,7 @@ class PerturbView(StateView):
         self.scan_genes = pn.widgets.IntInput(name="Max genes", value=50, start=5, end=2000, step=10, width=110)
         self.scan_button = pn.widgets.Button(name="Scan genes", button_type="primary", width=120, margin=(23, 5, 5, 5))
         self.scan_table = table_widget(height=360, page_size=12)
+        self.scan_holder = pn.Column(self.scan_table, sizing_mode="stretch_width")
         self.cells_csv = csv_download(lambda: self.state.perturb_table, "perturbation_cells.csv", "Per-cell CSV")
         self.scan_csv = csv_download(lambda: self.state.scan_table, "perturbation_scan.csv", "Scan CSV")
 
@@ -55,7 +56,7 @@ class PerturbView(StateView):
             pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
             pn.pane.Markdown("#### Scan: rank genes by their effect (each gene perturbed alone)"),
             pn.Row(self.scan_cells, self.scan_genes, self.scan_button), self.scan_job,
-            self.scan_table, self.scan_csv,
+            self.scan_holder, self.scan_csv,
             sizing_mode="stretch_width",
         )
 
@@ -103,9 +104,7 @@ class PerturbView(StateView):
 
         def apply(table: pd.DataFrame):
             st.apply_scan(table)
-            shown, fmt = display_table(table)
-            self.scan_table.formatters = fmt  # formatters first, then data (a joint update can leave rows blank)
-            self.scan_table.value = shown
+            self.scan_table = show_table(self.scan_holder, table, height=360, page_size=12)
 
         await self.scan_job.run(
             lambda: st.compute_scan(mode=mode, goal_label=goal, max_cells=max_cells, max_genes=max_genes,
