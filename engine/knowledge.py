@@ -616,7 +616,8 @@ def init_model(model, data=None, *, include_go: bool = True, identity_heads: boo
     Gene token embeddings of a :class:`~engine.towers.SparseRankTower` are set to the gene knowledge vectors
     of :func:`gene_knowledge_vectors` (PCA-reduced when the tower is narrower than the text tower); genes in
     no set get small random vectors. When the tower is as wide as the text tower and the heads are square
-    bias-free linear maps, the heads start as identities and the residual blocks as no-ops, so before any
+    bias-free linear maps (or :class:`~engine.heads.MLPHead` with a square shortcut), the heads start as
+    identities (MLP heads: identity shortcut, zero MLP branch) and the residual blocks as no-ops, so before any
     training a cell's embedding is the rank-weighted mean of its genes' text vectors and lives in the text
     space. Used as the ``init`` hook of ``engine.train``.
     """
@@ -644,11 +645,18 @@ def init_model(model, data=None, *, include_go: bool = True, identity_heads: boo
                 last = block[-1]
                 last.weight.zero_()
                 last.bias.zero_()
+            from .heads import MLPHead
+
             for head in (model.transcriptome_projection, model.text_projection):
                 if isinstance(head, nn.Linear) and head.weight.shape[0] == head.weight.shape[1]:
                     head.weight.copy_(torch.eye(head.weight.shape[0]))
                     if head.bias is not None:
                         head.bias.zero_()
+                elif isinstance(head, MLPHead) and head.shortcut.weight.shape[0] == head.shortcut.weight.shape[1]:
+                    # identity shortcut, silent MLP branch: the head starts as a LayerNorm of its input
+                    head.shortcut.weight.copy_(torch.eye(head.shortcut.weight.shape[0]))
+                    head.mlp[-1].weight.zero_()
+                    head.mlp[-1].bias.zero_()
     model.invalidate_caches()
     log.info("initialised %d of %d gene embeddings from gene-set texts", int(has.sum()), has.size)
 
