@@ -122,6 +122,29 @@ def _empty() -> pd.DataFrame:
     return df
 
 
+def _tidy(r: pd.DataFrame, *, library, back: dict[str, str], source: str, upper: bool = False) -> pd.DataFrame:
+    """gseapy's result table (``Term``, ``Overlap``, ``P-value``, ...) in :data:`COLUMNS` (``pval_adj`` unset).
+
+    Gene names in ``Genes`` map back to the user's spelling through ``back`` (upper-cased first if ``upper``).
+    """
+    ov = r["Overlap"].astype(str).str.split("/", expand=True).astype(np.int64)
+    genes = r["Genes"].astype(str).map(
+        lambda s: ";".join(back.get(g.upper() if upper else g, g) for g in s.split(";") if g))
+    return pd.DataFrame({
+        "term": r["Term"].astype(str).to_numpy(),
+        "library": library,
+        "overlap": r["Overlap"].astype(str).to_numpy(),
+        "n_overlap": ov[0].to_numpy(),
+        "set_size": ov[1].to_numpy(),
+        "pval": r["P-value"].astype(float).to_numpy(),
+        "pval_adj": 1.0,
+        "odds_ratio": r["Odds Ratio"].astype(float).to_numpy(),
+        "combined_score": r["Combined Score"].astype(float).to_numpy(),
+        "genes": genes.to_numpy(),
+        "source": source,
+    })
+
+
 # --------------------------------------------------------------------------- offline
 def _offline_one(name: str, sets: dict[str, list[str]], universe: set[str], query: list[str], bg,
                  back: dict[str, str]) -> pd.DataFrame:
@@ -139,21 +162,7 @@ def _offline_one(name: str, sets: dict[str, list[str]], universe: set[str], quer
             enr.close()
     if r is None or len(r) == 0:
         return _empty()
-    ov = r["Overlap"].astype(str).str.split("/", expand=True).astype(np.int64)
-    genes = r["Genes"].astype(str).map(lambda s: ";".join(back.get(g, g) for g in s.split(";") if g))
-    df = pd.DataFrame({
-        "term": r["Term"].astype(str).to_numpy(),
-        "library": name,
-        "overlap": r["Overlap"].astype(str).to_numpy(),
-        "n_overlap": ov[0].to_numpy(),
-        "set_size": ov[1].to_numpy(),
-        "pval": r["P-value"].astype(float).to_numpy(),
-        "pval_adj": 1.0,
-        "odds_ratio": r["Odds Ratio"].astype(float).to_numpy(),
-        "combined_score": r["Combined Score"].astype(float).to_numpy(),
-        "genes": genes.to_numpy(),
-        "source": "offline",
-    })
+    df = _tidy(r, library=name, back=back, source="offline")
     df["pval_adj"] = _bh(df["pval"].to_numpy())
     return df
 
@@ -197,21 +206,8 @@ def _online(genes: list[str], libraries: Sequence[str], timeout: float,
     r = box.get("res")
     if r is None or len(r) == 0:
         return _empty(), "Enrichr answered but returned no term for these genes."
-    ov = r["Overlap"].astype(str).str.split("/", expand=True).astype(np.int64)
-    df = pd.DataFrame({
-        "term": r["Term"].astype(str).to_numpy(),
-        "library": r["Gene_set"].astype(str).to_numpy() if "Gene_set" in r else "enrichr",
-        "overlap": r["Overlap"].astype(str).to_numpy(),
-        "n_overlap": ov[0].to_numpy(),
-        "set_size": ov[1].to_numpy(),
-        "pval": r["P-value"].astype(float).to_numpy(),
-        "pval_adj": 1.0,
-        "odds_ratio": r["Odds Ratio"].astype(float).to_numpy(),
-        "combined_score": r["Combined Score"].astype(float).to_numpy(),
-        "genes": r["Genes"].astype(str).map(
-            lambda s: ";".join(back.get(g.upper(), g) for g in s.split(";") if g)).to_numpy(),
-        "source": "enrichr",
-    })
+    library = r["Gene_set"].astype(str).to_numpy() if "Gene_set" in r else "enrichr"
+    df = _tidy(r, library=library, back=back, source="enrichr", upper=True)
     for lib, idx in df.groupby("library").groups.items():
         df.loc[idx, "pval_adj"] = _bh(df.loc[idx, "pval"].to_numpy())
     return df, None
