@@ -374,11 +374,12 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
 
 
 def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: int = 480, height: int = 380,
-            n_labels: int = 10, title: str = "Top vs bottom"):
+            n_labels: int = 10, title: str = "Top vs bottom", max_lfc: float = 10.0):
     """Volcano plot of a DE table (``gene``, ``logfoldchange``, ``pval_adj``).
 
     Genes with ``pval_adj < fdr`` and ``|logfoldchange| > lfc`` are coloured (red = up, blue = down) and the
-    ``n_labels`` most significant of them labelled.
+    ``n_labels`` most significant of them labelled. Fold changes are drawn within ±``max_lfc`` (scanpy reports
+    about ±30 when a group does not express a gene at all); the hover shows the exact value.
     """
     df = pd.DataFrame({
         "gene": table["gene"].astype(str).to_numpy(),
@@ -387,12 +388,15 @@ def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: 
     })
     df = df[np.isfinite(df["logfoldchange"]) & np.isfinite(df["pval_adj"])]
     df["neg_log10_padj"] = -np.log10(np.clip(df["pval_adj"].to_numpy(), 1e-300, 1.0))
+    df["lfc_exact"] = df["logfoldchange"]
+    df["logfoldchange"] = df["logfoldchange"].clip(-max_lfc, max_lfc)
     up = (df["pval_adj"] < fdr) & (df["logfoldchange"] > lfc)
     down = (df["pval_adj"] < fdr) & (df["logfoldchange"] < -lfc)
     df["class"] = np.where(up, "up in top", np.where(down, "up in bottom", "not significant"))
     cmap = {"up in top": "#d62728", "up in bottom": "#1f77b4", "not significant": "#b0b0b0"}
     scatter = hv.Scatter(df, kdims=[hv.Dimension("logfoldchange", label="log2 fold change")],
-                         vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "gene", "class"]).opts(
+                         vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "gene", "class",
+                                hv.Dimension("lfc_exact", label="log2 fold change (exact)")]).opts(
         color="class", cmap=cmap, size=5, alpha=0.8, tools=["hover"], width=width, height=height, title=title,
         legend_position="bottom_right", show_legend=True)
     top = df[up | down].nlargest(n_labels, "neg_log10_padj")
