@@ -347,6 +347,7 @@ def build_pairs(
     depth_fraction: float = 0.0,
     depth_range: tuple[float, float] = (500.0, 4000.0),
     geneset_fraction: tuple[float, float] = (0.3, 0.8),
+    proliferation_fraction: tuple[float, float] | None = None,
 ):
     """Build knowledge-derived pseudo-cell / text pairs.
 
@@ -378,7 +379,8 @@ def build_pairs(
         reference cell's own values), so that the same reference cell gives different rank orders.
     geneset_fraction
         Range of the fraction of a pathway or GO set's genes boosted in each of its pseudo-cells (data often
-        show a signature through a few of its genes only).
+        show a signature through a few of its genes only). ``proliferation_fraction`` overrides it for the
+        cell-cycle signatures (:data:`PROLIFERATION_SETS`).
     depth_fraction, depth_range
         Fraction of pairs re-sampled at a shallow sequencing depth: counts ~ Poisson(expression x D / 10,000)
         with D ~ U(*depth_range) UMIs per cell, zeros dropped (10x data often has 1-5k UMIs per cell, the
@@ -523,7 +525,8 @@ def build_pairs(
             if name in PROLIFERATION_SETS:
                 choices += PROLIFERATION_TEXTS
             n = n_per_geneset * (proliferation_boost if name in PROLIFERATION_SETS else 1)
-            emit(pos, choices, n, key=f"{f}:{name}", frac=tuple(geneset_fraction))
+            frac = proliferation_fraction if (name in PROLIFERATION_SETS and proliferation_fraction) else geneset_fraction
+            emit(pos, choices, n, key=f"{f}:{name}", frac=tuple(frac))
     # 3. single marker genes, with CD aliases
     cds = _cd_aliases()
     marker_syms = sorted({g for _, gs in ct.values() for g in gs})
