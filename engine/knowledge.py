@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import DataError
+from .errors import AnalysisError, DataError
 
 __all__ = [
     "reference_expression",
@@ -410,7 +410,7 @@ def build_pairs(
     Xb = X[:, np.flatnonzero(ok)].tocsr()
     cols = cols[ok].astype(int)
     held = set(holdout_cells(holdout_fraction).tolist())
-    train_cells = np.array([i for i in range(Xb.shape[0]) if i not in held])
+    train_cells = np.setdiff1d(np.arange(Xb.shape[0]), list(held))
     hv_rank = gene_pos.reindex(variable_gene_ranking().index).dropna().astype(int).to_numpy()
     backgrounds = []
     for i in range(Xb.shape[0]):
@@ -695,6 +695,8 @@ def proxy_benchmark(
     ------
     engine.errors.DataError
         When ``holdout_fraction`` leaves fewer than 20 labelled cells.
+    engine.errors.AnalysisError
+        For a ``level`` other than ``"main"`` or ``"sub"``.
     """
     import anndata as ad
 
@@ -704,7 +706,7 @@ def proxy_benchmark(
     held = holdout_cells(holdout_fraction)
     weak = weak_labels()
     if level not in ("main", "sub"):
-        raise ValueError(f"level must be 'main' or 'sub', not {level!r}")
+        raise AnalysisError("Unknown label level for the proxy benchmark", found=repr(level), expected="'main' or 'sub'")
     lab = weak["main"].to_numpy()[held]
     if level == "sub":
         sub = weak["sub"].to_numpy()[held]
