@@ -233,7 +233,71 @@ def _pretty(name: str) -> str:
     return t.replace("_", " ").lower() if t.isupper() else t
 
 
-def _celltype_texts(name: str, description: str, markers: list[str], rng) -> list[str]:
+#: Cell Ontology terms of the marker sets whose names :func:`engine.ontology.find_cell_type` cannot match
+#: (abbreviations such as "CD4 TCM" = central memory CD4-positive T cell). Curated by hand from CL v2026-03;
+#: several terms per set where CL has both the specific term and the common parent people also use.
+MARKER_SET_CL = {
+    "CD4 Naive T cell": ["CL:0000895"],
+    "CD4 TCM": ["CL:0000904", "CL:0000897"],
+    "CD4 TEM": ["CL:0000905", "CL:0000897"],
+    "T regulatory cell": ["CL:0000792", "CL:0000815"],
+    "CD4 CTL": ["CL:0000934"],
+    "CD8 Naive T cell": ["CL:0000900"],
+    "CD8 TCM": ["CL:0000907", "CL:0000909"],
+    "CD8 TEM": ["CL:0000913", "CL:0000794"],
+    "MAIT": ["CL:0000940"],
+    "CD56-dim NK cell": ["CL:0000939"],
+    "CD56-bright NK cell": ["CL:0000938"],
+    "Pre B cell": ["CL:0000817"],
+    "Dark zone B cell": ["CL:0000844"],
+    "Light zone B cell": ["CL:0000844"],
+    "CD1C+ dendritic cell": ["CL:0002399"],
+    "CLEC9A+ dendritic cell": ["CL:0002394"],
+    "Erythroid cell": ["CL:0000764"],
+    "Pro-Neutrophil": ["CL:0000834"],
+    "Pre-Neutrophil": ["CL:0000834"],
+    "Tregs": ["CL:0000792", "CL:0000815"],
+    "T_Naive": ["CL:0000898"],
+    "DC_Migratory": ["CL:4047054"],
+    "EC lymphatic": ["CL:0002138"],
+    "fDC": ["CL:0000442"],
+    "DCs_CLEC9A": ["CL:0002394"],
+    "DCs_CD1C": ["CL:0002399"],
+    "pDCs": ["CL:0000784"],
+    "B_Naive": ["CL:0000788"],
+    "B_Memory": ["CL:0000787"],
+    "B_Germinal_Center": ["CL:0000844"],
+    "B_light_zone": ["CL:0000844"],
+    "B_dark_zone": ["CL:0000844"],
+    "Mono_DCs": ["CL:0011031"],
+    "MyoF": ["CL:0000186"],
+    "Alveolar type I cell": ["CL:0002062"],
+    "Alveolar type II cell": ["CL:0002063"],
+    "Plumonary neuroendocrine cell": ["CL:1000223"],
+    "Submucosal gland serous cell": ["CL:1000331"],
+    "EC artery": ["CL:1000413"],
+    "EC vein": ["CL:0002543"],
+    "Aerocyte": ["CL:4028003"],
+    "EC general capillary": ["CL:4028002"],
+    "Airway smooth muscle cell": ["CL:0002598"],
+    "Alveolar fibroblast": ["CL:4028004"],
+    "GABAergic SST interneuron": ["CL:4023017"],
+    "GABAergic PVALB interneuron": ["CL:4023018"],
+    "GABAergic VIP interneuron": ["CL:4023016"],
+    "OPC": ["CL:0002453"],
+    "Microglia": ["CL:0000129"],
+}
+
+
+def _cd_style(name: str) -> str:
+    """Cell Ontology's "CD4-positive, CD25-positive ..." written the way biologists do: "CD4+ CD25+ ..."."""
+    t = re.sub(r"\b([A-Za-z0-9]+)-positive\b,?", r"\1+", name)
+    t = re.sub(r"\b([A-Za-z0-9]+)-negative\b,?", r"\1-", t)
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def _celltype_texts(name: str, description: str, markers: list[str], rng, cd_style: bool = False,
+                    cl_map: bool = False) -> list[str]:
     from .ontology import cell_ontology_table, find_cell_type
 
     base = re.sub(r"\s*\(human \w+\)$", "", name)
@@ -242,10 +306,16 @@ def _celltype_texts(name: str, description: str, markers: list[str], rng) -> lis
     names = [base]
     definition = ""
     tid = find_cell_type(base)
-    if tid is not None:
-        row = cell_ontology_table().loc[tid]
+    tids = [tid] if tid is not None else (MARKER_SET_CL.get(base, []) if cl_map else [])
+    table = cell_ontology_table()
+    for t in tids:
+        if t not in table.index:
+            continue
+        row = table.loc[t]
         names += [row["label"], *row["synonyms"][:4]]
-        definition = row["definition"]
+        definition = definition or row["definition"]
+    if cd_style:
+        names += [_cd_style(n) for n in names]
     names = list(dict.fromkeys(n for n in names if n))
     texts = []
     for n in names:
@@ -289,12 +359,16 @@ def _celltype_hierarchy(ct: dict) -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
-def weak_labels(min_z: float = 0.5) -> pd.DataFrame:
+def weak_labels(min_z: float = 0.5, min_markers: int = 3) -> pd.DataFrame:
     """Marker-based labels of the reference cells (weak supervision; no ground truth is involved).
 
     Each gene is z-scored across the reference cells on ``log1p(expression / median)``; a cell's score for a
     cell type is the mean z of the type's markers. The main immune type is the best-scoring one of
     :data:`MAIN_TYPES` (if its score exceeds ``min_z``), the subtype the best-scoring child of that type.
+    A cell can only take a main type whose canonical (first-listed) marker it expresses, or at least
+    ``min_markers`` of its markers (2 for sets of up to 4 genes): a mean z can otherwise be carried by one
+    or two broadly expressed markers (CD59 and SOX4 made 44 of the 559 blood cells "haematopoietic stem
+    cells" although no cell expresses CD34, KIT or THY1).
 
     Returns
     -------
@@ -309,12 +383,24 @@ def weak_labels(min_z: float = 0.5) -> pd.DataFrame:
     ct = _read_gmt(GENESET_DIR / CELLTYPE_GMT)
     parents = _celltype_hierarchy(ct)
 
-    def score(name):
+    detected = X > 0
+
+    def score(name, gate: bool = False):
         p = pos.reindex([g.upper() for g in ct[name][1]]).dropna().astype(int).to_numpy()
-        return Z[:, p].mean(1) if p.size else np.full(Z.shape[0], -np.inf)
+        if not p.size:
+            return np.full(Z.shape[0], -np.inf)
+        s = Z[:, p].mean(1)
+        if gate:
+            need = min_markers if len(ct[name][1]) > 4 else 2
+            ok = np.asarray(detected[:, p].sum(1)).ravel() >= need
+            first = pos.get(ct[name][1][0].upper())
+            if first is not None:
+                ok |= detected[:, int(first)].toarray().ravel()
+            s = np.where(ok, s, -np.inf)
+        return s
 
     mains = [f"{t} (human immune)" for t in MAIN_TYPES if f"{t} (human immune)" in ct]
-    S = np.stack([score(m) for m in mains], 1)
+    S = np.stack([score(m, gate=True) for m in mains], 1)
     best = S.argmax(1)
     out = pd.DataFrame({"main": [mains[b] if S[i, b] > min_z else "" for i, b in enumerate(best)], "sub": "", "score": S.max(1)})
     for m in mains:
@@ -348,6 +434,9 @@ def build_pairs(
     depth_range: tuple[float, float] = (500.0, 4000.0),
     geneset_fraction: tuple[float, float] = (0.3, 0.8),
     proliferation_fraction: tuple[float, float] | None = None,
+    reference_depth_fraction: float = 0.0,
+    cd_style_names: bool = False,
+    cell_ontology_map: bool = False,
 ):
     """Build knowledge-derived pseudo-cell / text pairs.
 
@@ -385,6 +474,16 @@ def build_pairs(
         Fraction of pairs re-sampled at a shallow sequencing depth: counts ~ Poisson(expression x D / 10,000)
         with D ~ U(*depth_range) UMIs per cell, zeros dropped (10x data often has 1-5k UMIs per cell, the
         reference cells more), so that rank orders carry the ties and drop-outs of shallow data.
+    reference_depth_fraction
+        The same re-sampling for the weakly labelled reference cells' own pairs only (``depth_fraction``
+        applies to every pair).
+    cd_style_names
+        Also name cell types the way flow cytometry does: Cell Ontology's "CD14-positive monocyte" becomes
+        "CD14+ monocyte" (every "X-positive"/"X-negative" in a label or synonym).
+    cell_ontology_map
+        Name marker sets that the ontology lookup cannot match through :data:`MARKER_SET_CL` ("CD8 TEM" also
+        as "effector memory CD8-positive, alpha-beta T cell" and "CD8-positive, alpha-beta cytotoxic T cell",
+        with the first term's definition).
 
     Returns
     -------
@@ -432,9 +531,10 @@ def build_pairs(
     def group(key: str) -> int:
         return group_ids.setdefault(key, len(group_ids))
 
-    def add_row(c: np.ndarray, r: np.ndarray, text: str, g: int) -> None:
+    def add_row(c: np.ndarray, r: np.ndarray, text: str, g: int, depth_p: float | None = None) -> None:
         v = r * medians[c]
-        if depth_fraction > 0 and rng.random() < depth_fraction:
+        depth_p = depth_fraction if depth_p is None else depth_p
+        if depth_p > 0 and rng.random() < depth_p:
             counts = rng.poisson(v * rng.uniform(*depth_range) / 1e4).astype(np.float64)
             if (counts > 0).sum() >= 2:
                 c, v = c[counts > 0], counts[counts > 0]
@@ -489,7 +589,7 @@ def build_pairs(
     parents = _celltype_hierarchy(ct)
     weak = weak_labels()
     weak_names = set(weak["main"]) | set(weak["sub"])
-    ct_texts = {name: _celltype_texts(name, desc, gs, rng) for name, (desc, gs) in ct.items()}
+    ct_texts = {name: _celltype_texts(name, desc, gs, rng, cd_style=cd_style_names, cl_map=cell_ontology_map) for name, (desc, gs) in ct.items()}
     for name, (desc, gs) in ct.items():
         markers = list(gs)
         p = parents.get(name)
@@ -510,7 +610,8 @@ def build_pairs(
             bc, br = (bc0[m[bc0]], br0[m[bc0]]) if m is not None else (bc0, br0)
             keep = rng.random(bc.size) < rng.uniform(0.4, 0.95)
             r = br[keep] * rng.lognormal(0.0, 0.3, size=int(keep.sum()))
-            add_row(bc[keep], r, ct_texts[name][rng.integers(len(ct_texts[name]))], group(name))
+            add_row(bc[keep], r, ct_texts[name][rng.integers(len(ct_texts[name]))], group(name),
+                    depth_p=max(depth_fraction, reference_depth_fraction))
     # 2. pathways and GO terms
     for f in PATHWAY_GMTS:
         if f.startswith("GO_") and not include_go:

@@ -56,12 +56,12 @@ def test_zero_shot_beats_chance_on_bulk_labels(default_model, demo):
 
 
 def test_proliferation_query_tracks_cell_cycle_scores(default_model, demo):
-    # The target (beat *every* cell-type query) is not met: "B cells" correlates slightly more
-    # (MODEL_CARD.md, "What did not work"). This guards the measured state against regressions.
+    # The target is met on G2M_score (checked here against every cell-type query of the model card),
+    # not on S_score, where "NK cells" correlates more (MODEL_CARD.md, "What did not work").
     prolif = engine.score_text(demo, default_model, "proliferating cells", write=False)
     rho = spearmanr(prolif, demo.obs["G2M_score"]).statistic
-    assert rho > 0.1
-    for q in ["T cells", "monocytes", "dendritic cells"]:
+    assert rho > 0.15
+    for q in ["B cells", "NK cells", "T cells", "monocytes", "dendritic cells"]:
         other = engine.score_text(demo, default_model, q, write=False)
         assert rho > spearmanr(other, demo.obs["G2M_score"]).statistic, q
 

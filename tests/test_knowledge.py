@@ -35,6 +35,45 @@ def test_weak_labels_are_marker_sets():
     assert named and all(n.endswith("(human immune)") for n in named)
 
 
+def test_weak_labels_need_the_canonical_marker_or_several_markers():
+    """No reference cell expresses CD34, KIT or THY1, so none may be called a haematopoietic stem cell
+    (the ungated mean z made 44 of them HSCs through the broadly expressed CD59 and SOX4)."""
+    X, genes = knowledge.reference_expression()
+    sym = genes["symbol"].str.upper().to_numpy()
+    assert X[:, np.isin(sym, ["CD34", "KIT", "THY1"])].nnz == 0
+    w = knowledge.weak_labels()
+    assert not (w["main"] == "Hematopoietic stem cell (human immune)").any()
+    # the common blood types are still found
+    counts = w["main"].value_counts()
+    for t in ("CD14+ Monocyte", "T cell", "Natural killer cell", "B cell"):
+        assert counts.get(f"{t} (human immune)", 0) >= 10, counts
+
+
+def test_cd_style_names():
+    assert knowledge._cd_style("CD4-positive, CD25-positive, alpha-beta regulatory T cell") == "CD4+ CD25+ alpha-beta regulatory T cell"
+    assert knowledge._cd_style("CD16-negative, CD56-bright natural killer cell, human") == "CD16- CD56-bright natural killer cell, human"
+    assert knowledge._cd_style("B cell") == "B cell"
+
+
+def test_marker_set_cell_ontology_map_is_valid():
+    from engine.ontology import cell_ontology_table, find_cell_type
+
+    table = cell_ontology_table()
+    gmt = knowledge._read_gmt(knowledge.GENESET_DIR / knowledge.CELLTYPE_GMT)
+    bases = {k.rsplit(" (", 1)[0] for k in gmt}
+    for name, ids in knowledge.MARKER_SET_CL.items():
+        assert name in bases, name  # a key that no marker set uses would be silently dead
+        assert find_cell_type(name) is None, name  # the ontology lookup would win anyway
+        assert ids and all(i in table.index for i in ids), (name, ids)
+    rng = np.random.default_rng(0)
+    texts = knowledge._celltype_texts("CD8 TEM (human immune)", "", ["GZMB", "PRF1"], rng, cd_style=True, cl_map=True)
+    assert "effector memory CD8-positive, alpha-beta T cell" in texts
+    assert "CD8+ alpha-beta cytotoxic T cell" in texts
+    assert any(t.startswith("cell type: CD8 TEM. ") for t in texts)  # with the CL definition
+    plain = knowledge._celltype_texts("CD8 TEM (human immune)", "", ["GZMB", "PRF1"], rng)
+    assert not any("cytotoxic" in t for t in plain)
+
+
 def test_holdout_cells_fixed_and_disjoint():
     a, b = knowledge.holdout_cells(0.2), knowledge.holdout_cells(0.2)
     assert np.array_equal(a, b) and a.size == round(0.2 * 559) and np.unique(a).size == a.size
