@@ -107,3 +107,18 @@ def test_build_pairs_holdout_and_panels(tmp_path):
     shallow = knowledge.build_pairs(n_per_reference_cell=1, depth_fraction=1.0, depth_range=(500, 500), **kw)
     assert np.allclose(shallow.X.data, np.round(shallow.X.data))
     assert np.diff(shallow.X.indptr).mean() < np.diff(full.X.indptr).mean()
+
+
+@pytest.mark.slow
+def test_reference_depth_fraction_resamples_only_reference_cell_pairs(tmp_path):
+    knowledge.build_vocabulary(tmp_path / "genes.tsv", max_length=64)
+    kw = dict(vocabulary=tmp_path / "genes.tsv", n_per_geneset=0, n_per_gene=0, include_go=False)
+    # only the weakly labelled reference cells' own pairs: every one re-sampled to integer counts
+    ref = knowledge.build_pairs(n_per_celltype=0, n_per_reference_cell=1, reference_depth_fraction=1.0,
+                                depth_range=(500, 500), **kw)
+    n_labelled = int((knowledge.weak_labels()["main"] != "").sum())
+    assert ref.X.shape[0] == n_labelled
+    assert np.allclose(ref.X.data, np.round(ref.X.data))
+    # marker pseudo-cells keep their non-integer values (the option leaves them alone)
+    pseudo = knowledge.build_pairs(n_per_celltype=2, n_per_reference_cell=0, reference_depth_fraction=1.0, **kw)
+    assert not np.allclose(pseudo.X.data, np.round(pseudo.X.data))
