@@ -138,21 +138,42 @@ def _nonzero_medians(X: sp.csr_matrix) -> np.ndarray:
 HOLDOUT_SEED = 20260321  # fixed: the held-out reference cells never depend on a training seed
 
 
-def holdout_cells(fraction: float) -> np.ndarray:
+def holdout_cells(fraction: float, fold: int | None = None) -> np.ndarray:
     """Indices of the reference cells held out of training (for :func:`proxy_benchmark`).
 
     The split is fixed (seeded by :data:`HOLDOUT_SEED`), so every recipe is compared on the same cells.
+
+    Parameters
+    ----------
+    fraction
+        Fraction of the 559 reference cells held out.
+    fold
+        ``None``: one fixed random subset (the session-3 split). An int ``f``: the ``f``-th block of
+        ``round(fraction * n)`` cells of one fixed permutation, so that ``fraction=0.5`` with folds 0 and 1
+        gives two disjoint halves covering every cell (2-fold cross-fitting: each cell is scored by the model
+        that did not see it).
 
     Returns
     -------
     numpy.ndarray
         Sorted int indices into the rows of :func:`reference_expression`; empty when ``fraction`` is 0.
+
+    Raises
+    ------
+    engine.errors.AnalysisError
+        When ``fold`` addresses a block past the last cell.
     """
     n = reference_expression()[0].shape[0]
     k = int(round(float(fraction) * n))
     if k <= 0:
         return np.zeros(0, dtype=int)
-    return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n, size=k, replace=False))
+    if fold is None:
+        return np.sort(np.random.default_rng(HOLDOUT_SEED).choice(n, size=k, replace=False))
+    fold = int(fold)
+    if fold < 0 or fold * k >= n:
+        raise AnalysisError("No such hold-out fold", found=f"fold {fold} with {k} cells per fold",
+                            expected=f"0 <= fold < {int(np.ceil(n / k))}")
+    return np.sort(np.random.default_rng(HOLDOUT_SEED + 1).permutation(n)[fold * k:(fold + 1) * k])
 
 
 @lru_cache(maxsize=1)
@@ -426,6 +447,7 @@ def build_pairs(
     seed: int = 0,
     include_go: bool = True,
     holdout_fraction: float = 0.0,
+    holdout_fold: int | None = None,
     panel_fraction: float = 0.0,
     panel_sizes: tuple[int, int] = (500, 3000),
     boost_range: tuple[float, float] = (1.05, 3.0),
@@ -455,6 +477,9 @@ def build_pairs(
     holdout_fraction
         Fraction of the reference cells left out entirely (neither backgrounds nor weakly labelled pairs),
         always the same cells (:func:`holdout_cells`); :func:`proxy_benchmark` evaluates on them.
+    holdout_fold
+        Which block of a fixed permutation is held out (``holdout_fraction=0.5`` with folds 0 and 1: two
+        complementary halves); ``None``: the single fixed subset.
     panel_fraction
         Fraction of pairs whose profile is restricted to a highly-variable-gene panel of the reference
         (top ``panel_sizes[0]``..``panel_sizes[1]`` genes of :func:`variable_gene_ranking`), as in data
@@ -508,7 +533,7 @@ def build_pairs(
     ok = ~np.isnan(cols)
     Xb = X[:, np.flatnonzero(ok)].tocsr()
     cols = cols[ok].astype(int)
-    held = set(holdout_cells(holdout_fraction).tolist())
+    held = set(holdout_cells(holdout_fraction, holdout_fold).tolist())
     train_cells = np.setdiff1d(np.arange(Xb.shape[0]), list(held))
     hv_rank = gene_pos.reindex(variable_gene_ranking().index).dropna().astype(int).to_numpy()
     backgrounds = []
@@ -765,6 +790,51 @@ def init_model(model, data=None, *, include_go: bool = True, identity_heads: boo
     log.info("initialised %d of %d gene embeddings from gene-set texts", int(has.sum()), has.size)
 
 
+PANHUMAN_NAMES = GENESET_DIR / "panhuman_cell_names.tsv"
+
+
+@lru_cache(maxsize=1)
+def panhuman_names() -> dict[str, str]:
+    """Azimuth pan-human cell names by Cell Ontology id (exact matches only; panhumanpy 1.0.0, CC BY 4.0).
+
+    A naming scheme written by other people ("Memory CD8 T cell", "CD16 NK cell", "Treg cell") that no
+    training recipe uses: :func:`proxy_benchmark` names its cells with it (``level="panhuman"``) to measure how
+    a model reads phrasing it was never trained on.
+    """
+    d = pd.read_csv(PANHUMAN_NAMES, sep="\t")
+    return dict(zip(d["cl_id"], d["name"]))
+
+
+def panhuman_name(marker_set: str, max_distance: int = 3) -> tuple[str, bool] | None:
+    """Pan-human name of a pegasus marker set, through its Cell Ontology term(s).
+
+    The set's terms are :func:`engine.ontology.find_cell_type` of its name, else :data:`MARKER_SET_CL`; the
+    first term with an exact pan-human name wins, else the nearest ancestor (at most ``max_distance`` is_a
+    steps) that has one.
+
+    Returns
+    -------
+    tuple of (str, bool) or None
+        The name and whether it came from an ancestor; None when neither the terms nor their ancestors have one.
+    """
+    from .ontology import _parser, find_cell_type
+
+    base = re.sub(r"\s*\(human \w+\)$", "", marker_set)
+    tid = find_cell_type(base)
+    tids = [tid] if tid is not None else MARKER_SET_CL.get(base, [])
+    names = panhuman_names()
+    for t in tids:
+        if t in names:
+            return names[t], False
+    op = _parser()
+    for t in tids:
+        anc = op.get_term_ancestors_with_distances(t)
+        for a, dist in sorted(anc.items(), key=lambda x: x[1]):
+            if dist <= max_distance and a in names:
+                return names[a], True
+    return None
+
+
 # --------------------------------------------------------------------------- proxy benchmark (no evaluation labels)
 def proxy_benchmark(
     model,
@@ -775,13 +845,17 @@ def proxy_benchmark(
     template: str = "cellwhisperer",
     level: str = "main",
     seed: int = 0,
+    holdout_fold: int | None = None,
 ) -> dict:
     """Zero-shot accuracy on held-out reference cells with marker-derived labels, for choosing recipes.
 
     The public evaluation set (``pbmc68k_reduced``) must not steer training choices, so recipes are compared
     on reference cells that :func:`build_pairs` left out (``holdout_fraction``, the same cells every time),
     labelled by :func:`weak_labels` (``level="main"``: main immune types; ``"sub"``: the subtype where one was
-    assigned, else the main type; cell names without the tissue suffix). The protocol
+    assigned, else the main type; cell names without the tissue suffix; ``"panhuman"``: the same cells named in
+    a scheme no recipe trains on, :func:`panhuman_name` of the subtype, else of the main type, so "CD8 TCM"
+    becomes "Memory CD8 T cell"; cells without a pan-human name are left out). ``holdout_fold``: see
+    :func:`holdout_cells` (the model must have been trained with the same ``holdout_fraction`` and fold). The protocol
     is :func:`engine.evaluate.evaluate` (seed 000 appendix D), with all genes (``full``), restricted to the
     ``panel_size`` most variable reference genes (``panel``, like data subset to HVGs), and restricted to the
     panel after Poisson re-sampling at ``depth`` UMIs per cell (``shallow``, like low-depth 10x data).
@@ -797,21 +871,29 @@ def proxy_benchmark(
     engine.errors.DataError
         When ``holdout_fraction`` leaves fewer than 20 labelled cells.
     engine.errors.AnalysisError
-        For a ``level`` other than ``"main"`` or ``"sub"``.
+        For a ``level`` other than ``"main"``, ``"sub"`` or ``"panhuman"``.
     """
     import anndata as ad
 
     from .evaluate import evaluate
 
     X, genes = reference_expression()
-    held = holdout_cells(holdout_fraction)
+    if level not in ("main", "sub", "panhuman"):
+        raise AnalysisError("Unknown label level for the proxy benchmark", found=repr(level),
+                            expected="'main', 'sub' or 'panhuman'")
+    held = holdout_cells(holdout_fraction, holdout_fold)
     weak = weak_labels()
-    if level not in ("main", "sub"):
-        raise AnalysisError("Unknown label level for the proxy benchmark", found=repr(level), expected="'main' or 'sub'")
     lab = weak["main"].to_numpy()[held]
-    if level == "sub":
+    if level in ("sub", "panhuman"):
         sub = weak["sub"].to_numpy()[held]
         lab = np.where(sub != "", sub, lab)
+    if level == "panhuman":
+        main = weak["main"].to_numpy()[held]
+        named = []
+        for s_, m_ in zip(lab, main):
+            hit = (panhuman_name(s_) if s_ else None) or (panhuman_name(m_) if m_ else None)
+            named.append(hit[0] if hit else "")
+        lab = np.array(named, dtype=object)
     keep = held[lab != ""]
     lab = lab[lab != ""]
     if keep.size < 20:

@@ -8,7 +8,9 @@ were fetched once through ordinary package clients:
   and ``DIR/pegasus/annotate_cluster``;
 * the Debian bookworm packages ``r-bioc-org.hs.eg.db`` 3.16.0 and ``r-bioc-go.db``
   3.16.0 (``apt-get download ...`` then ``dpkg -x DEB DIR``), giving the two SQLite
-  files ``org.Hs.eg.sqlite`` and ``GO.sqlite``.
+  files ``org.Hs.eg.sqlite`` and ``GO.sqlite``;
+* optionally the panhumanpy 1.0.0 wheel, unpacked (``--panhumanpy DIR/panhumanpy``), for
+  ``panhuman_cell_names.tsv`` (Azimuth pan-human names with exact Cell Ontology matches).
 
 Usage::
 
@@ -165,11 +167,24 @@ def build_go_bp(debian: Path) -> None:
     _write_gmt(HERE / "GO_Biological_Process_2022.gmt", rows)
 
 
+def build_panhuman_names(panhumanpy: Path) -> None:
+    """Azimuth pan-human cell names with an exact Cell Ontology match (proxy-benchmark label texts only)."""
+    import pandas as pd
+
+    d = pd.read_csv(panhumanpy / "_tools" / "v1" / "cell_ontology_map" / "cell_ontology_map.csv")
+    e = d[d["CL_Match"] == "skos:exactMatch"][["Annotation_Label", "CL_ID", "CL_Label"]]
+    e.columns = ["name", "cl_id", "cl_label"]
+    e.to_csv(HERE / "panhuman_cell_names.tsv", sep="\t", index=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pegasus", type=Path, required=True, help="unpacked wheel's pegasus/ folder")
     ap.add_argument("--debian", type=Path, help="folder the two .deb files were extracted into")
+    ap.add_argument("--panhumanpy", type=Path, help="unpacked panhumanpy 1.0.0 wheel's panhumanpy/ folder")
     args = ap.parse_args()
+    if args.panhumanpy:
+        build_panhuman_names(args.panhumanpy)
     build_msigdb(args.pegasus)
     build_signatures(args.pegasus)
     build_markers(args.pegasus)
