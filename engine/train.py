@@ -12,6 +12,8 @@
 - Validation after every epoch on held-out pairs (grouped split) with retrieval recall@1/5/10 over unique
   texts (appendix B); the best epoch by ``select_metric`` (default R@10, as the paper) is written to
   ``out/`` in the native format (:func:`engine.checkpoint.save_model`), with ``out/train_log.json``.
+- ``seed`` drives data order, the validation split and dropout; ``init_seed`` (default: ``seed``) the random
+  part of the initial weights, so runs can share their start and be averaged (:func:`soup`).
 - Resumable: ``out/last/`` holds the model (safetensors), optimizer, scheduler, RNG and counters
   (``torch.save`` of plain tensors/dicts, loaded with ``weights_only=True``).
 
@@ -95,6 +97,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "val_fraction": 0.05,
         "split_by_group": True,
         "seed": 0,
+        "init_seed": None,
         "select_metric": "R@10",
         "lock_text": True,
         "lock_transcriptome": False,
@@ -444,7 +447,8 @@ class _Trainer:
         if len(train) < 2:
             raise DataError("Too few training pairs", found=f"{len(train)} pairs", expected="at least 2")
         self.train_data, self.val_data = train, val
-        _seed_everything(self.seed)
+        # the random part of the initial weights; a separate init_seed lets runs share their start (model soups)
+        _seed_everything(self.seed if t.get("init_seed") is None else int(t["init_seed"]))
         self.model = build_model_from_config(cfg["model"], data=data, base_dir=base)
         if cfg.get("init") and not self.resume:
             hook = cfg["init"]
@@ -987,10 +991,69 @@ def train(
     return trainer.run()
 
 
+def soup(paths: list[str | os.PathLike], out: str | os.PathLike, *, weights: list[float] | None = None) -> Path:
+    """Average the weights of models fine-tuned from one start: a uniform model soup (Wortsman et al. 2022).
+
+    Runs that share ``train.init_seed`` (and the knowledge initialisation) but differ in data order, dropout
+    and pseudo-cells end in the same basin, so their weight average is one model of the same size and speed
+    that is usually better than each run; averaging runs from different random starts is not meaningful.
+
+    Parameters
+    ----------
+    paths
+        Model folders in the native format, same configuration and vocabulary.
+    out
+        Folder for the averaged model (native format). ``metadata.soup`` lists the inputs and weights.
+    weights
+        Mixing weights (normalised to sum 1); default uniform.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    ConfigError
+        Fewer than two models, weights of the wrong length, or models whose parameters or vocabularies differ.
+    """
+    from .checkpoint import load_model, save_model
+
+    if len(paths) < 2:
+        raise ConfigError("A soup needs at least two models", found=f"{len(paths)} path(s)", expected=">= 2")
+    w = np.ones(len(paths)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(paths),) or (w < 0).any() or w.sum() <= 0:
+        raise ConfigError("Bad soup weights", found=str(weights), expected=f"{len(paths)} non-negative numbers")
+    w = w / w.sum()
+    models = [load_model(p, device="cpu") for p in paths]
+    base = models[0]
+    states = [m.state_dict() for m in models]
+    for p, m, st in zip(paths[1:], models[1:], states[1:]):
+        if set(st) != set(states[0]) or any(st[k].shape != states[0][k].shape for k in st):
+            raise ConfigError("Models of a soup must share their architecture", found=f"{p} differs from {paths[0]}",
+                              expected="the same config and vocabulary")
+        if list(m.tokenizer.to_frame()["ensembl_id"]) != list(base.tokenizer.to_frame()["ensembl_id"]):
+            raise ConfigError("Models of a soup must share their gene vocabulary", found=f"{p} differs from {paths[0]}",
+                              expected="identical genes.tsv")
+    avg = {}
+    for k, v in states[0].items():
+        if torch.is_floating_point(v):
+            avg[k] = sum(float(wi) * st[k].double() for wi, st in zip(w, states)).to(v.dtype)
+        else:
+            avg[k] = v
+    base.load_state_dict(avg)
+    base.invalidate_caches()
+    meta = {"soup": {"models": [str(p) for p in paths], "weights": w.round(6).tolist(),
+                     "paper": "Wortsman et al. 2022, model soups (uniform)"}}
+    return save_model(base, out, metadata=meta)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m engine.train --config FILE.json [--resume] [--device D] [--out DIR] [--max-steps N]``."""
+    """Command line: ``python -m engine.train --config FILE.json [--resume] [--device D] [--out DIR] [--max-steps N]``,
+    or ``python -m engine.train --soup MODEL MODEL [...] --out DIR`` (:func:`soup`)."""
     p = argparse.ArgumentParser(prog="python -m engine.train", description="Train a Lexicell transcriptome-text CLIP model.")
-    p.add_argument("--config", required=True, help="training config (.json, or .yaml with pyyaml)")
+    p.add_argument("--config", help="training config (.json, or .yaml with pyyaml)")
+    p.add_argument("--soup", nargs="+", metavar="MODEL", help="average these model folders into --out instead of training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last/")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--out", default=None, help="output folder (overrides the config's 'out')")
@@ -1001,6 +1064,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from .errors import LexicellError
 
+    if args.soup:
+        if not args.out:
+            p.error("--soup needs --out")
+        try:
+            path = soup(args.soup, args.out)
+        except LexicellError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"soup of {len(args.soup)} models written to {path}")
+        return 0
+    if not args.config:
+        p.error("--config is required (or --soup)")
     try:
         path = train(args.config, resume=args.resume, device=args.device, out=args.out, max_steps=args.max_steps, progress=False if args.no_progress else None)
     except LexicellError as err:

@@ -122,3 +122,43 @@ def test_reference_depth_fraction_resamples_only_reference_cell_pairs(tmp_path):
     # marker pseudo-cells keep their non-integer values (the option leaves them alone)
     pseudo = knowledge.build_pairs(n_per_celltype=2, n_per_reference_cell=0, reference_depth_fraction=1.0, **kw)
     assert not np.allclose(pseudo.X.data, np.round(pseudo.X.data))
+
+
+def test_holdout_folds_are_disjoint_halves_covering_every_cell():
+    from engine.errors import AnalysisError
+    from engine.knowledge import holdout_cells, reference_expression
+
+    n = reference_expression()[0].shape[0]
+    a, b = holdout_cells(0.5, 0), holdout_cells(0.5, 1)
+    assert np.intersect1d(a, b).size == 0 and np.union1d(a, b).size == n
+    assert np.array_equal(a, holdout_cells(0.5, 0))  # fixed
+    assert np.array_equal(holdout_cells(0.2), holdout_cells(0.2, None))  # the session-3 split is unchanged
+    with pytest.raises(AnalysisError, match="fold"):
+        holdout_cells(0.5, 2)
+
+
+def test_panhuman_names_come_from_the_cell_ontology():
+    from engine.knowledge import panhuman_name, panhuman_names
+
+    names = panhuman_names()
+    assert names["CL:0000084"] == "T cell" and len(names) > 150
+    assert panhuman_name("CD8 TCM (human immune)") == ("Memory CD8 T cell", False)  # via MARKER_SET_CL's 2nd term
+    assert panhuman_name("CD56-dim NK cell (human immune)") == ("CD16 NK cell", False)
+    assert panhuman_name("CD8 TEM (human immune)") == ("Memory CD8 T cell", True)  # through an ancestor
+    assert panhuman_name("No such cell type") is None
+
+
+def test_build_pairs_holdout_fold_leaves_out_that_half(tmp_path):
+    from engine.knowledge import build_pairs, holdout_cells
+
+    held = holdout_cells(0.5, 1)
+    d = build_pairs(n_per_celltype=1, n_per_geneset=0, n_per_gene=0, n_per_reference_cell=1, include_go=False,
+                    holdout_fraction=0.5, holdout_fold=1)
+    d0 = build_pairs(n_per_celltype=1, n_per_geneset=0, n_per_gene=0, n_per_reference_cell=1, include_go=False,
+                     holdout_fraction=0.5, holdout_fold=0)
+    # one pair per weakly labelled training cell: the two halves give different pair counts unless equal by chance,
+    # and neither includes the other half's labelled cells
+    from engine.knowledge import weak_labels
+
+    lab = np.flatnonzero(weak_labels()["main"].to_numpy() != "")
+    assert len(d) - len(d0) == (np.setdiff1d(lab, held).size - np.intersect1d(lab, held).size)

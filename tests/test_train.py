@@ -225,3 +225,46 @@ def test_yaml_config(tmp_path, vocab_file, text_dir):
     cfg = load_config(f)
     assert cfg["train"]["batch_size"] == 32 and cfg["train"]["clip_weight"] == 1.0
     assert cfg["_base_dir"] == str(tmp_path.resolve())
+
+
+def test_init_seed_shares_the_start_and_soup_averages_weights(tmp_path, vocab_file, text_dir):
+    """Runs with one init_seed start from the same weights; soup() writes their weight mean (model soups)."""
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_model
+    import torch
+
+    from engine.train import _Trainer, load_config, main, soup, train
+
+    a = train(make_config(vocab_file, text_dir, tmp_path / "a", epochs=1, seed=0, init_seed=7), device="cpu")
+    b = train(make_config(vocab_file, text_dir, tmp_path / "b", epochs=1, seed=1, init_seed=7), device="cpu")
+    def start(seed, init_seed):
+        cfg = load_config(make_config(vocab_file, text_dir, tmp_path / f"start{seed}", seed=seed, init_seed=init_seed))
+        tr = _Trainer(cfg, device="cpu", out=tmp_path / f"start{seed}", resume=False, max_steps=None, progress=False)
+        tr.setup()
+        return {k: v.clone() for k, v in tr.model.state_dict().items()}
+
+    w0, w1, w2 = start(0, 7), start(3, 7), start(3, None)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # same start, other data seed
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # init_seed None: the start follows seed
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert any(not np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)  # different runs
+    out = soup([a, b], tmp_path / "soup")
+    ws = load_file(str(out / "model.safetensors"))
+    assert set(ws) == set(wa)
+    for k in wa:
+        if wa[k].is_floating_point():
+            np.testing.assert_allclose(ws[k].numpy(), (wa[k].double().numpy() + wb[k].double().numpy()) / 2, rtol=1e-5, atol=1e-6)
+    model = load_model(out, device="cpu")
+    assert model.metadata["soup"]["weights"] == [0.5, 0.5]
+    # weighted soup through the CLI; wrong inputs are typed errors
+    assert main(["--soup", str(a), str(b), "--out", str(tmp_path / "cli")]) == 0
+    with pytest.raises(ConfigError, match="at least two"):
+        soup([a], tmp_path / "x")
+    with pytest.raises(ConfigError, match="weights"):
+        soup([a, b], tmp_path / "x", weights=[1.0])
+    cfg = make_config(vocab_file, text_dir, tmp_path / "other", epochs=1)
+    cfg["model"]["tower"]["hidden_size"] = 8
+    other = train(cfg, device="cpu")
+    with pytest.raises(ConfigError, match="architecture"):
+        soup([a, other], tmp_path / "x")
