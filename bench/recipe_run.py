@@ -50,7 +50,16 @@ def main() -> None:
     ap.add_argument("--log", default="runs/results.jsonl")
     ap.add_argument("--skip-train", action="store_true", help="only evaluate the model already in --out")
     ap.add_argument("--cv", action="store_true", help="2-fold cross-fitted proxy (SEL-CV), see the module doc")
+    ap.add_argument("--soup", nargs="+", metavar="RUN", help="with --cv: instead of training, average the fold "
+                    "models of these --cv runs (engine.train.soup) into runs/NAME/foldF and score that")
+    ap.add_argument("--wise", metavar="RUN", help="with --cv: WiSE-FT, the weight mean of RUN's fold models and "
+                    "their knowledge-initialised starts (rebuilt from RUN's configs), mixed by --alpha")
+    ap.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT weight of the trained model")
     args = ap.parse_args()
+    if args.soup or args.wise:
+        posthoc(args)
+        args.skip_train = True
+        args.cv = True
     if args.cv:
         return main_cv(args)
     over = json.loads(args.overrides)
@@ -145,6 +154,31 @@ def demo_figures(model) -> dict:
 
 LEVELS = ("main", "sub", "panhuman")
 CONDITIONS = ("full", "panel", "shallow")
+
+
+def posthoc(args) -> None:
+    """Write runs/NAME/fold{0,1} as soups of other runs' fold models (or WiSE-FT mixes with their starts)."""
+    import shutil
+
+    from engine.checkpoint import save_model
+    from engine.train import _Trainer, load_config, soup
+
+    root = Path(args.out or f"runs/{args.name}").resolve()
+    for fold in (0, 1):
+        out = root / f"fold{fold}"
+        if args.soup:
+            paths = [(ROOT / "runs" / r / f"fold{fold}") for r in args.soup]
+            soup(paths, out)
+            first = paths[0]
+        else:
+            first = ROOT / "runs" / args.wise / f"fold{fold}"
+            start = root / f"fold{fold}_start"
+            cfg = load_config(str(first.with_suffix(".json")))
+            tr = _Trainer(cfg, device="cpu", out=start, resume=False, max_steps=None, progress=False)
+            tr.setup()
+            save_model(tr.model, start)
+            soup([start, first], out, weights=[1.0 - args.alpha, args.alpha])
+        shutil.copy(first / "train_log.json", out / "train_log.json")
 
 
 def main_cv(args) -> None:

@@ -111,6 +111,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "keep_last": True,
         "progress": True,
     },
+    "soup": None,
     "out": None,
 }
 
@@ -192,6 +193,13 @@ def load_config(config: dict | str | os.PathLike) -> dict:
         raise ConfigError("Both loss weights are zero", found="clip_weight=0, jsd_weight=0", expected="at least one positive weight")
     if t["soft_targets"] not in (True, False, "text", "group", "both", None):
         raise ConfigError("Unknown soft_targets", found=repr(t["soft_targets"]), expected="true, false, 'text', 'group' or 'both'")
+    if cfg.get("soup") is not None:
+        sp_ = cfg["soup"]
+        seeds = sp_.get("seeds") if isinstance(sp_, dict) else None
+        if not (isinstance(seeds, list) and len(seeds) >= 2 and all(isinstance(x, int) for x in seeds)
+                and len(set(seeds)) == len(seeds)):
+            raise ConfigError("Bad 'soup' section", found=repr(sp_),
+                              expected='{"seeds": [0, 1], "members": "runs/NAME-members"} (two or more distinct int seeds)')
     cfg["_base_dir"] = base_dir
     return cfg
 
@@ -970,6 +978,11 @@ def train(
     progress
         Show tqdm bars (default ``train.progress``).
 
+    With a ``soup`` section (``{"seeds": [0, 1], "members": DIR}``), one run per seed is trained into
+    ``DIR/seed{S}`` (default ``runs/<out name>-members``): ``train.seed`` and any data source's ``kwargs.seed``
+    set to S, all sharing ``train.init_seed`` (default the first seed); ``out`` gets their uniform weight
+    average (:func:`soup`) and a ``train_log.json`` with the members' logs.
+
     Returns
     -------
     pathlib.Path
@@ -985,10 +998,40 @@ def train(
     out_dir = out or cfg.get("out") or Path("runs") / str(cfg["model"].get("name") or "lexicell")
     out_dir = Path(out_dir).expanduser()
     cfg["out"] = str(out_dir)
+    if cfg.get("soup"):
+        return _train_soup(cfg, out_dir, resume=resume, device=device, max_steps=max_steps, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(cfg, device=device, out=out_dir, resume=resume, max_steps=max_steps, progress=progress)
     trainer.setup()
     return trainer.run()
+
+
+def _train_soup(cfg: dict, out_dir: Path, **kw) -> Path:
+    """Train one member per ``soup.seeds`` from a shared start and average them into ``out_dir``."""
+    sp_ = cfg["soup"]
+    seeds = [int(x) for x in sp_["seeds"]]
+    members = Path(sp_.get("members") or Path("runs") / f"{out_dir.name}-members").expanduser()
+    paths = []
+    for s_ in seeds:
+        m = copy.deepcopy(cfg)
+        m["soup"] = None
+        m["train"]["seed"] = s_
+        if m["train"].get("init_seed") is None:
+            m["train"]["init_seed"] = seeds[0]
+        for src in m["data"]:
+            if isinstance(src.get("kwargs"), dict) and "seed" in src["kwargs"]:
+                src["kwargs"]["seed"] = s_
+        log.info("soup member seed %d -> %s", s_, members / f"seed{s_}")
+        paths.append(train(m, out=members / f"seed{s_}", **kw))
+    path = soup(paths, out_dir)
+    logs = [json.loads((p / "train_log.json").read_text()) for p in paths if (p / "train_log.json").is_file()]
+    _write_json(out_dir / "train_log.json", {
+        "status": "finished", "soup": {"seeds": seeds, "members": [str(p) for p in paths]},
+        "best_epoch": [lg.get("best_epoch") for lg in logs], "best_value": [lg.get("best_value") for lg in logs],
+        "select_metric": logs[0].get("select_metric") if logs else None,
+        "time_s": round(sum(float(lg.get("time_s") or 0) for lg in logs), 2), "members": logs,
+    })
+    return path
 
 
 def soup(paths: list[str | os.PathLike], out: str | os.PathLike, *, weights: list[float] | None = None) -> Path:

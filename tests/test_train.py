@@ -268,3 +268,23 @@ def test_init_seed_shares_the_start_and_soup_averages_weights(tmp_path, vocab_fi
     other = train(cfg, device="cpu")
     with pytest.raises(ConfigError, match="architecture"):
         soup([a, other], tmp_path / "x")
+
+
+def test_soup_config_trains_members_from_one_start_and_averages(tmp_path, vocab_file, text_dir):
+    from engine.checkpoint import load_model
+    from engine.train import load_config, train
+
+    cfg = make_config(vocab_file, text_dir, tmp_path / "souped", epochs=1)
+    cfg["soup"] = {"seeds": [0, 1], "members": str(tmp_path / "members")}
+    out = train(cfg, device="cpu")
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["soup"]["seeds"] == [0, 1] and len(log["members"]) == 2
+    m0 = load_model(tmp_path / "members" / "seed0", device="cpu")
+    m1 = load_model(tmp_path / "members" / "seed1", device="cpu")
+    assert m1.metadata["train_config"]["train"]["init_seed"] == 0 and m1.metadata["train_config"]["train"]["seed"] == 1
+    soup_model = load_model(out, device="cpu")
+    k = next(k for k, v in soup_model.state_dict().items() if v.is_floating_point() and "text" not in k)
+    expect = (m0.state_dict()[k].double() + m1.state_dict()[k].double()) / 2
+    assert np.allclose(soup_model.state_dict()[k].double().numpy(), expect.numpy(), atol=1e-6)
+    with pytest.raises(ConfigError, match="soup"):
+        load_config({**cfg, "soup": {"seeds": [0]}})
