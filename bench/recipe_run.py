@@ -63,18 +63,9 @@ def main() -> None:
     if args.cv:
         return main_cv(args)
     over = json.loads(args.overrides)
-    cfg = json.loads((ROOT / "assets" / "train_default.json").read_text())
-    kwargs = cfg["data"][0]["kwargs"]
-    kwargs["holdout_fraction"] = 0.2
-    kwargs.update(over.get("data", {}))
-    cfg["model"]["tower"].update(over.get("tower", {}))
-    cfg["train"].update(over.get("train", {}))
-    cfg["model"].update({k: v for k, v in over.get("model", {}).items()})
     out = Path(args.out or f"runs/{args.name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg["out"] = str(out)
-    cfg_path = out.with_suffix(".json")
-    cfg_path.write_text(json.dumps(cfg, indent=1))
+    hold = over.get("data", {}).get("holdout_fraction", 0.2)
+    cfg_path = _config(over, out, holdout_fraction=hold)
 
     t0 = time.perf_counter()
     if not args.skip_train:
@@ -83,29 +74,20 @@ def main() -> None:
     train_s = time.perf_counter() - t0
 
     import numpy as np
-    import scanpy as sc
-    from scipy.stats import spearmanr
 
     import engine
-    from engine.evaluate import evaluate
     from engine.knowledge import proxy_benchmark
 
     model = engine.load_model(out)
-    hold = kwargs["holdout_fraction"]
     res = {"name": args.name, "overrides": over, "train_s": round(train_s)}
     log = json.loads((out / "train_log.json").read_text())
     res["val"] = {"best_epoch": log["best_epoch"], "R@10": log["best_value"]}
     res["proxy"] = {lvl: proxy_benchmark(model, holdout_fraction=hold, level=lvl) for lvl in ("main", "sub")}
     aucs = [res["proxy"][lvl][k]["roc_auc"] for lvl in ("main", "sub") for k in ("full", "panel", "shallow")]
     res["SEL"] = float(np.mean(aucs))
-    demo = sc.datasets.pbmc68k_reduced()
-    ev = evaluate(demo, model, "bulk_labels")
-    res["demo"] = {"per_cell": ev["per_cell"]["roc_auc"], "per_class": ev["per_class"]["roc_auc"]}
-    engine.embed_cells(demo, model, use_cache=False, progress=False)
-    res["queries"] = {}
-    for q in QUERIES:
-        s = engine.score_text(demo, model, q, write=False)
-        res["queries"][q] = [float(spearmanr(s, demo.obs[c]).statistic) for c in ("G2M_score", "S_score")]
+    demo = demo_figures(model)
+    res["queries"] = demo.pop("queries")
+    res["demo"] = demo
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "a") as fh:
         fh.write(json.dumps(res, default=str) + "\n")
@@ -120,7 +102,10 @@ def main() -> None:
 
 
 def _config(over: dict, out: Path, **data) -> Path:
+    """``assets/train_default.json`` with ``over`` applied, as one run (its ``soup`` section dropped), saved
+    beside ``out``; ``data`` sets ``build_pairs`` kwargs before the overrides."""
     cfg = json.loads((ROOT / "assets" / "train_default.json").read_text())
+    cfg.pop("soup", None)
     kwargs = cfg["data"][0]["kwargs"]
     kwargs.update(data)
     kwargs.update(over.get("data", {}))
