@@ -373,7 +373,9 @@ class RankTokenizer:
     def load(cls, path, **kwargs) -> "RankTokenizer":
         """Read a vocabulary TSV written by :meth:`save`; ``kwargs`` give the special tokens and length."""
         try:
-            df = pd.read_csv(path, sep="\t", dtype={"ensembl_id": str, "symbol": str})
+            # round_trip: pandas' default float parser can miss the last digit, and load -> save would then
+            # rewrite every median in the 16th digit
+            df = pd.read_csv(path, sep="\t", dtype={"ensembl_id": str, "symbol": str}, float_precision="round_trip")
         except Exception as err:  # noqa: BLE001
             raise DataError("Cannot read the gene vocabulary", found=f"{path}: {err}", expected="a TSV written by RankTokenizer.save") from err
         missing = {"ensembl_id", "token_id", "median"} - set(df.columns)

@@ -502,3 +502,15 @@ def test_partition_rank_kernel_equals_full_stable_sort():
         outs.append((ids, lengths))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+def test_gene_vocabulary_save_load_save_is_byte_identical(tmp_path):
+    """genes.tsv survives load -> save unchanged (medians read back exactly, no 16th-digit drift)."""
+    from engine.checkpoint import default_model_path
+    from engine.tokenizer import RankTokenizer
+
+    src = default_model_path() / "genes.tsv"
+    tok = RankTokenizer.load(src)
+    tok.save(tmp_path / "a.tsv")
+    RankTokenizer.load(tmp_path / "a.tsv").save(tmp_path / "b.tsv")
+    assert (tmp_path / "a.tsv").read_bytes() == (tmp_path / "b.tsv").read_bytes() == src.read_bytes()
