@@ -817,7 +817,7 @@ def panhuman_name(marker_set: str, max_distance: int = 3) -> tuple[str, bool] | 
     tuple of (str, bool) or None
         The name and whether it came from an ancestor; None when neither the terms nor their ancestors have one.
     """
-    from .ontology import _parser, find_cell_type
+    from .ontology import ancestors, find_cell_type
 
     base = re.sub(r"\s*\(human \w+\)$", "", marker_set)
     tid = find_cell_type(base)
@@ -826,10 +826,8 @@ def panhuman_name(marker_set: str, max_distance: int = 3) -> tuple[str, bool] | 
     for t in tids:
         if t in names:
             return names[t], False
-    op = _parser()
     for t in tids:
-        anc = op.get_term_ancestors_with_distances(t)
-        for a, dist in sorted(anc.items(), key=lambda x: x[1]):
+        for a, dist in sorted(ancestors(t).items(), key=lambda x: x[1]):
             if dist <= max_distance and a in names:
                 return names[a], True
     return None

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-__all__ = ["cell_ontology_table", "find_cell_type", "definition"]
+__all__ = ["cell_ontology_table", "find_cell_type", "definition", "ancestors"]
 
 
 @lru_cache(maxsize=1)
@@ -83,3 +83,11 @@ def definition(name: str) -> str:
     if tid is None:
         return ""
     return str(cell_ontology_table().loc[tid, "definition"] or "")
+
+
+def ancestors(term_id: str) -> dict[str, int]:
+    """Ancestors of a CL term with their is_a distance (1 = parent); empty for an unknown id."""
+    try:
+        return dict(_parser().get_term_ancestors_with_distances(term_id))
+    except (KeyError, ValueError):
+        return {}

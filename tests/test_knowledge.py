@@ -162,3 +162,11 @@ def test_build_pairs_holdout_fold_leaves_out_that_half(tmp_path):
 
     lab = np.flatnonzero(weak_labels()["main"].to_numpy() != "")
     assert len(d) - len(d0) == (np.setdiff1d(lab, held).size - np.intersect1d(lab, held).size)
+
+
+def test_ontology_ancestors():
+    from engine.ontology import ancestors
+
+    anc = ancestors("CL:0000913")  # effector memory CD8-positive, alpha-beta T cell
+    assert anc["CL:0000084"] >= 2 and min(anc.values()) == 1  # T cell, some steps up
+    assert ancestors("CL:9999999") == {}
