@@ -39,7 +39,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QUERIES = ["proliferating cells", "cycling cells", "B cells", "T cells", "monocytes", "NK cells", "dendritic cells"]
+QUERIES = [
+    "proliferating cells", "cycling cells", "cells in G2/M phase", "B cells", "NK cells", "T cells", "monocytes",
+    "dendritic cells",
+]
 
 
 def main() -> None:
