@@ -363,10 +363,11 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
         df["selected"] = [int(sc.get(c, 0)) for c in counts.index]
         df["fill"] = "#f28e2b"
         vdims = ["selected", "cells", "fill"]
-        title = f"{name}: selected cells"
+        title = f"{_short(name, 22)}: selected"
     else:
         vdims = ["cells", "fill"]
-        title = f"{name}: cells per category"
+        # the frame starts after the long category ticks, so the title gets little room; the axis says "cells"
+        title = _short(name, 24)
     df = df.iloc[::-1]
     return hv.Bars(df, kdims=[hv.Dimension("category", label=name)], vdims=vdims).opts(
         invert_axes=True, width=width, height=height, tools=["hover"], color="fill", xlabel="", ylabel="cells",
