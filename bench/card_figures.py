@@ -5,9 +5,15 @@ and the free-text table: Spearman rho of each query's score with scanpy's ``G2M_
 700 cells of ``pbmc68k_reduced`` (issue 3's proliferation target). Same code as the run tables
 (``bench/recipe_run.py``'s ``demo_figures``). For reporting only: nothing is chosen by these figures.
 
+``--cycle`` adds the analysis of what that target measures (model card, "What did not work"): which cell-cycle
+genes the demo holds, how many cells scanpy calls G2M, how much of each score the cell types explain, and the
+queries' correlations with the same scores computed on the 559 reference PBMCs (all genes). The cycle genes are
+pegasus's "Cell cycle G1/S" / "Cell cycle G2/M" signatures (shipped in ``assets/genesets``), the Tirosh et al.
+lists behind scanpy's scores.
+
 Usage::
 
-    python bench/card_figures.py [MODEL_DIR]
+    python bench/card_figures.py [MODEL_DIR] [--cycle]
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default=None, help="model folder (default: the bundled default model)")
+    ap.add_argument("--cycle", action="store_true", help="also print the cell-cycle target analysis")
     args = ap.parse_args()
 
     import engine
@@ -34,6 +41,57 @@ def main() -> None:
     print("\n| query | rho G2M | rho S |\n|---|---|---|")
     for text, (g2m, s) in fig["queries"].items():
         print(f'| "{text}" | {g2m:.3f} | {s:.3f} |')
+    if args.cycle:
+        cycle_analysis(model)
+
+
+def cycle_analysis(model) -> None:
+    """Print what the demo's G2M_score / S_score can see, and the queries' correlations on reference cells."""
+    import warnings
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scanpy as sc
+    from scipy.stats import spearmanr
+
+    import engine
+    from engine.genesets import load_library
+    from engine.knowledge import reference_expression
+    from recipe_run import QUERIES
+
+    lib = load_library("Pegasus_Signatures_Human")
+    s_genes, g2m_genes = lib["Cell cycle G1/S"], lib["Cell cycle G2/M"]
+    demo = sc.datasets.pbmc68k_reduced()
+    present = set(demo.raw.var_names)
+    print(f"\ncycle genes among the demo's {demo.raw.n_vars} genes: S {sorted(present & set(s_genes))} of "
+          f"{len(s_genes)}, G2M {sorted(present & set(g2m_genes))} of {len(g2m_genes)}")
+    print(f"demo cells per phase: {demo.obs['phase'].value_counts().to_dict()}")
+    for col in ("G2M_score", "S_score"):
+        y = demo.obs[col].to_numpy(dtype=float)
+        means = pd.Series(y).groupby(demo.obs["bulk_labels"].to_numpy()).transform("mean").to_numpy()
+        r2 = 1 - ((y - means) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        top = pd.Series(y).groupby(demo.obs["bulk_labels"].to_numpy()).mean().sort_values(ascending=False)
+        print(f"{col}: variance explained by bulk_labels R2 = {r2:.3f}; highest mean {top.index[0]} {top.iloc[0]:.3f}, "
+              f"lowest {top.index[-1]} {top.iloc[-1]:.3f}")
+
+    X, genes = reference_expression()
+    ref = ad.AnnData(X=X.copy(), var=pd.DataFrame({"gene_symbol": genes["symbol"].to_numpy()}, index=genes.index.copy()))
+    logged = ad.AnnData(X=X.copy())
+    logged.var_names = pd.Index(genes["symbol"].astype(str).to_numpy())
+    logged.var_names_make_unique()
+    sc.pp.log1p(logged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.score_genes_cell_cycle(logged, s_genes=[g for g in s_genes if g in logged.var_names],
+                                     g2m_genes=[g for g in g2m_genes if g in logged.var_names])
+    print(f"\nreference PBMCs ({ref.n_obs} cells, all genes): phases {logged.obs['phase'].value_counts().to_dict()}")
+    engine.embed_cells(ref, model, progress=False, use_cache=False)
+    print("| query | rho G2M (reference) | rho S (reference) |\n|---|---|---|")
+    for text in QUERIES:
+        sc_ = engine.score_text(ref, model, text, write=False)
+        print(f'| "{text}" | {spearmanr(sc_, logged.obs["G2M_score"]).statistic:.3f} | '
+              f'{spearmanr(sc_, logged.obs["S_score"]).statistic:.3f} |')
 
 
 if __name__ == "__main__":
