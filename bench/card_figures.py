@@ -50,7 +50,6 @@ def cycle_analysis(model) -> None:
     import warnings
 
     import anndata as ad
-    import numpy as np
     import pandas as pd
     import scanpy as sc
     from scipy.stats import spearmanr
@@ -68,10 +67,10 @@ def cycle_analysis(model) -> None:
           f"{len(s_genes)}, G2M {sorted(present & set(g2m_genes))} of {len(g2m_genes)}")
     print(f"demo cells per phase: {demo.obs['phase'].value_counts().to_dict()}")
     for col in ("G2M_score", "S_score"):
-        y = demo.obs[col].to_numpy(dtype=float)
-        means = pd.Series(y).groupby(demo.obs["bulk_labels"].to_numpy()).transform("mean").to_numpy()
+        y = demo.obs[col].astype(float)
+        top = y.groupby(demo.obs["bulk_labels"], observed=True).mean().sort_values(ascending=False)
+        means = demo.obs["bulk_labels"].map(top).astype(float)
         r2 = 1 - ((y - means) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-        top = pd.Series(y).groupby(demo.obs["bulk_labels"].to_numpy()).mean().sort_values(ascending=False)
         print(f"{col}: variance explained by bulk_labels R2 = {r2:.3f}; highest mean {top.index[0]} {top.iloc[0]:.3f}, "
               f"lowest {top.index[-1]} {top.iloc[-1]:.3f}")
 
