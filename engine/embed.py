@@ -22,10 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .model import TranscriptomeTextModel
 
-__all__ = ["embed_cells", "umap", "cache_dir", "data_fingerprint", "get_embeds"]
+__all__ = ["embed_cells", "umap", "smooth_embeds", "smoothed", "cache_dir", "data_fingerprint", "get_embeds"]
 
 log = logging.getLogger(__name__)
 EMBED_KEY = "transcriptome_embeds"
+SMOOTH_KEY = "transcriptome_embeds_smoothed"
+NEIGHBORS_KEY = "lexicell_neighbors"
 
 
 def cache_dir() -> Path:
@@ -226,10 +228,9 @@ def umap(
     get_embeds(adata, key=use_rep)
     if key_added in adata.obsm and f"{key_added}_original" not in adata.obsm:
         adata.obsm[f"{key_added}_original"] = adata.obsm[key_added]
-    n_neighbors = max(2, min(n_neighbors, adata.n_obs - 1))
-    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added="lexicell_neighbors", random_state=random_state)
+    _neighbor_graph(adata, use_rep, n_neighbors, random_state)
     saved = adata.obsm.get("X_umap")
-    sc.tl.umap(adata, neighbors_key="lexicell_neighbors", random_state=random_state)
+    sc.tl.umap(adata, neighbors_key=NEIGHBORS_KEY, random_state=random_state)
     coords = np.asarray(adata.obsm["X_umap"], dtype=np.float32)
     if key_added != "X_umap":
         if saved is not None:
@@ -238,3 +239,128 @@ def umap(
             del adata.obsm["X_umap"]
     adata.obsm[key_added] = coords
     return coords
+
+
+def _neighbor_graph(adata: "AnnData", use_rep: str, n_neighbors: int, random_state: int = 0, *, reuse: bool = False):
+    """The kNN graph of :func:`umap` (scanpy ``neighbors`` on ``obsm[use_rep]``, ``key_added='lexicell_neighbors'``).
+
+    With ``reuse``, an existing graph built on the same representation with the same ``n_neighbors`` and cells
+    is returned instead of being rebuilt. Returns the ``(n_cells, n_cells)`` CSR connectivities.
+    """
+    import scanpy as sc
+
+    n_neighbors = max(2, min(n_neighbors, adata.n_obs - 1))
+    conn_key = f"{NEIGHBORS_KEY}_connectivities"
+    params = adata.uns.get(NEIGHBORS_KEY, {}).get("params", {}) if isinstance(adata.uns.get(NEIGHBORS_KEY), dict) else {}
+    if not (reuse and conn_key in adata.obsp and params.get("use_rep") == use_rep
+            and int(params.get("n_neighbors", -1)) == n_neighbors):
+        sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=NEIGHBORS_KEY, random_state=random_state)
+    return adata.obsp[conn_key]
+
+
+def smoothed(embeds: np.ndarray, connectivities, self_weight: float = 0.5) -> np.ndarray:
+    """Neighbour-smoothed, re-normalised embeddings (the array form of :func:`smooth_embeds`).
+
+    Parameters
+    ----------
+    embeds
+        ``(n_cells, d)`` float embeddings.
+    connectivities
+        ``(n_cells, n_cells)`` non-negative sparse or dense weights (e.g. scanpy's kNN connectivities); each
+        row is normalised to sum 1. Cells without neighbours keep their own embedding.
+    self_weight
+        Weight of the cell itself, in [0, 1]; the neighbours share ``1 - self_weight``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, d)`` float32, L2-normalised: ``normalise(w e_i + (1 - w) sum_j a_ij e_j / sum_j a_ij)``.
+
+    Raises
+    ------
+    engine.errors.AnalysisError
+        ``self_weight`` outside [0, 1] or a graph whose shape does not match the embeddings.
+    """
+    import scipy.sparse as sp
+
+    from .errors import AnalysisError
+
+    if not 0.0 <= float(self_weight) <= 1.0:
+        raise AnalysisError("The self weight of neighbour smoothing must lie in [0, 1]", found=self_weight,
+                            expected="a number such as 0.5")
+    emb = np.asarray(embeds, dtype=np.float64)
+    A = sp.csr_matrix(connectivities, dtype=np.float64)
+    if A.shape != (emb.shape[0], emb.shape[0]):
+        raise AnalysisError("The neighbour graph does not match the cells", found=f"graph {A.shape}, {emb.shape[0]} cells",
+                            expected="an (n_cells, n_cells) graph", fix="rebuild it with engine.smooth_embeds(adata)")
+    deg = np.asarray(A.sum(1)).ravel()
+    has = deg > 0
+    inv = np.zeros_like(deg)
+    inv[has] = 1.0 / deg[has]
+    mean_nb = sp.diags(inv) @ A @ emb
+    w = np.where(has, float(self_weight), 1.0)[:, None]
+    out = w * emb + (1.0 - w) * mean_nb
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+def smooth_embeds(
+    adata: "AnnData",
+    *,
+    use_rep: str = EMBED_KEY,
+    key_added: str = SMOOTH_KEY,
+    n_neighbors: int = 15,
+    self_weight: float = 0.5,
+    random_state: int = 0,
+) -> np.ndarray:
+    """Smooth each cell's embedding over its neighbours in the dataset (kNN smoothing of the embeddings).
+
+    Single-cell profiles are sparse, so one cell's embedding is noisy; averaging it with its nearest
+    neighbours (in the embedding space, the same graph :func:`umap` draws) denoises per-cell scores and
+    zero-shot labels without any labels. It is the continuous form of CellTypist's majority voting
+    (Domínguez Conde et al. 2022) and of kNN smoothing (Wagner et al. 2017); selected for the default model
+    by the session-6 rule in ``DEVELOPERS.md`` (see the model card for the measured effect). Rare populations
+    of fewer than ``n_neighbors`` cells are blurred towards their neighbours: keep the unsmoothed
+    embeddings for them.
+
+    Parameters
+    ----------
+    adata
+        Cells with ``obsm[use_rep]`` from :func:`embed_cells`. ``X`` and ``obsm[use_rep]`` are not modified.
+    use_rep
+        Embeddings to smooth.
+    key_added
+        ``obsm`` key of the smoothed embeddings.
+    n_neighbors
+        Neighbours per cell (scanpy ``neighbors``; capped at ``n_cells - 1``).
+    self_weight
+        Weight of the cell itself; its neighbours share the rest (weighted by connectivity).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, d)`` float32, L2-normalised. Sets ``obsm[key_added]``, ``uns[key_added]['params']`` (the
+        source's model fingerprint plus the smoothing parameters, so :func:`get_embeds` checks the model), and
+        the graph of :func:`umap` (``uns['lexicell_neighbors']``, ``obsp['lexicell_neighbors_*']``), reused
+        when it was already built on ``use_rep`` with ``n_neighbors``.
+
+    Raises
+    ------
+    MissingEmbeddingError
+        Without ``obsm[use_rep]``.
+    engine.errors.AnalysisError
+        For a ``self_weight`` outside [0, 1].
+    """
+    import scipy.sparse as sp
+
+    emb = get_embeds(adata, key=use_rep)
+    if adata.n_obs < 3:  # no neighbourhood to speak of: every cell keeps its own embedding
+        conn = sp.csr_matrix((adata.n_obs, adata.n_obs))
+    else:
+        conn = _neighbor_graph(adata, use_rep, n_neighbors, random_state, reuse=True)
+    out = smoothed(emb, conn, self_weight)
+    src = adata.uns.get(use_rep, {}).get("params", {}) if isinstance(adata.uns.get(use_rep), dict) else {}
+    adata.obsm[key_added] = out
+    adata.uns[key_added] = {"params": {**src, "smoothed_from": use_rep, "n_neighbors": int(n_neighbors),
+                                       "self_weight": float(self_weight)}}
+    return out

@@ -844,6 +844,8 @@ def proxy_benchmark(
     level: str = "main",
     seed: int = 0,
     holdout_fold: int | None = None,
+    smooth: bool = False,
+    center: float = 0.0,
 ) -> dict:
     """Zero-shot accuracy on held-out reference cells with marker-derived labels, for choosing recipes.
 
@@ -853,7 +855,9 @@ def proxy_benchmark(
     assigned, else the main type; cell names without the tissue suffix; ``"panhuman"``: the same cells named in
     a scheme no recipe trains on, :func:`panhuman_name` of the subtype, else of the main type, so "CD8 TCM"
     becomes "Memory CD8 T cell"; cells without a pan-human name are left out). ``holdout_fold``: see
-    :func:`holdout_cells` (the model must have been trained with the same ``holdout_fraction`` and fold). The protocol
+    :func:`holdout_cells` (the model must have been trained with the same ``holdout_fraction`` and fold).
+    ``smooth`` / ``center``: score the label-free refinements of :func:`engine.evaluate.evaluate` instead of the
+    seed's protocol (neighbours and mean over the scored held-out cells). The protocol
     is :func:`engine.evaluate.evaluate` (seed 000 appendix D), with all genes (``full``), restricted to the
     ``panel_size`` most variable reference genes (``panel``, like data subset to HVGs), and restricted to the
     panel after Poisson re-sampling at ``depth`` UMIs per cell (``shallow``, like low-depth 10x data).
@@ -908,7 +912,7 @@ def proxy_benchmark(
     sh.X = sp.csr_matrix(rng.poisson(np.asarray(a.X.toarray(), dtype=np.float64) * depth / 1e4).astype(np.float32))
     sh = sh[:, sh.var_names.isin(panel)].copy()
     for key, sub in (("full", a), ("panel", pa), ("shallow", sh)):
-        r = evaluate(sub, model, "label", template=template)
-        out[key] = {k: r["per_cell"][k] for k in ("roc_auc", "accuracy", "f1_macro")}
+        r = evaluate(sub, model, "label", template=template, smooth=smooth, center=center)
+        out[key] = {k: r.get("refined", r["per_cell"])[k] for k in ("roc_auc", "accuracy", "f1_macro")}
         out[key]["roc_auc_per_class_mean"] = r["per_class"]["roc_auc"]
     return out

@@ -32,6 +32,7 @@ __all__ = [
     "split_contrast",
     "label_texts",
     "zero_shot",
+    "centered",
     "describe",
     "term_libraries",
     "softmax",
@@ -182,6 +183,39 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def centered(embeds: np.ndarray, center: float = 0.0) -> np.ndarray:
+    """Subtract ``center`` times the mean embedding of the cells: distribution normalisation (DN).
+
+    Zhou et al., "Test-time distribution normalization for contrastively learned vision-language models"
+    (NeurIPS 2023) score ``(x - 0.5 mu) . t`` instead of ``x . t``, ``mu`` the mean embedding of the items being
+    scored. Per label it subtracts ``center x (mu . t)``, so label texts that sit close to the average cell
+    (hubs that win the softmax for cells matching nothing well) lose that advantage.
+
+    Parameters
+    ----------
+    embeds
+        ``(n_cells, d)`` embeddings.
+    center
+        Weight of the mean, ``0`` (no change) to ``1`` (fully centred); DN uses 0.5.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, d)`` float32 (not re-normalised, as in DN).
+
+    Raises
+    ------
+    QueryError
+        ``center`` outside [0, 1].
+    """
+    if not 0.0 <= float(center) <= 1.0:
+        raise QueryError("The centring weight must lie in [0, 1]", found=center, expected="0 (off) to 1; 0.5 is DN")
+    emb = np.asarray(embeds, dtype=np.float32)
+    if center == 0 or emb.shape[0] == 0:
+        return emb
+    return (emb - np.float32(center) * emb.mean(0, keepdims=True)).astype(np.float32)
+
+
 def zero_shot(
     adata: "AnnData",
     model: "TranscriptomeTextModel",
@@ -191,6 +225,7 @@ def zero_shot(
     definitions: dict | None = None,
     key_added: str = "zero_shot",
     obsm_key: str = "transcriptome_embeds",
+    center: float = 0.0,
     write: bool = True,
 ) -> pd.DataFrame:
     """Label cells zero-shot from any list of names.
@@ -205,6 +240,12 @@ def zero_shot(
     template
         ``"cellwhisperer"`` ("A sample of {label} from a healthy individual"), ``"langcell"``
         ("cell type: {label}. {definition}", Cell Ontology definitions), ``"plain"`` or a format string.
+    obsm_key
+        Embeddings to score: ``"transcriptome_embeds"`` (the seed's protocol) or the neighbour-smoothed
+        ``"transcriptome_embeds_smoothed"`` of :func:`engine.smooth_embeds`.
+    center
+        Distribution normalisation weight (:func:`centered`; 0 = the seed's protocol, 0.5 = DN), with the mean
+        taken over all cells of ``adata``.
 
     Returns
     -------
@@ -228,7 +269,7 @@ def zero_shot(
         raise QueryError("Labels must be distinct", found=f"duplicates {dup}", expected="each label once")
     if len(labels) < 2:
         raise QueryError("Zero-shot labelling needs at least two labels", found=labels, expected="two or more labels")
-    emb = get_embeds(adata, model, key=obsm_key)
+    emb = centered(get_embeds(adata, model, key=obsm_key), center)
     texts = label_texts(labels, template, definitions=definitions)
     text_embeds = model.embed_texts(texts)
     scale = float(model.logit_scale.detach().exp().cpu())
@@ -239,7 +280,8 @@ def zero_shot(
         adata.obs[key_added] = pd.Categorical(np.asarray(labels, dtype=object)[best], categories=labels)
         adata.obs[f"{key_added}_probability"] = probs[np.arange(len(best)), best]
         adata.obsm[f"{key_added}_probabilities"] = probs
-        adata.uns[key_added] = {"labels": list(labels), "texts": texts, "template": TEMPLATES.get(template, template), "model": model.name}
+        adata.uns[key_added] = {"labels": list(labels), "texts": texts, "template": TEMPLATES.get(template, template),
+                                "model": model.name, "obsm_key": obsm_key, "center": float(center)}
     return df
 
 

@@ -1,0 +1,81 @@
+"""Score label-free zero-shot refinements on the 2-fold proxy (the session-6 rule in DEVELOPERS.md).
+
+For each ``--cv`` run of ``bench/recipe_run.py`` (``runs/NAME/fold0``, ``fold1``), the fold models are scored by
+:func:`engine.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
+(``smooth``, :func:`engine.embed.smoothed`), distribution normalisation (``dn``, :func:`engine.score.centered`
+with weight 0.5) and both (``smooth+dn``). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
+main / sub / panhuman x full / panel / shallow) per run and refinement, the gain over ``none``, and, for
+transparency only, the demo's per-cell ROC-AUC (fold mean) under each refinement. One JSON line per run is
+appended to ``--log``.
+
+Usage::
+
+    python bench/refine_run.py s6_base_s0 s6_base_s1i0 s6_base_s4i0 s6_base_s5i0 s6_soup4 [--log runs/refine.jsonl]
+
+About 1.5 minutes per run on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REFINEMENTS = {"none": (False, 0.0), "smooth": (True, 0.0), "dn": (False, 0.5), "smooth+dn": (True, 0.5)}
+LEVELS = ("main", "sub", "panhuman")
+CONDITIONS = ("full", "panel", "shallow")
+
+
+def score_run(name: str) -> dict:
+    """SEL-CV and demo per-cell ROC-AUC of each refinement for the fold models of run ``name``."""
+    import numpy as np
+
+    import engine
+    from engine.evaluate import evaluate
+    from engine.knowledge import proxy_benchmark
+
+    demo = engine.demo_dataset()
+    aucs = {r: [] for r in REFINEMENTS}
+    levels = {r: {lvl: [] for lvl in LEVELS} for r in REFINEMENTS}
+    demo_auc = {r: [] for r in REFINEMENTS}
+    for fold in (0, 1):
+        model = engine.load_model(ROOT / "runs" / name / f"fold{fold}")
+        for r, (smooth, center) in REFINEMENTS.items():
+            for lvl in LEVELS:
+                res = proxy_benchmark(model, holdout_fraction=0.5, holdout_fold=fold, level=lvl, smooth=smooth, center=center)
+                vals = [res[c]["roc_auc"] for c in CONDITIONS]
+                aucs[r] += vals
+                levels[r][lvl] += vals
+            ev = evaluate(demo, model, "bulk_labels", smooth=smooth, center=center)
+            demo_auc[r].append(ev.get("refined", ev["per_cell"])["roc_auc"])
+    return {
+        "name": name,
+        "SEL_CV": {r: float(np.mean(v)) for r, v in aucs.items()},
+        "levels": {r: {lvl: float(np.mean(v)) for lvl, v in d.items()} for r, d in levels.items()},
+        "demo_per_cell": {r: float(np.mean(v)) for r, v in demo_auc.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="names of --cv runs under runs/")
+    ap.add_argument("--log", default="runs/refine.jsonl")
+    args = ap.parse_args()
+    for name in args.runs:
+        res = score_run(name)
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.log, "a") as fh:
+            fh.write(json.dumps(res) + "\n")
+        base = res["SEL_CV"]["none"]
+        print(f"{name}:")
+        for r, v in res["SEL_CV"].items():
+            lv = " / ".join(f"{res['levels'][r][lvl]:.3f}" for lvl in LEVELS)
+            print(f"  {r:<10} SEL-CV {v:.3f} ({v - base:+.3f}) | main / sub / panhuman {lv} | "
+                  f"demo per cell {res['demo_per_cell'][r]:.3f} (transparency only)")
+
+
+if __name__ == "__main__":
+    main()
