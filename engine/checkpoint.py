@@ -63,8 +63,6 @@ def save_model(model: TranscriptomeTextModel, path: str | os.PathLike, *, metada
         The folder written: ``config.json``, ``model.safetensors``, ``genes.tsv`` and, for a text tower stored
         in full, ``text_model/`` (Hugging Face config and tokenizer files).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if metadata:
@@ -79,11 +77,41 @@ def save_model(model: TranscriptomeTextModel, path: str | os.PathLike, *, metada
         model.text_tower.model.config.save_pretrained(text_dir)
         model.text_tower.tokenizer.save_pretrained(text_dir)
         config["text_tower"]["source"] = TEXT_DIR
-    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "lexicell-clip"})
+    save_weights(state, path / WEIGHTS_FILE, metadata={"format": "lexicell-clip"})
     model.tokenizer.save(path / GENES_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     log.info("saved model %s to %s (%d tensors)", model.name, path, len(state))
     return path
+
+
+def save_weights(state: dict, file: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write tensors with safetensors, with the permissions of any other file the user writes.
+
+    ``safetensors`` creates its files with mode 0600 whatever the umask, so a model trained by one lab member
+    could not be served by another; here the mode becomes ``0666 & ~umask`` (0644 with the usual umask 022).
+
+    Parameters
+    ----------
+    state
+        Name -> contiguous CPU tensor.
+    file
+        Output ``.safetensors`` path.
+    metadata
+        String -> string header metadata.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+    """
+    from safetensors.torch import save_file
+
+    file = Path(file)
+    save_file(state, str(file), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+    return file
 
 
 def _read_config(path: Path) -> dict:

@@ -881,12 +881,12 @@ class _Trainer:
         return keys
 
     def _save_last(self) -> None:
-        from safetensors.torch import save_file
+        from .checkpoint import save_weights
 
         last = self.out / "last"
         last.mkdir(parents=True, exist_ok=True)
         sd = self.model.state_dict()
-        save_file({k: sd[k].detach().cpu().contiguous() for k in self._state_keys()}, str(last / "model.safetensors"))
+        save_weights({k: sd[k].detach().cpu().contiguous() for k in self._state_keys()}, last / "model.safetensors")
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -112,3 +112,4 @@ def test_evaluate_cli_smooth_flag(tmp_path, tiny_adata, tiny_model, capsys):
     assert main([str(path), "--label-key", "group", "--model", str(tmp_path / "m"), "--smooth", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["refined"]["smooth"] is True and out["refined"]["center"] == 0.0
+
