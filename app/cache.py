@@ -34,12 +34,14 @@ __all__ = [
     "session_adata",
     "layout_keys",
     "has_embeddings",
+    "smoothed_key",
     "clear",
 ]
 
 log = logging.getLogger(__name__)
 
 EMBED_KEY = "transcriptome_embeds"
+SMOOTH_KEY = "transcriptome_embeds_smoothed"
 DEMO = "demo"
 
 _lock = threading.RLock()
@@ -240,11 +242,34 @@ def session_adata(base: ad.AnnData) -> ad.AnnData:
 def sync_from_base(session: ad.AnnData, base: ad.AnnData) -> None:
     """Copy shared results (embeddings, their params, new layouts) from ``base`` into a session's containers."""
     for k in base.obsm.keys():
-        if k == EMBED_KEY or (k.startswith("X_") and k not in session.obsm):
+        if k in (EMBED_KEY, SMOOTH_KEY) or (k.startswith("X_") and k not in session.obsm):
             session.obsm[k] = base.obsm[k]
-    for k in (EMBED_KEY, "lexicell_neighbors", "lexicell"):
+    for k in (EMBED_KEY, SMOOTH_KEY, "lexicell_neighbors", "lexicell"):
         if k in base.uns:
             session.uns[k] = base.uns[k]
+    for k in base.obsp.keys():
+        if k.startswith("lexicell_neighbors"):
+            session.obsp[k] = base.obsp[k]
+
+
+def smoothed_key(session: ad.AnnData, base: ad.AnnData | None, model) -> str:
+    """Make sure ``session`` has neighbour-smoothed embeddings of ``model``; returns their ``obsm`` key.
+
+    They are computed once per process on the shared ``base`` (:func:`engine.smooth_embeds`, reusing the
+    UMAP's neighbour graph when there is one) and then shared with every session like the embeddings.
+    """
+    base = session if base is None else base
+    with _lock:
+        try:
+            engine.get_embeds(base, model, key=SMOOTH_KEY)
+            fresh = base.uns.get(SMOOTH_KEY, {}).get("params", {}).get("model_fingerprint") == model.fingerprint()
+        except LexicellError:
+            fresh = False
+        if not fresh:
+            engine.smooth_embeds(base)
+    if base is not session:
+        sync_from_base(session, base)
+    return SMOOTH_KEY
 
 
 def env_flag(name: str) -> bool:

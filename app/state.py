@@ -84,6 +84,7 @@ class AppState(param.Parameterized):
 
     zs_probs = param.DataFrame(default=None, allow_None=True, doc="(n_cells, n_labels) zero-shot probabilities.")
     zs_template = param.String(default="cellwhisperer")
+    zs_smooth = param.Boolean(default=True, doc="Zero-shot on neighbour-smoothed embeddings (engine.smooth_embeds).")
     evaluation = param.Dict(default=None, allow_None=True, doc="engine.evaluate.evaluate result.")
 
     description = param.DataFrame(default=None, allow_None=True)
@@ -100,6 +101,7 @@ class AppState(param.Parameterized):
 
     def __init__(self, adata: ad.AnnData, model=None, **params):
         super().__init__(adata=adata, model=model, **params)
+        self._base: ad.AnnData | None = None  # the shared dataset, once attach_embeddings has seen it
         self._refresh_layouts()
         self.color_by = self.default_color()
         self.embeds_ready = cache.has_embeddings(adata, model)
@@ -137,6 +139,7 @@ class AppState(param.Parameterized):
     def attach_embeddings(self, base: ad.AnnData | None = None) -> None:
         """Take over embeddings (and new layouts) computed on the shared ``base`` dataset."""
         if base is not None and base is not self.adata:
+            self._base = base
             cache.sync_from_base(self.adata, base)
         self._refresh_layouts()
         self.embeds_ready = cache.has_embeddings(self.adata, self.model)
@@ -418,19 +421,29 @@ class AppState(param.Parameterized):
         return mask
 
     # ------------------------------------------------------------------ zero-shot labels
-    def compute_zero_shot(self, labels: Sequence[str], template: str = "cellwhisperer") -> pd.DataFrame:
-        """Zero-shot probabilities ``(n_cells, n_labels)`` for ``labels``; nothing is written."""
+    def _zs_obsm_key(self, smooth: bool) -> str:
+        if not smooth:
+            return cache.EMBED_KEY
+        return cache.smoothed_key(self.adata, self._base, self.model)
+
+    def compute_zero_shot(self, labels: Sequence[str], template: str = "cellwhisperer", smooth: bool | None = None) -> pd.DataFrame:
+        """Zero-shot probabilities ``(n_cells, n_labels)`` for ``labels``; nothing is written.
+
+        ``smooth`` (default :attr:`zs_smooth`) scores the neighbour-smoothed embeddings.
+        """
         self._require_embeddings()
         labels = [" ".join(str(lab).split()) for lab in labels if str(lab).strip()]
-        return engine.zero_shot(self.adata, self.model, labels, template=template, write=False)
+        key = self._zs_obsm_key(self.zs_smooth if smooth is None else smooth)
+        return engine.zero_shot(self.adata, self.model, labels, template=template, obsm_key=key, write=False)
 
-    def apply_zero_shot(self, probs: pd.DataFrame, template: str = "cellwhisperer") -> None:
-        self.param.update(zs_probs=probs, zs_template=template, color_by=ZERO_SHOT)
+    def apply_zero_shot(self, probs: pd.DataFrame, template: str = "cellwhisperer", smooth: bool | None = None) -> None:
+        self.param.update(zs_probs=probs, zs_template=template, color_by=ZERO_SHOT,
+                          zs_smooth=self.zs_smooth if smooth is None else smooth)
         self.map_version += 1
 
-    def run_zero_shot(self, labels: Sequence[str], template: str = "cellwhisperer") -> pd.DataFrame:
-        probs = self.compute_zero_shot(labels, template)
-        self.apply_zero_shot(probs, template)
+    def run_zero_shot(self, labels: Sequence[str], template: str = "cellwhisperer", smooth: bool | None = None) -> pd.DataFrame:
+        probs = self.compute_zero_shot(labels, template, smooth)
+        self.apply_zero_shot(probs, template, smooth)
         return probs
 
     def accept_labels(self, name: str = "zero_shot") -> str:
@@ -438,7 +451,8 @@ class AppState(param.Parameterized):
         if self.zs_probs is None:
             raise QueryError("No zero-shot labels to accept", found="no zero-shot run", expected="run zero-shot labelling first")
         key = _column_name(name or "zero_shot")
-        engine.zero_shot(self.adata, self.model, list(self.zs_probs.columns), template=self.zs_template, key_added=key, write=True)
+        engine.zero_shot(self.adata, self.model, list(self.zs_probs.columns), template=self.zs_template, key_added=key,
+                         obsm_key=self._zs_obsm_key(self.zs_smooth), write=True)
         self.notify(f"Wrote labels to obs['{key}'] and confidences to obs['{key}_probability'].", "success")
         self.param.trigger("map_version")
         return key
@@ -452,17 +466,22 @@ class AppState(param.Parameterized):
                 out.append(c)
         return out
 
-    def compute_evaluate(self, label_key: str, template: str = "cellwhisperer") -> dict:
-        """engine.evaluate.evaluate of zero-shot labelling against ``obs[label_key]``."""
+    def compute_evaluate(self, label_key: str, template: str = "cellwhisperer", smooth: bool | None = None) -> dict:
+        """engine.evaluate.evaluate of zero-shot labelling against ``obs[label_key]``.
+
+        The seed's protocol always; with ``smooth`` (default :attr:`zs_smooth`) also the per-cell metrics on
+        neighbour-smoothed embeddings (``result['refined']``).
+        """
         self._require_embeddings()
         evaluate = importlib.import_module("engine.evaluate").evaluate
-        return evaluate(self.adata, self.model, label_key, template=template)
+        return evaluate(self.adata, self.model, label_key, template=template,
+                        smooth=self.zs_smooth if smooth is None else smooth)
 
     def apply_evaluate(self, result: dict) -> None:
         self.evaluation = result
 
-    def run_evaluate(self, label_key: str, template: str = "cellwhisperer") -> dict:
-        res = self.compute_evaluate(label_key, template)
+    def run_evaluate(self, label_key: str, template: str = "cellwhisperer", smooth: bool | None = None) -> dict:
+        res = self.compute_evaluate(label_key, template, smooth)
         self.apply_evaluate(res)
         return res
 

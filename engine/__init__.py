@@ -40,6 +40,7 @@ _EXPORTS = {
     # embeddings and scoring
     "embed_cells": "embed",
     "umap": "embed",
+    "smooth_embeds": "embed",
     "get_embeds": "embed",
     "score_text": "score",
     "zero_shot": "score",

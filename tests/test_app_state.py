@@ -389,3 +389,26 @@ def test_build_app_serves_shared_data_to_each_session(demo):
         assert cache.get_dataset("shared-demo") is base and cache.get_model("shared-tiny") is model
     finally:
         cache.clear()
+
+
+def test_zero_shot_smoothing_is_shared_and_optional(demo):
+    """Smoothed embeddings are computed once on the shared dataset; each session chooses smoothed or not."""
+    from app import cache
+    from app.state import AppState
+
+    base, model = demo
+    a = AppState(cache.session_adata(base), model)
+    a.attach_embeddings(base)
+    assert a.zs_smooth is True
+    smooth = a.run_zero_shot(["B cell", "T cell", "monocyte"])
+    assert cache.SMOOTH_KEY in base.obsm and np.shares_memory(a.adata.obsm[cache.SMOOTH_KEY], base.obsm[cache.SMOOTH_KEY])
+    b = AppState(cache.session_adata(base), model)
+    b.attach_embeddings(base)
+    plain = b.run_zero_shot(["B cell", "T cell", "monocyte"], smooth=False)
+    assert b.zs_smooth is False and not np.allclose(plain.to_numpy(), smooth.to_numpy())
+    direct = engine.zero_shot(base.copy(), model, ["B cell", "T cell", "monocyte"], write=False)
+    np.testing.assert_allclose(plain.to_numpy(), direct.to_numpy(), rtol=1e-5)  # unsmoothed = the seed's protocol
+    key = a.accept_labels("smoothed_labels")
+    assert a.adata.uns[key]["obsm_key"] == cache.SMOOTH_KEY
+    res = a.run_evaluate("bulk_labels")
+    assert res["refined"]["smooth"] is True and res["per_cell"] == b.run_evaluate("bulk_labels", smooth=False)["per_cell"]

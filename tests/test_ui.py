@@ -132,12 +132,16 @@ def test_empty_query_shows_message_not_traceback(page):
 
 def test_zero_shot_labels_and_metrics(page):
     _tab(page, "Zero-shot labels")
+    smooth = page.get_by_text("Smooth over neighbours").first  # Bokeh's checkbox: label and input share a shadow root
+    assert smooth.evaluate("e => e.getRootNode().querySelector('input[type=checkbox]').checked") is True
     page.get_by_role("button", name="Label cells").click()
     sync_api.expect(page.get_by_text("mean_confidence").first).to_be_visible()
     page.get_by_role("combobox", name="Ground-truth column").select_option("bulk_labels")
     page.get_by_role("button", name="Evaluate").click()
     sync_api.expect(page.get_by_text("per cell").first).to_be_visible()
     sync_api.expect(page.locator(".eval-info", has_text="per-cell accuracy")).to_be_visible()
+    sync_api.expect(page.locator(".eval-info", has_text="on smoothed embeddings")).to_be_visible()
+    sync_api.expect(page.get_by_text("per cell, smoothed").first).to_be_visible()
     sync_api.expect(page.locator(".eval-info ~ * .bk-Canvas, .bk-Canvas").nth(2)).to_be_visible()
     _shot(page, "ui_zero_shot")
 

@@ -53,6 +53,11 @@ class ZeroShotView(StateView):
         self.custom_template = pn.widgets.TextInput(name="Custom template ({label}, {definition})",
                                                     value="A sample of {label}", width=300)
         self.template_text = pn.pane.Markdown("", margin=(0, 5))
+        self.smooth = pn.widgets.Checkbox(name="Smooth over neighbours", value=state.zs_smooth, margin=(8, 5, 0, 5))
+        self.smooth_help = pn.widgets.TooltipIcon(
+            value="Score each cell's embedding averaged with its 15 nearest neighbours (label-free; fewer isolated "
+                  "mislabelled cells, but populations of under ~15 cells blur into their neighbours).",
+            margin=(8, 0, 0, 0))
         self.run_button = pn.widgets.Button(name="Label cells", button_type="primary", width=130)
         self.summary = table_widget(height=260, page_size=10)
         self.truth = pn.widgets.Select(name="Ground-truth column", options=[NO_TRUTH] + state.truth_columns(), width=220)
@@ -79,7 +84,7 @@ class ZeroShotView(StateView):
     def __panel__(self):
         left = pn.Column(
             pn.Row(self.label_set, self.template, self.custom_template),
-            self.template_text, self.labels, self.definitions_card,
+            pn.Row(self.template_text, self.smooth, self.smooth_help), self.labels, self.definitions_card,
             pn.Row(self.run_button, self.accept_name, self.accept), self.job,
             sizing_mode="stretch_width")
         right = pn.Column(
@@ -123,13 +128,14 @@ class ZeroShotView(StateView):
     async def _run(self, event=None):
         labels = [x.strip() for x in self.labels.value.splitlines() if x.strip()]
         template = self.template_value()
+        smooth = self.smooth.value
         st = self.state
 
         def apply(probs):
-            st.apply_zero_shot(probs, template)
+            st.apply_zero_shot(probs, template, smooth)
             self._show_summary()
 
-        await self.job.run(lambda: st.compute_zero_shot(labels, template), apply, label="Labelling cells",
+        await self.job.run(lambda: st.compute_zero_shot(labels, template, smooth), apply, label="Labelling cells",
                            disable=[self.run_button])
 
     def _show_summary(self):
@@ -148,17 +154,20 @@ class ZeroShotView(StateView):
             self.job.show("Choose a ground-truth obs column (e.g. bulk_labels) first.", "warning")
             return
         template = self.template_value()
+        smooth = self.smooth.value
         st = self.state
 
         def apply(res):
             st.apply_evaluate(res)
             self._show_metrics(res)
 
-        await self.job.run(lambda: st.compute_evaluate(key, template), apply, label="Evaluating",
+        await self.job.run(lambda: st.compute_evaluate(key, template, smooth), apply, label="Evaluating",
                            disable=[self.eval_button])
 
     def _show_metrics(self, res: dict):
         levels = {"per cell": res.get("per_cell") or {}, "per class (mean embedding)": res.get("per_class") or {}}
+        if res.get("refined"):
+            levels["per cell, smoothed"] = res["refined"]
         keys = [k for k in (levels["per cell"] or levels["per class (mean embedding)"])
                 if k not in ("note", "skipped_classes")]
         rows = []
@@ -174,7 +183,9 @@ class ZeroShotView(StateView):
             f"**Zero-shot vs `{res.get('label_key', '')}`**: {res.get('n_cells', '?')} cells, "
             f"{res.get('n_classes', '?')} classes (labels from the column, template *{res.get('template', '')}*); "
             f"per-cell accuracy {pc.get('accuracy', float('nan')):.3f}, macro F1 {pc.get('f1_macro', float('nan')):.3f}, "
-            f"ROC-AUC {pc.get('roc_auc', float('nan')):.3f}. Confusion matrix below (rows: true labels).")
+            f"ROC-AUC {pc.get('roc_auc', float('nan')):.3f} (CellWhisperer's protocol, unsmoothed"
+            + (f"; on smoothed embeddings {res['refined']['roc_auc']:.3f}" if res.get("refined") else "")
+            + "). Confusion matrix below (rows: true labels, unsmoothed).")
         conf = res.get("confusion") or {}
         if conf.get("labels") is not None:
             self.confusion.object = plots.confusion_heatmap(
