@@ -8,9 +8,13 @@ main / sub / panhuman x full / panel / shallow) per run and refinement, the gain
 transparency only, the demo's per-cell ROC-AUC (fold mean) under each refinement. One JSON line per run is
 appended to ``--log``.
 
+``--long-list`` (session-6b rule) instead scores each refinement with :func:`engine.knowledge.proxy_long_list`
+against the app's 16-label "Immune / blood cell types" set: lineage accuracy and absent rate, means over the
+2 folds x full / panel / shallow, and the soup's predicted-label counts (fold 0, full genes).
+
 Usage::
 
-    python bench/refine_run.py s6_base_s0 s6_base_s1i0 s6_base_s4i0 s6_base_s5i0 s6_soup4 [--log runs/refine.jsonl]
+    python bench/refine_run.py s6_base_s0 s6_base_s1i0 s6_base_s4i0 s6_base_s5i0 s6_soup4 [--log runs/refine.jsonl] [--long-list]
 
 About 1.5 minutes per run on 2 cores.
 """
@@ -59,12 +63,49 @@ def score_run(name: str) -> dict:
     }
 
 
+def score_long_list(name: str) -> dict:
+    """Lineage accuracy and absent rate of each refinement with the app's 16-label blood set."""
+    import numpy as np
+
+    import engine
+    from app.label_sets import LABEL_SETS
+    from engine.knowledge import proxy_long_list
+
+    labels = LABEL_SETS["Immune / blood cell types"]["labels"]
+    acc = {r: [] for r in REFINEMENTS}
+    absent = {r: [] for r in REFINEMENTS}
+    counts = {}
+    for fold in (0, 1):
+        model = engine.load_model(ROOT / "runs" / name / f"fold{fold}")
+        for r, (smooth, center) in REFINEMENTS.items():
+            res = proxy_long_list(model, labels, holdout_fraction=0.5, holdout_fold=fold, smooth=smooth, center=center)
+            acc[r] += [res[c]["lineage_accuracy"] for c in CONDITIONS]
+            absent[r] += [res[c]["absent_rate"] for c in CONDITIONS]
+            if fold == 0:
+                counts[r] = res["full"]["counts"]
+    return {"name": name, "long_list": True,
+            "lineage_accuracy": {r: float(np.mean(v)) for r, v in acc.items()},
+            "absent_rate": {r: float(np.mean(v)) for r, v in absent.items()}, "counts_fold0_full": counts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="names of --cv runs under runs/")
     ap.add_argument("--log", default="runs/refine.jsonl")
+    ap.add_argument("--long-list", action="store_true", help="the session-6b long-label-list proxy instead")
     args = ap.parse_args()
     for name in args.runs:
+        if args.long_list:
+            res = score_long_list(name)
+            with open(args.log, "a") as fh:
+                fh.write(json.dumps(res) + "\n")
+            base = res["lineage_accuracy"]["none"]
+            print(f"{name} (16 labels):")
+            for r, v in res["lineage_accuracy"].items():
+                top = sorted(res["counts_fold0_full"][r].items(), key=lambda x: -x[1])[:4]
+                print(f"  {r:<10} lineage accuracy {v:.3f} ({v - base:+.3f}) | absent rate {res['absent_rate'][r]:.3f} | "
+                      f"fold-0 top labels {top}")
+            continue
         res = score_run(name)
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
         with open(args.log, "a") as fh:
