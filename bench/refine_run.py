@@ -3,7 +3,8 @@
 For each ``--cv`` run of ``bench/recipe_run.py`` (``runs/NAME/fold0``, ``fold1``), the fold models are scored by
 :func:`engine.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
 (``smooth``, :func:`engine.embed.smoothed`), distribution normalisation (``dn``, :func:`engine.score.centered`
-with weight 0.5) and both (``smooth+dn``). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
+with weight 0.5), both (``smooth+dn``), and CSLS with k = 10 without and with smoothing (``csls``,
+``smooth+csls``, :func:`engine.score.csls_offsets`; session-6c rule). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
 main / sub / panhuman x full / panel / shallow) per run and refinement, the gain over ``none``, and, for
 transparency only, the demo's per-cell ROC-AUC (fold mean) under each refinement. One JSON line per run is
 appended to ``--log``.
@@ -28,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REFINEMENTS = {"none": (False, 0.0), "smooth": (True, 0.0), "dn": (False, 0.5), "smooth+dn": (True, 0.5)}
+REFINEMENTS = {"none": (False, 0.0, 0), "smooth": (True, 0.0, 0), "dn": (False, 0.5, 0), "smooth+dn": (True, 0.5, 0),
+               "csls": (False, 0.0, 10), "smooth+csls": (True, 0.0, 10)}
 LEVELS = ("main", "sub", "panhuman")
 CONDITIONS = ("full", "panel", "shallow")
 
@@ -47,13 +49,14 @@ def score_run(name: str) -> dict:
     demo_auc = {r: [] for r in REFINEMENTS}
     for fold in (0, 1):
         model = engine.load_model(ROOT / "runs" / name / f"fold{fold}")
-        for r, (smooth, center) in REFINEMENTS.items():
+        for r, (smooth, center, csls) in REFINEMENTS.items():
             for lvl in LEVELS:
-                res = proxy_benchmark(model, holdout_fraction=0.5, holdout_fold=fold, level=lvl, smooth=smooth, center=center)
+                res = proxy_benchmark(model, holdout_fraction=0.5, holdout_fold=fold, level=lvl, smooth=smooth,
+                                      center=center, csls=csls)
                 vals = [res[c]["roc_auc"] for c in CONDITIONS]
                 aucs[r] += vals
                 levels[r][lvl] += vals
-            ev = evaluate(demo, model, "bulk_labels", smooth=smooth, center=center)
+            ev = evaluate(demo, model, "bulk_labels", smooth=smooth, center=center, csls=csls)
             demo_auc[r].append(ev.get("refined", ev["per_cell"])["roc_auc"])
     return {
         "name": name,
@@ -77,8 +80,9 @@ def score_long_list(name: str) -> dict:
     counts = {}
     for fold in (0, 1):
         model = engine.load_model(ROOT / "runs" / name / f"fold{fold}")
-        for r, (smooth, center) in REFINEMENTS.items():
-            res = proxy_long_list(model, labels, holdout_fraction=0.5, holdout_fold=fold, smooth=smooth, center=center)
+        for r, (smooth, center, csls) in REFINEMENTS.items():
+            res = proxy_long_list(model, labels, holdout_fraction=0.5, holdout_fold=fold, smooth=smooth, center=center,
+                                  csls=csls)
             acc[r] += [res[c]["lineage_accuracy"] for c in CONDITIONS]
             absent[r] += [res[c]["absent_rate"] for c in CONDITIONS]
             if fold == 0:

@@ -77,6 +77,7 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     smooth: bool = False,
     center: float = 0.0,
+    csls: int = 0,
     progress: bool = False,
 ) -> dict:
     """Zero-shot classification of cells against their own label names (seed 000 appendix D).
@@ -103,6 +104,9 @@ def evaluate(
         ``per_class`` are never refined): ``smooth`` scores neighbour-smoothed embeddings
         (:func:`engine.embed.smoothed` over a k = 15 graph of all of ``adata``'s cells), ``center`` is the
         distribution-normalisation weight (:func:`engine.score.centered`, mean over all cells).
+    csls
+        CSLS hubness correction with this many cells per label (:func:`engine.score.csls_offsets`, over all
+        cells), also reported under ``refined`` only.
 
     Returns
     -------
@@ -156,7 +160,7 @@ def evaluate(
         raise EmptySelectionError("No cell has one of the candidate labels", found=f"{label_key}: {pd.unique(values[present])[:5]}", expected=f"labels among {cand[:5]}")
     keep = pos[_cap_per_class(values[pos], max_cells_per_class, seed)]
     y = np.array([lab_pos[v] for v in values[keep]], dtype=np.int64)
-    refine = bool(smooth) or float(center) != 0.0
+    refine = bool(smooth) or float(center) != 0.0 or bool(csls)
     if refine:  # smoothing and centring look at every cell of the dataset, labelled or not
         emb_all = _cell_embeddings(adata, model, np.arange(adata.n_obs), progress=progress)
         emb = emb_all[keep]
@@ -176,14 +180,13 @@ def evaluate(
     refined = None
     if refine:
         from .embed import smoothed
-        from .score import centered
+        from .score import label_logits
 
         e = emb_all
         if smooth and e.shape[0] >= 3:
             e = smoothed(e, _knn_graph(e), 0.5)
-        e = centered(e, center)[keep]
-        refined = classification_metrics(e.astype(np.float64) @ text_emb.T.astype(np.float64) * scale, y, ks=ks)
-        refined.update({"smooth": bool(smooth), "center": float(center)})
+        refined = classification_metrics(label_logits(e, text_emb, scale, center=center, csls=csls)[keep], y, ks=ks)
+        refined.update({"smooth": bool(smooth), "center": float(center), "csls": int(csls)})
     notes = []
     if dropped:
         notes.append(f"{dropped} cell(s) with labels outside the candidates were left out")
@@ -259,7 +262,8 @@ def format_report(res: dict) -> str:
         lines.append(f"{k:<12}{a:>10.3f}{b:>11.3f}{extra}")
     if "refined" in res:
         r = res["refined"]
-        how = [w for w, on in (("neighbour-smoothed embeddings", r["smooth"]), (f"DN centring {r['center']:g}", r["center"])) if on]
+        how = [w for w, on in (("neighbour-smoothed embeddings", r["smooth"]), (f"DN centring {r['center']:g}", r["center"]),
+                               (f"CSLS k = {r.get('csls', 0)}", r.get("csls", 0))) if on]
         lines.append(f"refined: {' + '.join(how)} (label-free; not the seed's protocol)")
     for n in [res["per_cell"].get("note"), *res.get("notes", [])]:
         if n:
@@ -311,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--smooth", action="store_true", help="also report per-cell metrics on neighbour-smoothed embeddings")
     p.add_argument("--center", type=float, default=0.0, help="also report per-cell metrics with distribution normalisation (0.5 = DN)")
+    p.add_argument("--csls", type=int, default=0, metavar="K", help="also report per-cell metrics with the CSLS hub correction (k cells per label)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--confusion", default=None, metavar="FILE.csv", help="write the per-cell confusion matrix")
     args = p.parse_args(argv)
@@ -324,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         adata = _load_data(args.data)
         model = load_model(args.model, device=args.device)
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-        res = evaluate(adata, model, label_key, template=args.template, labels=labels, max_cells_per_class=args.max_cells_per_class, seed=args.seed, smooth=args.smooth, center=args.center, progress=not args.json)
+        res = evaluate(adata, model, label_key, template=args.template, labels=labels, max_cells_per_class=args.max_cells_per_class, seed=args.seed, smooth=args.smooth, center=args.center, csls=args.csls, progress=not args.json)
     except LexicellError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -847,6 +847,7 @@ def proxy_benchmark(
     holdout_fold: int | None = None,
     smooth: bool = False,
     center: float = 0.0,
+    csls: int = 0,
 ) -> dict:
     """Zero-shot accuracy on held-out reference cells with marker-derived labels, for choosing recipes.
 
@@ -857,7 +858,7 @@ def proxy_benchmark(
     a scheme no recipe trains on, :func:`panhuman_name` of the subtype, else of the main type, so "CD8 TCM"
     becomes "Memory CD8 T cell"; cells without a pan-human name are left out). ``holdout_fold``: see
     :func:`holdout_cells` (the model must have been trained with the same ``holdout_fraction`` and fold).
-    ``smooth`` / ``center``: score the label-free refinements of :func:`engine.evaluate.evaluate` instead of the
+    ``smooth`` / ``center`` / ``csls``: score the label-free refinements of :func:`engine.evaluate.evaluate` instead of the
     seed's protocol (neighbours and mean over the scored held-out cells). The protocol
     is :func:`engine.evaluate.evaluate` (seed 000 appendix D), with all genes (``full``), restricted to the
     ``panel_size`` most variable reference genes (``panel``, like data subset to HVGs), and restricted to the
@@ -884,7 +885,7 @@ def proxy_benchmark(
     cells = _proxy_cells(holdout_fraction, holdout_fold, level, panel_size, depth, seed)
     out = {"n_cells": cells["full"].n_obs, "labels": sorted(set(cells["full"].obs["label"])), "level": level}
     for key in PROXY_CONDITIONS:
-        r = evaluate(cells[key], model, "label", template=template, smooth=smooth, center=center)
+        r = evaluate(cells[key], model, "label", template=template, smooth=smooth, center=center, csls=csls)
         out[key] = {k: r.get("refined", r["per_cell"])[k] for k in ("roc_auc", "accuracy", "f1_macro")}
         out[key]["roc_auc_per_class_mean"] = r["per_class"]["roc_auc"]
     return out
@@ -974,6 +975,7 @@ def proxy_long_list(
     template: str = "cellwhisperer",
     smooth: bool = False,
     center: float = 0.0,
+    csls: int = 0,
 ) -> dict:
     """Zero-shot against a long label list that names absent types too, on held-out reference cells.
 
@@ -989,9 +991,9 @@ def proxy_long_list(
         The transcriptome-text model (trained with the same ``holdout_fraction`` / ``holdout_fold``).
     labels
         ``(label name, Cell Ontology id)`` pairs; labels without an id count as off-lineage when predicted.
-    smooth, center
+    smooth, center, csls
         Score neighbour-smoothed embeddings (:func:`engine.embed.smoothed`, k = 15 over the scored cells) and/or
-        with distribution normalisation (:func:`engine.score.centered`).
+        with distribution normalisation (:func:`engine.score.centered`) or CSLS (:func:`engine.score.csls_offsets`).
 
     Returns
     -------
@@ -1007,7 +1009,7 @@ def proxy_long_list(
     """
     from .embed import smoothed
     from .evaluate import _cell_embeddings, _knn_graph
-    from .score import centered, label_texts
+    from .score import label_logits, label_texts
 
     names = [str(n) for n, _ in labels]
     if len(names) < 2:
@@ -1026,7 +1028,7 @@ def proxy_long_list(
         e = _cell_embeddings(a, model, np.arange(a.n_obs), progress=False)
         if smooth and a.n_obs >= 3:
             e = smoothed(e, _knn_graph(e), 0.5)
-        pred = (centered(e, center) @ text.T * scale).argmax(1)
+        pred = label_logits(e, text, scale, center=center, csls=csls).argmax(1)
         lin = label_lineage[pred]
         out[key] = {
             "lineage_accuracy": float(np.mean(lin == truth)),

@@ -33,6 +33,8 @@ __all__ = [
     "label_texts",
     "zero_shot",
     "centered",
+    "csls_offsets",
+    "label_logits",
     "describe",
     "term_libraries",
     "softmax",
@@ -216,6 +218,63 @@ def centered(embeds: np.ndarray, center: float = 0.0) -> np.ndarray:
     return (emb - np.float32(center) * emb.mean(0, keepdims=True)).astype(np.float32)
 
 
+def csls_offsets(embeds: np.ndarray, text_embeds: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-label hubness penalty of CSLS: each label's mean cosine with its ``k`` most similar cells.
+
+    Conneau et al., "Word translation without parallel data" (ICLR 2018), score ``2 cos(x, t) - r(x) - r(t)``;
+    ``r(x)`` is the same for every label of a cell and cancels in a softmax over labels, so only
+    ``r(t)`` matters: a label text close to many cells (a hub) is marked down.
+
+    Parameters
+    ----------
+    embeds
+        ``(n_cells, d)`` L2-normalised cell embeddings.
+    text_embeds
+        ``(n_labels, d)`` L2-normalised label embeddings.
+    k
+        Cells per label (capped at ``n_cells``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_labels,)`` float32 mean top-``k`` cosine per label.
+
+    Raises
+    ------
+    QueryError
+        ``k`` below 1.
+    """
+    if int(k) < 1:
+        raise QueryError("The CSLS neighbourhood must hold at least one cell", found=k, expected="k >= 1, e.g. 10")
+    sims = np.asarray(embeds, dtype=np.float32) @ np.asarray(text_embeds, dtype=np.float32).T
+    k = min(int(k), sims.shape[0])
+    if k == 0:
+        return np.zeros(sims.shape[1], dtype=np.float32)
+    top = np.partition(sims, sims.shape[0] - k, axis=0)[sims.shape[0] - k:]
+    return top.mean(0).astype(np.float32)
+
+
+def label_logits(embeds: np.ndarray, text_embeds: np.ndarray, scale: float, *, center: float = 0.0,
+                 csls: int = 0) -> np.ndarray:
+    """Cell x label logits of zero-shot labelling, optionally corrected for hub labels.
+
+    ``cos(x, t) x scale`` (the seed's protocol); with ``center`` the cells are first centred
+    (:func:`centered`, DN); with ``csls`` = k, ``(cos(x, t) - 0.5 r_k(t)) x scale`` (:func:`csls_offsets`,
+    CSLS halved so the temperature stays that of the model).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells, n_labels)`` float64.
+    """
+    e = centered(embeds, center).astype(np.float64)
+    t = np.asarray(text_embeds, dtype=np.float64)
+    logits = e @ t.T
+    if csls:
+        logits = logits - 0.5 * csls_offsets(embeds, text_embeds, csls)[None, :].astype(np.float64)
+    return logits * float(scale)
+
+
 def zero_shot(
     adata: "AnnData",
     model: "TranscriptomeTextModel",
@@ -226,6 +285,7 @@ def zero_shot(
     key_added: str = "zero_shot",
     obsm_key: str = "transcriptome_embeds",
     center: float = 0.0,
+    csls: int = 0,
     write: bool = True,
 ) -> pd.DataFrame:
     """Label cells zero-shot from any list of names.
@@ -246,6 +306,8 @@ def zero_shot(
     center
         Distribution normalisation weight (:func:`centered`; 0 = the seed's protocol, 0.5 = DN), with the mean
         taken over all cells of ``adata``.
+    csls
+        CSLS hubness correction with this many cells per label (:func:`csls_offsets`; 0 = off).
 
     Returns
     -------
@@ -269,11 +331,11 @@ def zero_shot(
         raise QueryError("Labels must be distinct", found=f"duplicates {dup}", expected="each label once")
     if len(labels) < 2:
         raise QueryError("Zero-shot labelling needs at least two labels", found=labels, expected="two or more labels")
-    emb = centered(get_embeds(adata, model, key=obsm_key), center)
+    emb = get_embeds(adata, model, key=obsm_key)
     texts = label_texts(labels, template, definitions=definitions)
     text_embeds = model.embed_texts(texts)
     scale = float(model.logit_scale.detach().exp().cpu())
-    probs = softmax(emb @ text_embeds.T * scale, axis=1).astype(np.float32)
+    probs = softmax(label_logits(emb, text_embeds, scale, center=center, csls=csls), axis=1).astype(np.float32)
     df = pd.DataFrame(probs, index=adata.obs_names.copy(), columns=labels)
     if write:
         best = probs.argmax(axis=1)
@@ -281,7 +343,8 @@ def zero_shot(
         adata.obs[f"{key_added}_probability"] = probs[np.arange(len(best)), best]
         adata.obsm[f"{key_added}_probabilities"] = probs
         adata.uns[key_added] = {"labels": list(labels), "texts": texts, "template": TEMPLATES.get(template, template),
-                                "model": model.name, "obsm_key": obsm_key, "center": float(center)}
+                                "model": model.name, "obsm_key": obsm_key, "center": float(center),
+                                "csls": int(csls)}
     return df
 
 

@@ -113,3 +113,19 @@ def test_evaluate_cli_smooth_flag(tmp_path, tiny_adata, tiny_model, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["refined"]["smooth"] is True and out["refined"]["center"] == 0.0
 
+
+
+def test_csls_offsets_and_label_logits_hand_computed():
+    from engine.score import csls_offsets, label_logits
+
+    cells = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    texts = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # label 0: cosines 1, 0, 0.6 -> top-2 mean 0.8; label 1: 0, 1, 0.8 -> 0.9
+    np.testing.assert_allclose(csls_offsets(cells, texts, 2), [0.8, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(csls_offsets(cells, texts, 99), [1.6 / 3, 1.8 / 3], rtol=1e-6)  # capped at n_cells
+    plain = label_logits(cells, texts, 10.0)
+    np.testing.assert_allclose(plain, cells @ texts.T * 10.0)
+    np.testing.assert_allclose(label_logits(cells, texts, 10.0, csls=2), (cells @ texts.T - 0.5 * np.array([0.8, 0.9])) * 10.0)
+    np.testing.assert_allclose(label_logits(cells, texts, 1.0, center=0.5), centered(cells, 0.5) @ texts.T, rtol=1e-6)
+    with pytest.raises(QueryError, match="at least one cell"):
+        csls_offsets(cells, texts, 0)
