@@ -254,8 +254,39 @@ def _neighbor_graph(adata: "AnnData", use_rep: str, n_neighbors: int, random_sta
     params = adata.uns.get(NEIGHBORS_KEY, {}).get("params", {}) if isinstance(adata.uns.get(NEIGHBORS_KEY), dict) else {}
     if not (reuse and conn_key in adata.obsp and params.get("use_rep") == use_rep
             and int(params.get("n_neighbors", -1)) == n_neighbors):
-        sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=NEIGHBORS_KEY, random_state=random_state)
+        sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=NEIGHBORS_KEY, random_state=random_state,
+                        transformer=_approximate_knn(adata.n_obs, n_neighbors, random_state))
     return adata.obsp[conn_key]
+
+
+#: From this many cells on scanpy switches from exact (brute-force) to approximate neighbours (pynndescent).
+APPROXIMATE_KNN_FROM = 8192
+
+
+def _approximate_knn(n_obs: int, n_neighbors: int, random_state: int):
+    """scanpy's own choice of kNN search, except that pynndescent's graph comes back as a ``csr_matrix``.
+
+    scanpy 1.11 reads the approximate graph with ``getnnz``, which scipy >= 1.17 no longer offers on the
+    ``csr_array`` that pynndescent 0.7 returns, so ``sc.pp.neighbors`` failed on every dataset of 8,192 cells or
+    more. Below that size scanpy's exact search is used unchanged (None). Same parameters as scanpy's default.
+    """
+    if n_obs < APPROXIMATE_KNN_FROM:
+        return None
+    import scanpy as sc
+    import scipy.sparse as sp
+    from pynndescent import PyNNDescentTransformer
+
+    class _CsrMatrixNNDescent(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **kwargs):
+            return sp.csr_matrix(super().fit_transform(X, y, **kwargs))
+
+        def transform(self, X, y=None):
+            return sp.csr_matrix(super().transform(X, y))
+
+    return _CsrMatrixNNDescent(
+        n_neighbors=n_neighbors, metric="euclidean", random_state=random_state, n_jobs=sc.settings.n_jobs,
+        n_trees=min(64, 5 + round(n_obs ** 0.5 / 20.0)), n_iters=max(5, round(np.log2(n_obs))),
+    )
 
 
 def smoothed(embeds: np.ndarray, connectivities, self_weight: float = 0.5) -> np.ndarray:

@@ -129,3 +129,22 @@ def test_csls_offsets_and_label_logits_hand_computed():
     np.testing.assert_allclose(label_logits(cells, texts, 1.0, center=0.5), centered(cells, 0.5) @ texts.T, rtol=1e-6)
     with pytest.raises(QueryError, match="at least one cell"):
         csls_offsets(cells, texts, 0)
+
+
+def test_neighbour_graph_on_a_large_dataset():
+    """From 8,192 cells on scanpy uses pynndescent, whose csr_array scanpy 1.11 cannot read with scipy >= 1.17
+    (``getnnz``); the engine's graph (UMAP, smoothing) must work there too."""
+    import anndata as ad
+
+    from engine.embed import APPROXIMATE_KNN_FROM
+
+    rng = np.random.default_rng(0)
+    n = APPROXIMATE_KNN_FROM + 8
+    lab = rng.integers(0, 10, n)
+    e = (rng.standard_normal((10, 16))[lab] + 0.2 * rng.standard_normal((n, 16))).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    a = ad.AnnData(obsm={"transcriptome_embeds": e}, shape=(n, 0))
+    out = smooth_embeds(a)
+    assert out.shape == e.shape and np.isfinite(out).all()
+    A = a.obsp["lexicell_neighbors_distances"].tocoo()
+    assert A.nnz >= n * 10 and np.mean(lab[A.row] == lab[A.col]) > 0.95  # neighbours come from the same cluster
