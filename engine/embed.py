@@ -244,18 +244,23 @@ def umap(
 def _neighbor_graph(adata: "AnnData", use_rep: str, n_neighbors: int, random_state: int = 0, *, reuse: bool = False):
     """The kNN graph of :func:`umap` (scanpy ``neighbors`` on ``obsm[use_rep]``, ``key_added='lexicell_neighbors'``).
 
-    With ``reuse``, an existing graph built on the same representation with the same ``n_neighbors`` and cells
-    is returned instead of being rebuilt. Returns the ``(n_cells, n_cells)`` CSR connectivities.
+    With ``reuse``, an existing graph is returned instead of being rebuilt when it was built on the same
+    representation of the same model (the ``model_fingerprint`` in ``uns[use_rep]['params']``; never for
+    representations without one) with the same ``n_neighbors``. Returns the ``(n_cells, n_cells)`` CSR
+    connectivities.
     """
     import scanpy as sc
 
     n_neighbors = max(2, min(n_neighbors, adata.n_obs - 1))
     conn_key = f"{NEIGHBORS_KEY}_connectivities"
+    src = adata.uns.get(use_rep, {}).get("params", {}) if isinstance(adata.uns.get(use_rep), dict) else {}
+    source = src.get("model_fingerprint")
     params = adata.uns.get(NEIGHBORS_KEY, {}).get("params", {}) if isinstance(adata.uns.get(NEIGHBORS_KEY), dict) else {}
-    if not (reuse and conn_key in adata.obsp and params.get("use_rep") == use_rep
-            and int(params.get("n_neighbors", -1)) == n_neighbors):
+    if not (reuse and source and conn_key in adata.obsp and params.get("use_rep") == use_rep
+            and params.get("source_fingerprint") == source and int(params.get("n_neighbors", -1)) == n_neighbors):
         sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=NEIGHBORS_KEY, random_state=random_state,
                         transformer=_approximate_knn(adata.n_obs, n_neighbors, random_state))
+        adata.uns[NEIGHBORS_KEY]["params"]["source_fingerprint"] = source or ""
     return adata.obsp[conn_key]
 
 

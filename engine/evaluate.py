@@ -1,7 +1,10 @@
 """Zero-shot cell-type evaluation and paired retrieval (CellWhisperer, seed 000 appendices B and D).
 
 ``python -m engine.evaluate DATA --label-key COL [--model PATH] [--template T] [--json]
-[--confusion FILE.csv] [--max-cells-per-class N] [--smooth] [--center W]``
+[--confusion FILE.csv] [--max-cells-per-class N] [--smooth] [--center W] [--csls K]``
+
+``--smooth`` / ``--center`` / ``--csls`` add a column of label-free refinements (neighbour-smoothed embeddings,
+distribution normalisation, CSLS) beside the protocol's figures, which they never change.
 
 Zero-shot protocol (appendix D): every cell is embedded (:func:`engine.embed_cells`), every label is embedded
 as a sentence through a template (default ``"A sample of {label} from a healthy individual"``), cells are
@@ -115,8 +118,8 @@ def evaluate(
         ``template`` (the format string), ``label_key``, ``model``, ``labels``, ``per_cell`` and
         ``per_class`` (each ``roc_auc``, ``accuracy``, ``f1_macro``, ``recall@k``, ``n_items``,
         ``n_classes_scored``, ``note``), ``confusion`` (``labels`` and ``matrix``: rows true, columns
-        predicted, per cell), and with ``smooth`` or ``center`` also ``refined`` (the per-cell metrics of the
-        refined scores plus ``smooth`` and ``center``).
+        predicted, per cell), and with ``smooth``, ``center`` or ``csls`` also ``refined`` (the per-cell metrics
+        of the refined scores plus ``smooth``, ``center`` and ``csls``).
 
     Raises
     ------
@@ -127,7 +130,7 @@ def evaluate(
     QueryError
         Fewer than two candidate labels, empty labels or a bad template.
     """
-    from .score import TEMPLATES, label_texts
+    from .score import TEMPLATES, label_logits, label_texts
 
     if label_key not in adata.obs.columns:
         raise MissingKeyError(
@@ -169,7 +172,7 @@ def evaluate(
     texts = label_texts(cand, template)
     text_emb = model.embed_texts(texts)
     scale = float(model.logit_scale.detach().exp().cpu())
-    logits = emb.astype(np.float64) @ text_emb.T.astype(np.float64) * scale
+    logits = label_logits(emb, text_emb, scale)
     per_cell = classification_metrics(logits, y, ks=ks)
     # class-averaged embeddings
     classes = np.unique(y)
@@ -180,7 +183,6 @@ def evaluate(
     refined = None
     if refine:
         from .embed import smoothed
-        from .score import label_logits
 
         e = emb_all
         if smooth and e.shape[0] >= 3:

@@ -148,3 +148,18 @@ def test_neighbour_graph_on_a_large_dataset():
     assert out.shape == e.shape and np.isfinite(out).all()
     A = a.obsp["lexicell_neighbors_distances"].tocoo()
     assert A.nnz >= n * 10 and np.mean(lab[A.row] == lab[A.col]) > 0.95  # neighbours come from the same cluster
+
+
+def test_smoothing_never_reuses_a_graph_of_other_embeddings(tiny_adata, tiny_model, tiny_text_dir):
+    from tests.conftest import build_tiny_model
+
+    embed_cells(tiny_adata, tiny_model, progress=False)
+    umap(tiny_adata)
+    first = tiny_adata.obsp["lexicell_neighbors_connectivities"].copy()
+    other = build_tiny_model(tiny_text_dir, seed=5)
+    new = embed_cells(tiny_adata, other, progress=False)  # a model switch: same key, new embeddings
+    out = smooth_embeds(tiny_adata)
+    graph = tiny_adata.obsp["lexicell_neighbors_connectivities"]
+    assert (graph != first).nnz > 0  # rebuilt on the new embeddings
+    np.testing.assert_allclose(out, smoothed(new, graph, 0.5), rtol=1e-6)
+    assert get_embeds(tiny_adata, other, key=SMOOTH_KEY).shape == new.shape
