@@ -8,6 +8,7 @@ import panel as pn
 import engine
 
 from .. import plots
+from ..cache import SMOOTH_KEY
 from ..label_sets import LABEL_SETS, label_names
 from ..state import AppState
 from .common import Job, StateView, csv_download, table_widget
@@ -135,7 +136,9 @@ class ZeroShotView(StateView):
             st.apply_zero_shot(probs, template, smooth)
             self._show_summary()
 
-        await self.job.run(lambda: st.compute_zero_shot(labels, template, smooth), apply, label="Labelling cells",
+        first = smooth and SMOOTH_KEY not in st.adata.obsm
+        label = "Smoothing embeddings over neighbours (once per dataset), then labelling cells" if first else "Labelling cells"
+        await self.job.run(lambda: st.compute_zero_shot(labels, template, smooth), apply, label=label,
                            disable=[self.run_button])
 
     def _show_summary(self):
