@@ -21,6 +21,7 @@ from pathlib import Path
 import anndata as ad
 
 import engine
+from engine.embed import EMBED_KEY, SMOOTH_KEY
 from engine.errors import CancelledError, LexicellError
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EMBED_KEY = "transcriptome_embeds"
-SMOOTH_KEY = "transcriptome_embeds_smoothed"
 DEMO = "demo"
 
 _lock = threading.RLock()
@@ -260,12 +259,8 @@ def smoothed_key(session: ad.AnnData, base: ad.AnnData | None, model) -> str:
     """
     base = session if base is None else base
     with _lock:
-        try:
-            engine.get_embeds(base, model, key=SMOOTH_KEY)
-            fresh = base.uns.get(SMOOTH_KEY, {}).get("params", {}).get("model_fingerprint") == model.fingerprint()
-        except LexicellError:
-            fresh = False
-        if not fresh:
+        params = base.uns.get(SMOOTH_KEY, {}).get("params", {}) if isinstance(base.uns.get(SMOOTH_KEY), dict) else {}
+        if SMOOTH_KEY not in base.obsm or params.get("model_fingerprint") != model.fingerprint():
             engine.smooth_embeds(base)
     if base is not session:
         sync_from_base(session, base)

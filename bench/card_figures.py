@@ -16,7 +16,8 @@ Usage::
     python bench/card_figures.py [MODEL_DIR] [--cycle] [--smooth]
 
 ``--smooth`` adds the session-6 refinement (neighbour-smoothed embeddings, ``engine.smooth_embeds``): the demo's
-per-cell ROC-AUC on smoothed embeddings beside the seed's protocol, and how the app's 16-label "Immune / blood
+per-cell ROC-AUC on smoothed embeddings beside the seed's protocol, the per-class ROC-AUCs with and without, and
+how the app's 16-label "Immune / blood
 cell types" set labels the 700 demo cells with and without smoothing (label counts only; no labels are used).
 """
 from __future__ import annotations
@@ -66,6 +67,22 @@ def smoothing_figures(model) -> None:
     print(f"\nbulk_labels macro ROC-AUC per cell: {ev['per_cell']['roc_auc']:.3f} (seed protocol), "
           f"{ev['refined']['roc_auc']:.3f} (neighbour-smoothed); accuracy {ev['per_cell']['accuracy']:.3f} / "
           f"{ev['refined']['accuracy']:.3f}; macro F1 {ev['per_cell']['f1_macro']:.3f} / {ev['refined']['f1_macro']:.3f}")
+    # per-class one-vs-rest AUC with and without smoothing (reported only; nothing is chosen by it)
+    from engine.evaluate import _knn_graph
+    from engine.metrics import roc_auc_ovr
+    from engine.score import label_logits, label_texts
+
+    classes = list(demo.obs["bulk_labels"].cat.categories)
+    y = demo.obs["bulk_labels"].cat.codes.to_numpy()
+    emb = engine.get_embeds(demo, model)
+    text = model.embed_texts(label_texts(classes))
+    scale = float(model.logit_scale.detach().exp())
+    _, plain = roc_auc_ovr(label_logits(emb, text, scale), y)
+    _, smooth = roc_auc_ovr(label_logits(engine.embed.smoothed(emb, _knn_graph(emb), 0.5), text, scale), y)
+    print("\n| bulk_labels class | cells | ROC-AUC unsmoothed | smoothed |\n|---|---|---|---|")
+    for c, lab in enumerate(classes):
+        print(f"| {lab} | {int((y == c).sum())} | {plain['per_class'][c]:.3f} | {smooth['per_class'][c]:.3f} |")
+
     engine.smooth_embeds(demo)
     labels = label_names("Immune / blood cell types")
     counts = {}

@@ -13,6 +13,10 @@ appended to ``--log``.
 against the app's 16-label "Immune / blood cell types" set: lineage accuracy and absent rate, means over the
 2 folds x full / panel / shallow, and the soup's predicted-label counts (fold 0, full genes).
 
+``--diagnose`` (with ``--long-list``) adds, for fold 0 of each run (full genes, unsmoothed), the weak main types
+of the cells given an absent-lineage label and how often those cells express platelet genes (PPBP, PF4)
+compared with the other cells (model card, session 6).
+
 Usage::
 
     python bench/refine_run.py s6_base_s0 s6_base_s1i0 s6_base_s4i0 s6_base_s5i0 s6_soup4 [--log runs/refine.jsonl] [--long-list]
@@ -92,11 +96,45 @@ def score_long_list(name: str) -> dict:
             "absent_rate": {r: float(np.mean(v)) for r, v in absent.items()}, "counts_fold0_full": counts}
 
 
+def diagnose(name: str) -> None:
+    """Print who the absent-lineage labels of fold 0 go to, and whether platelet genes explain them."""
+    import numpy as np
+    import pandas as pd
+
+    import engine
+    from app.label_sets import LABEL_SETS
+    from engine.knowledge import _proxy_cells, lineage, marker_set_terms
+    from engine.score import label_logits, label_texts
+
+    labels = LABEL_SETS["Immune / blood cell types"]["labels"]
+    names = np.array([n for n, _ in labels], dtype=object)
+    model = engine.load_model(ROOT / "runs" / name / "fold0")
+    a = _proxy_cells(0.5, 0, "main")["full"]
+    emb = engine.embed_cells(a, model, progress=False, use_cache=False)
+    text = model.embed_texts(label_texts(list(names)))
+    pred = names[label_logits(emb, text, float(model.logit_scale.detach().exp())).argmax(1)]
+    present = {lineage((marker_set_terms(m) or [None])[0]) for m in set(a.obs["main"])} - {""}
+    lin = {n: lineage(t) for n, t in labels}
+    sym = a.var["gene_symbol"].str.upper().to_numpy()
+    X = a.X.tocsc()
+    for lab in [n for n in pd.Series(pred).value_counts().index if lin[n] not in present]:
+        s = pred == lab
+        mains = a.obs["main"][s].str.replace(r"\s*\(human \w+\)$", "", regex=True).value_counts().to_dict()
+        expr = []
+        for g in ("PPBP", "PF4"):
+            j = np.flatnonzero(sym == g)
+            if j.size:
+                x = np.asarray(X[:, j[0]].todense()).ravel() > 0
+                expr.append(f"{g} in {x[s].mean():.0%} of them vs {x[~s].mean():.0%} of the others")
+        print(f"  {name} fold 0: '{lab}' given to {int(s.sum())} cells, weak types {mains}; {'; '.join(expr)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="names of --cv runs under runs/")
     ap.add_argument("--log", default="runs/refine.jsonl")
     ap.add_argument("--long-list", action="store_true", help="the session-6b long-label-list proxy instead")
+    ap.add_argument("--diagnose", action="store_true", help="with --long-list: who gets the absent-lineage labels")
     args = ap.parse_args()
     for name in args.runs:
         if args.long_list:
@@ -109,6 +147,8 @@ def main() -> None:
                 top = sorted(res["counts_fold0_full"][r].items(), key=lambda x: -x[1])[:4]
                 print(f"  {r:<10} lineage accuracy {v:.3f} ({v - base:+.3f}) | absent rate {res['absent_rate'][r]:.3f} | "
                       f"fold-0 top labels {top}")
+            if args.diagnose:
+                diagnose(name)
             continue
         res = score_run(name)
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
