@@ -181,6 +181,10 @@ def main_cv(args) -> None:
     for fold in (0, 1):
         out = root / f"fold{fold}"
         cfg_path = _config(over, out, holdout_fraction=0.5, holdout_fold=fold)
+        cfg = json.loads(cfg_path.read_text())
+        if cfg["train"].get("init_from"):  # e.g. "runs/s6_base_s0/fold{fold}": continue that run's fold model
+            cfg["train"]["init_from"] = str((ROOT / cfg["train"]["init_from"].format(fold=fold)).resolve())
+            cfg_path.write_text(json.dumps(cfg, indent=1))
         t0 = time.perf_counter()
         if not args.skip_train:
             subprocess.run([sys.executable, "-m", "engine.train", "--config", str(cfg_path), "--out", str(out)],

@@ -290,11 +290,52 @@ class TextTower(nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if self.pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             return out.pooler_output.float()
-        hidden = out.last_hidden_state
+        return self._pool(out.last_hidden_state, attention_mask)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "pooler" and getattr(self.model, "pooler", None) is not None:
+            return self.model.pooler(hidden).float()
         if self.pooling == "cls":
             return hidden[:, 0].float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)).float()
+
+    def encoder_layers(self) -> nn.ModuleList:
+        """The encoder's transformer blocks (``model.encoder.layer`` of BERT-family models).
+
+        Raises
+        ------
+        ConfigError
+            If the model has no such list (partial fine-tuning then cannot split it).
+        """
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            raise ConfigError(
+                "This text model cannot be split into locked and trainable layers",
+                found=type(self.model).__name__,
+                expected="a BERT-family encoder with model.encoder.layer (e.g. MiniLM, BioBERT)",
+                fix="lock the whole text tower, or fine-tune it in full (train.lock_text false)",
+            )
+        return layers
+
+    @torch.no_grad()
+    def hidden_states_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Token states ``(batch, tokens, hidden_size)`` that enter encoder block ``layer`` (0: embeddings)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[layer]
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Pooled ``text_features`` ``(batch, hidden_size)`` from the states entering block ``layer``.
+
+        ``forward_from(hidden_states_at(ids, mask, k), mask, k)`` equals ``forward(ids, mask)``; the blocks
+        below ``k`` can then be run once per text and cached while the blocks from ``k`` on are trained.
+        """
+        ext = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        h = hidden
+        for block in self.encoder_layers()[layer:]:
+            h = block(h, attention_mask=ext)
+            h = h[0] if isinstance(h, tuple) else h
+        return self._pool(h, attention_mask)
 
     def config(self) -> dict:
         """Settings for ``config.json``."""

@@ -9,6 +9,14 @@
   default model (locked text tower) trains fast on a CPU.
 - AdamW (betas 0.9/0.98 as CellWhisperer), linear warm-up then cosine decay to ``min_lr_ratio x lr``,
   gradient clipping, ``logit_scale`` clamped at ``log(max_logit_scale)``.
+- ``text_finetune`` (optional second phase, after the locked epochs): ``{"epochs": 1, "layers": 1, "lr": 1e-4,
+  "text_lr": 2e-5, "warmup_steps": 0.1}`` unlocks the text tower's top ``layers`` encoder blocks (0: the phase
+  runs with the tower still locked, an equal-length control), with a fresh optimizer and warm-up/cosine
+  schedule. The locked blocks' output token states are computed once per text and cached (on disk too), so
+  a step runs only the trainable blocks; the checkpoint stores just those blocks
+  (``config.json["text_tower"]["finetuned"]``), the rest comes from the text model's source folder.
+- ``init_from``: a native model folder whose weights replace the ``init`` hook (same gene vocabulary), e.g.
+  to run only a ``text_finetune`` phase (``epochs`` 0) on a trained model; its epoch 0 can then be selected.
 - Validation after every epoch on held-out pairs (grouped split) with retrieval recall@1/5/10 over unique
   texts (appendix B); the best epoch by ``select_metric`` (default R@10, as the paper) is written to
   ``out/`` in the native format (:func:`engine.checkpoint.save_model`), with ``out/train_log.json``.
@@ -32,7 +40,8 @@ Config (JSON, or YAML when pyyaml is installed)::
       "init": {"callable": "engine.knowledge:init_model", "kwargs": {}},
       "train": {"epochs": 10, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
                 "clip_weight": 1.0, "jsd_weight": 0.0, "soft_targets": true, "val_fraction": 0.05,
-                "seed": 0, "select_metric": "R@10", "lock_text": true, "lock_transcriptome": false},
+                "seed": 0, "select_metric": "R@10", "lock_text": true, "lock_transcriptome": false,
+                "text_finetune": null, "init_from": null},
       "out": "runs/lexicell-default"
     }
 """
@@ -102,6 +111,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "lock_text": True,
         "lock_transcriptome": False,
         "text_trainable": None,
+        "text_finetune": None,
+        "init_from": None,
         "num_threads": None,
         "max_steps": None,
         "amp": False,
@@ -116,6 +127,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 _VOCAB_FROM_DATA = ("data", "from_data")
+
+#: ``train.text_finetune``: a second phase that unlocks the text tower's top ``layers`` encoder blocks.
+TEXT_FINETUNE_DEFAULTS = {"epochs": 1, "layers": 1, "lr": 1e-4, "text_lr": 2e-5, "warmup_steps": 0.1}
 
 
 # --------------------------------------------------------------------------- config
@@ -182,9 +196,24 @@ def load_config(config: dict | str | os.PathLike) -> dict:
     if not cfg["data"]:
         raise ConfigError("The config names no training data", found="data: []", expected="a list of sources ({'type': 'anndata'|'archs4'|'python', ...})")
     t = cfg["train"]
+    ft = t.get("text_finetune")
+    if ft is not None:
+        if not isinstance(ft, dict) or set(ft) - set(TEXT_FINETUNE_DEFAULTS):
+            raise ConfigError("Bad train.text_finetune", found=repr(ft),
+                              expected=f"null or a mapping with keys from {sorted(TEXT_FINETUNE_DEFAULTS)}")
+        ft = t["text_finetune"] = {**TEXT_FINETUNE_DEFAULTS, **ft}
+        if not isinstance(ft["epochs"], int) or ft["epochs"] < 1 or not isinstance(ft["layers"], int) or ft["layers"] < 0:
+            raise ConfigError("train.text_finetune needs epochs >= 1 and layers >= 0 (integers)",
+                              found=f"epochs={ft['epochs']!r}, layers={ft['layers']!r}", expected='e.g. {"epochs": 1, "layers": 1}')
+        if not t["lock_text"]:
+            raise ConfigError("train.text_finetune is a second phase after a locked-text phase",
+                              found="lock_text false", expected="lock_text true",
+                              fix="drop text_finetune, or lock the text tower for the first phase")
+    min_epochs = 0 if ft is not None else 1
     for key in ("epochs", "batch_size"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer", found=t[key], expected=">= 1")
+        if not isinstance(t[key], int) or t[key] < max(1 if key == "batch_size" else min_epochs, 0):
+            raise ConfigError(f"train.{key} must be a positive integer", found=t[key],
+                              expected=">= 1" if key == "batch_size" or ft is None else ">= 0 with text_finetune")
     if t["batch_size"] < 2:
         raise ConfigError("Contrastive training needs batches of at least 2 pairs", found=t["batch_size"], expected=">= 2")
     if float(t["lr"]) <= 0:
@@ -458,7 +487,9 @@ class _Trainer:
         # the random part of the initial weights; a separate init_seed lets runs share their start (model soups)
         _seed_everything(self.seed if t.get("init_seed") is None else int(t["init_seed"]))
         self.model = build_model_from_config(cfg["model"], data=data, base_dir=base)
-        if cfg.get("init") and not self.resume:
+        if t.get("init_from") and not self.resume:
+            self._load_init_from(_path(str(t["init_from"]), base))
+        elif cfg.get("init") and not self.resume:
             hook = cfg["init"]
             if isinstance(hook, str):
                 hook = {"callable": hook}
@@ -482,7 +513,11 @@ class _Trainer:
         # optimisation
         self.batch_size = int(t["batch_size"])
         self.steps_per_epoch = len(_batches(len(train), self.batch_size, self.seed, 0))
-        self.total_steps = self.steps_per_epoch * int(t["epochs"])
+        self.total_steps = max(1, self.steps_per_epoch * int(t["epochs"]))
+        self.ft = t.get("text_finetune")
+        self.total_epochs = int(t["epochs"]) + (int(self.ft["epochs"]) if self.ft else 0)
+        self.phase = "main"
+        self.text_partial = False
         warm = t["warmup_steps"]
         warm = int(round(float(warm) * self.total_steps)) if isinstance(warm, float) and warm < 1 else int(warm or 0)
         self.optimizer = self._optimizer()
@@ -518,10 +553,164 @@ class _Trainer:
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         log.info("trainable parameters: %d (lock_text=%s, lock_transcriptome=%s)", n_train, self.lock_text, self.lock_tx)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _load_init_from(self, folder: str | None) -> None:
+        """Start from the weights of a saved model (native format) instead of the ``init`` hook."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import WEIGHTS_FILE, load_state
+        from .tokenizer import RankTokenizer
+
+        path = Path(str(folder)).expanduser()
+        if not (path / WEIGHTS_FILE).is_file() or not (path / "genes.tsv").is_file():
+            raise CheckpointError("train.init_from is not a model folder", found=str(path),
+                                  expected="a folder with model.safetensors and genes.tsv (native format)",
+                                  fix="point init_from at the output folder of an earlier training run")
+        theirs = RankTokenizer.load(path / "genes.tsv").to_frame()["ensembl_id"].tolist()
+        if theirs != self.model.tokenizer.to_frame()["ensembl_id"].tolist():
+            raise CheckpointError("train.init_from has another gene vocabulary", found=f"{len(theirs)} genes in {path}",
+                                  expected=f"the {len(self.model.tokenizer.to_frame())} genes of this config's vocabulary",
+                                  fix="use the same model.vocabulary as the run you start from")
+        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        finetuned = (cfg.get("text_tower") or {}).get("finetuned") or []
+        if finetuned:
+            self.model.text_finetuned = list(finetuned)
+        load_state(self.model, load_file(str(path / WEIGHTS_FILE)), source=str(path))
+        log.info("initial weights from %s", path)
+
+    def _enter_text_phase(self) -> None:
+        """Second phase: unlock the text tower's top ``layers`` blocks (0: stay locked), new optimizer and schedule.
+
+        The blocks below stay locked; their output token states are computed once per text
+        (:meth:`_cache_text_hidden`), so a step costs the trainable blocks only.
+        """
+        ft, m = self.ft, self.model
+        n_layers = int(ft["layers"])
+        if n_layers > 0:
+            blocks = m.text_tower.encoder_layers()
+            if n_layers > len(blocks):
+                raise ConfigError("train.text_finetune.layers exceeds the text model's depth",
+                                  found=n_layers, expected=f"1..{len(blocks)}")
+            self.text_start = len(blocks) - n_layers
+            prefixes = [f"encoder.layer.{i}." for i in range(self.text_start, len(blocks))]
+            if m.text_tower.pooling == "pooler" and getattr(m.text_tower.model, "pooler", None) is not None:
+                prefixes.append("pooler.")
+            for name, p in m.text_tower.model.named_parameters():
+                p.requires_grad_(name.startswith(tuple(prefixes)))
+            m.text_finetuned = sorted(set(m.text_finetuned) | set(prefixes))
+            m.text_weights = "source"
+            self._cache_text_hidden()
+            self.text_partial = True
+        self.phase = "text"
+        steps = max(1, self.steps_per_epoch * int(ft["epochs"]))
+        warm = ft["warmup_steps"]
+        warm = int(round(float(warm) * steps)) if isinstance(warm, float) and warm < 1 else int(warm or 0)
+        self.optimizer = self._optimizer(lr=float(ft["lr"]), text_lr=float(ft["text_lr"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warm, steps, float(self.t["min_lr_ratio"])))
+        n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        log.info("text phase: %d trainable parameters (text blocks from %s)", n_train,
+                 getattr(self, "text_start", None) if n_layers else "none, locked")
+
+    @torch.no_grad()
+    def _cache_text_hidden(self) -> None:
+        """Token states entering block ``text_start`` for every text, flat ``(tokens, hidden)`` + offsets.
+
+        Kept on disk beside the locked-feature store, keyed by the locked blocks' weights and the split.
+        """
+        import hashlib
+
+        from tqdm.auto import tqdm
+
+        from .embed import cache_dir
+
+        m, dev, k = self.model, self.device, self.text_start
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps({**m.text_tower.config(), "split": k}, sort_keys=True).encode())
+        top = tuple(f"model.encoder.layer.{i}." for i in range(k, len(m.text_tower.encoder_layers()))) + ("model.pooler.",)
+        for name, v in sorted(m.text_tower.state_dict().items()):
+            if not name.startswith(top):
+                h.update(name.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        store = Path(cache_dir()) / "text_hidden" / h.hexdigest()
+        known: dict[str, int] = {}
+        flat = offs = None
+        if self.t.get("cache_text_features", True):
+            try:
+                names = json.loads((store / "texts.json").read_text(encoding="utf-8"))
+                flat = np.load(store / "hidden.npy", mmap_mode="r", allow_pickle=False)
+                offs = np.load(store / "offsets.npy", allow_pickle=False)
+                if len(offs) != len(names) + 1 or int(offs[-1]) != flat.shape[0]:
+                    raise ValueError("inconsistent store")
+                known = {str(x): i for i, x in enumerate(names)}
+            except FileNotFoundError:
+                flat = offs = None
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("ignoring unreadable text-state cache %s: %s", store, err)
+                known, flat, offs = {}, None, None
+        missing = [x for x in dict.fromkeys(self.texts) if x not in known]
+        new_states: list[np.ndarray] = []
+        if missing:
+            m.text_tower.eval()
+            bs = int(self.t["text_batch_size"])
+            order = np.argsort([len(x) for x in missing], kind="stable")
+            got: dict[int, np.ndarray] = {}
+            for i in tqdm(range(0, len(order), bs), desc="Text states (locked blocks)", disable=not self.progress, unit="batch"):
+                idx = order[i : i + bs]
+                enc = m.text_tower.tokenize([missing[j] for j in idx], device=dev)
+                hs = m.text_tower.hidden_states_at(enc["input_ids"], enc["attention_mask"], k).float().cpu().numpy()
+                lens = enc["attention_mask"].sum(1).cpu().numpy()
+                for r, j in enumerate(idx):
+                    got[int(j)] = hs[r, : int(lens[r])]
+            new_states = [got[j] for j in range(len(missing))]
+        # assemble the in-memory table in self.texts order
+        rows, lengths = [], []
+        miss_pos = {x: i for i, x in enumerate(missing)}
+        for x in self.texts:
+            if x in known:
+                a = np.asarray(flat[offs[known[x]] : offs[known[x] + 1]])
+            else:
+                a = new_states[miss_pos[x]]
+            rows.append(a)
+            lengths.append(a.shape[0])
+        self.text_hidden = torch.from_numpy(np.concatenate(rows).astype(np.float32)).to(dev)
+        self.text_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if missing and self.t.get("cache_text_features", True):
+            all_names = list(known) + missing
+            parts = ([np.asarray(flat)] if flat is not None else []) + new_states
+            all_lens = (np.diff(offs).tolist() if offs is not None else []) + [a.shape[0] for a in new_states]
+            store.mkdir(parents=True, exist_ok=True)
+            np.save(store / "hidden.tmp.npy", np.concatenate(parts).astype(np.float32))
+            np.save(store / "offsets.tmp.npy", np.concatenate([[0], np.cumsum(all_lens)]).astype(np.int64))
+            (store / "texts.tmp.json").write_text(json.dumps(all_names), encoding="utf-8")
+            for name in ("hidden", "offsets"):
+                os.replace(store / f"{name}.tmp.npy", store / f"{name}.npy")
+            os.replace(store / "texts.tmp.json", store / "texts.json")
+        log.info("text states at block %d: %d texts (%d computed), %d tokens", k, len(self.texts), len(missing), int(self.text_offsets[-1]))
+
+    def _partial_text_features(self, uniq: np.ndarray, chunk: int = 64) -> torch.Tensor:
+        """Features of texts ``uniq`` through the trainable top blocks, from the cached token states."""
+        m, dev = self.model, self.device
+        lens = self.text_offsets[uniq + 1] - self.text_offsets[uniq]
+        order = np.argsort(lens, kind="stable")  # similar lengths per chunk: little padding
+        out = [None] * len(uniq)
+        for i in range(0, len(order), chunk):
+            idx = order[i : i + chunk]
+            width = int(lens[idx].max())
+            hid = self.text_hidden.new_zeros((len(idx), width, self.text_hidden.shape[1]))
+            mask = torch.zeros((len(idx), width), dtype=torch.long, device=dev)
+            for r, j in enumerate(idx):
+                a, b = self.text_offsets[uniq[j]], self.text_offsets[uniq[j] + 1]
+                hid[r, : b - a] = self.text_hidden[a:b]
+                mask[r, : b - a] = 1
+            feats = m.text_tower.forward_from(hid, mask, self.text_start)
+            for r, j in enumerate(idx):
+                out[j] = feats[r]
+        return torch.stack(out)
+
+    def _optimizer(self, lr: float | None = None, text_lr: float | None = None) -> torch.optim.Optimizer:
         t = self.t
-        lr = float(t["lr"])
-        text_lr = float(t["text_lr"]) if t.get("text_lr") else lr
+        lr = float(t["lr"]) if lr is None else float(lr)
+        if text_lr is None:
+            text_lr = float(t["text_lr"]) if t.get("text_lr") else lr
         groups: dict[tuple, list] = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -639,7 +828,9 @@ class _Trainer:
         """Embeds of texts ``text_ids`` (indices into ``self.texts``); each unique text is encoded once."""
         m = self.model
         uniq, inv = np.unique(text_ids, return_inverse=True)
-        if self.lock_text:
+        if self.text_partial:
+            feats = self._partial_text_features(uniq)
+        elif self.lock_text:
             feats = self.text_feats[torch.from_numpy(uniq).to(self.device)]
         else:
             enc = m.text_tower.tokenize([self.texts[i] for i in uniq], device=self.device)
@@ -662,6 +853,9 @@ class _Trainer:
         self.model.train()
         if self.lock_text:
             self.model.text_tower.eval()
+            if self.text_partial:
+                for block in self.model.text_tower.encoder_layers()[self.text_start:]:
+                    block.train()
         if self.lock_tx:
             self.model.transcriptome_tower.eval()
 
@@ -670,25 +864,29 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         t = self.t
-        epochs = int(t["epochs"])
+        epochs = self.total_epochs
         max_logit = math.log(float(t["max_logit_scale"]))
         amp = bool(t.get("amp")) and self.device.type == "cuda"
         stop = False
         if not self.history:  # baseline before any step (logged as epoch 0, never selected)
             t0 = time.perf_counter()
             val = self.validate()
-            self.history.append(
-                {"epoch": 0, "partial": False, "steps": 0, "global_step": 0, "val": val, "seconds": round(time.perf_counter() - t0, 3),
-                 "logit_scale": float(self.model.logit_scale.detach().exp())}
-            )
+            rec0 = {"epoch": 0, "partial": False, "steps": 0, "global_step": 0, "val": val, "seconds": round(time.perf_counter() - t0, 3),
+                    "logit_scale": float(self.model.logit_scale.detach().exp())}
+            self.history.append(rec0)
+            if t.get("init_from"):  # a trained start competes with the epochs that follow
+                self._select(rec0)
         while self.epoch < epochs and not stop:
             e = self.epoch
+            if self.ft and e >= int(t["epochs"]) and self.phase != "text":
+                self._enter_text_phase()
             t0 = time.perf_counter()
             self._set_train_mode()
             batches = _batches(len(self.train_data), self.batch_size, self.seed, e)
             losses, parts_sum = [], {}
             bar = tqdm(
-                total=len(batches), initial=self.step_in_epoch, desc=f"Epoch {e + 1}/{epochs}", disable=not self.progress, unit="batch"
+                total=len(batches), initial=self.step_in_epoch, disable=not self.progress, unit="batch",
+                desc=f"Epoch {e + 1}/{epochs}" + (" (text tower top layers)" if self.text_partial else ""),
             )
             for b in range(self.step_in_epoch, len(batches)):
                 if self.max_steps is not None and self.global_step >= int(self.max_steps):
@@ -732,6 +930,7 @@ class _Trainer:
             self.elapsed += dt
             rec = {
                 "epoch": e + 1,
+                "phase": self.phase,
                 "partial": not finished,
                 "steps": len(losses),
                 "global_step": self.global_step,
@@ -816,7 +1015,7 @@ class _Trainer:
                 "n_pairs_train": len(self.train_data),
                 "n_pairs_val": len(self.val_data),
                 "n_texts": len(self.texts),
-                "epochs": int(t["epochs"]),
+                "epochs": self.total_epochs,
                 "epochs_run": len([h for h in self.history if not h["partial"] and h["epoch"] > 0]),
                 "global_step": self.global_step,
                 "best_epoch": self.best_epoch,
@@ -827,6 +1026,9 @@ class _Trainer:
                 "setup_s": round(getattr(self, "setup_s", 0.0), 2),
                 "seed": self.seed,
                 "lock_text": self.lock_text,
+                "text_finetuned": list(self.model.text_finetuned),
+                "text_finetune": self.ft,
+                "init_from": t.get("init_from"),
                 "lock_transcriptome": self.lock_tx,
                 "loss": {"clip_weight": t["clip_weight"], "jsd_weight": t["jsd_weight"], "soft_targets": t["soft_targets"]},
                 "finished": final,
@@ -863,9 +1065,9 @@ class _Trainer:
         if cfg_file.is_file():
             config = json.loads(cfg_file.read_text())
             rec = getattr(self, "_best_rec", None)
-            config.setdefault("metadata", {}).update(self._metadata(rec, final=self.epoch >= int(self.t["epochs"])))
+            config.setdefault("metadata", {}).update(self._metadata(rec, final=self.epoch >= self.total_epochs))
             _write_json(cfg_file, config)
-        finished = self.epoch >= int(self.t["epochs"])
+        finished = self.epoch >= self.total_epochs
         self._write_log(status="finished" if finished else "stopped")
         if finished and not self.t.get("keep_last", True):
             import shutil
@@ -875,10 +1077,11 @@ class _Trainer:
         self.model.invalidate_caches()
 
     def _state_keys(self) -> list[str]:
-        keys = list(self.model.state_dict())
-        if self.lock_text and self.model.text_weights == "source":
-            keys = [k for k in keys if not k.startswith("text_tower.")]
-        return keys
+        from .checkpoint import _text_state_keys
+
+        sd = self.model.state_dict()
+        by_reference = set(_text_state_keys(self.model, sd)) if self.model.text_weights == "source" else set()
+        return [k for k in sd if k not in by_reference]
 
     def _save_last(self) -> None:
         from .checkpoint import save_weights
@@ -897,6 +1100,7 @@ class _Trainer:
             "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "elapsed": self.elapsed,
+            "phase": self.phase,
             "torch_rng": torch.get_rng_state(),
             "history_json": json.dumps(self.history, default=_json_default),
             "best_rec_json": json.dumps(getattr(self, "_best_rec", None), default=_json_default),
@@ -936,6 +1140,8 @@ class _Trainer:
         self.model.load_state_dict(state_w, strict=False)
         self.model.to(self.device)
         st = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+        if st.get("phase") == "text":  # the optimizer state below belongs to the text phase
+            self._enter_text_phase()
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = int(st["epoch"]), int(st["step_in_epoch"]), int(st["global_step"])

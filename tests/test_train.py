@@ -288,3 +288,111 @@ def test_soup_config_trains_members_from_one_start_and_averages(tmp_path, vocab_
     assert np.allclose(soup_model.state_dict()[k].double().numpy(), expect.numpy(), atol=1e-6)
     with pytest.raises(ConfigError, match="soup"):
         load_config({**cfg, "soup": {"seeds": [0]}})
+
+
+def test_text_tower_split_forward_equals_full_forward(text_dir):
+    """Cached lower blocks + trainable top blocks compute exactly the tower's features."""
+    import torch
+
+    from engine.towers import TextTower
+
+    tower = TextTower(text_dir, pooling="mean", max_length=32).eval()
+    enc = tower.tokenize(["B cell from blood", "a much longer text about classical monocytes in the spleen", "T"])
+    with torch.no_grad():
+        full = tower(**enc)
+        for k in range(len(tower.encoder_layers()) + 1):
+            part = tower.forward_from(tower.hidden_states_at(enc["input_ids"], enc["attention_mask"], k), enc["attention_mask"], k)
+            assert torch.allclose(part, full, atol=1e-5), k
+
+
+def test_text_finetune_phase_trains_top_block_stores_it_and_resumes(tmp_path, vocab_file, text_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_model
+    from engine.towers import TextTower
+    from engine.train import train
+
+    ft = {"epochs": 2, "layers": 1, "lr": 5e-3, "text_lr": 5e-3, "warmup_steps": 1}
+    cfg = make_config(vocab_file, text_dir, tmp_path / "full", epochs=2, text_finetune=ft, select_metric="R@5")
+    out = train(cfg, device="cpu")
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["status"] == "finished"
+    assert [e.get("phase") for e in log["epochs"][1:]] == ["main", "main", "text", "text"]
+    model = load_model(out, device="cpu")
+    n_blocks = len(model.text_tower.encoder_layers())
+    top = f"encoder.layer.{n_blocks - 1}."
+    assert model.text_finetuned == [top]
+    stored = load_file(str(out / "model.safetensors"))
+    text_keys = [k for k in stored if k.startswith("text_tower.")]
+    assert text_keys and all(k.startswith(f"text_tower.model.{top}") for k in text_keys)  # only the tuned block
+    # the tuned block moved away from the package weights, the locked ones did not
+    source = TextTower(text_dir, pooling="mean", max_length=32).state_dict()
+    tuned = model.text_tower.state_dict()
+    moved = [k for k in tuned if not torch_equal(tuned[k], source[k])]
+    assert moved and all(k.startswith(f"model.{top}") for k in moved)
+    assert model.metadata["training"]["text_finetuned"] == [top]
+    assert (tmp_path / "cache" / "text_hidden").is_dir()  # lower-block token states cached on disk
+    # stop in the middle of the text phase, then resume: same weights as the uninterrupted run
+    cfg2 = make_config(vocab_file, text_dir, tmp_path / "parts", epochs=2, text_finetune=ft, select_metric="R@5")
+    part = train(cfg2, device="cpu", max_steps=18)  # 7 steps per epoch: stops inside epoch 3 (the text phase)
+    assert json.loads((part / "train_log.json").read_text())["status"] == "stopped"
+    resumed = train(cfg2, device="cpu", resume=True)
+    a = load_file(str(out / "last" / "model.safetensors"))
+    b = load_file(str(resumed / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("text_tower.") for k in a)
+    for k in a:
+        # attention key biases get no true gradient (softmax ignores a shift), only float noise that Adam
+        # normalises into small steps; they differ in noise, everything else matches
+        tol = 1e-4 if k.endswith("attention.self.key.bias") else 1e-5
+        assert np.allclose(a[k].numpy(), b[k].numpy(), atol=tol), k
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_init_from_continues_a_trained_model_and_locked_control(tmp_path, vocab_file, text_dir):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_model
+    from engine.train import train
+
+    base = train(make_config(vocab_file, text_dir, tmp_path / "base", epochs=2, select_metric="R@5"), device="cpu")
+    base_log = json.loads((base / "train_log.json").read_text())
+    ctrl = {"epochs": 1, "layers": 0, "lr": 1e-3, "warmup_steps": 1}
+    out = train(make_config(vocab_file, text_dir, tmp_path / "ctrl", epochs=0, init_from=str(base), text_finetune=ctrl,
+                            select_metric="R@5"), device="cpu")
+    log = json.loads((out / "train_log.json").read_text())
+    # epoch 0 is the trained start (same validation pairs, same figure), and it may be selected
+    assert log["epochs"][0]["val"]["R@5"] == pytest.approx(base_log["epochs"][-1]["val"]["R@5"]) or \
+        log["epochs"][0]["val"]["R@5"] >= 0.5
+    assert [e["epoch"] for e in log["epochs"]] == [0, 1] and log["best_epoch"] in (0, 1)
+    assert not any(k.startswith("text_tower.") for k in load_file(str(out / "model.safetensors")))  # control: locked
+    assert load_model(out, device="cpu").metadata["training"]["init_from"] == str(base)
+    # a start with another vocabulary is refused
+    from engine.tokenizer import RankTokenizer
+
+    other = tmp_path / "other_genes.tsv"
+    RankTokenizer(GENES[:-1], gene_medians=np.ones(len(GENES) - 1), symbols=GENES[:-1]).save(other)
+    bad = make_config(other, text_dir, tmp_path / "bad", epochs=0, init_from=str(base), text_finetune=ctrl)
+    with pytest.raises(CheckpointError, match="another gene vocabulary"):
+        train(bad, device="cpu")
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        train(make_config(vocab_file, text_dir, tmp_path / "bad2", epochs=0, init_from=str(tmp_path), text_finetune=ctrl), device="cpu")
+
+
+def test_text_finetune_config_errors(tmp_path, vocab_file, text_dir):
+    from engine.train import load_config
+
+    with pytest.raises(ConfigError, match="second phase"):
+        load_config(make_config(vocab_file, text_dir, tmp_path, lock_text=False, text_finetune={"epochs": 1}))
+    with pytest.raises(ConfigError, match="Bad train.text_finetune"):
+        load_config(make_config(vocab_file, text_dir, tmp_path, text_finetune={"epoch": 1}))
+    with pytest.raises(ConfigError, match="epochs >= 1"):
+        load_config(make_config(vocab_file, text_dir, tmp_path, text_finetune={"epochs": 0}))
+    with pytest.raises(ConfigError, match="positive integer"):
+        load_config(make_config(vocab_file, text_dir, tmp_path, epochs=0))
+    cfg = load_config(make_config(vocab_file, text_dir, tmp_path, epochs=0, text_finetune={"layers": 2}))
+    assert cfg["train"]["text_finetune"] == {"epochs": 1, "layers": 2, "lr": 1e-4, "text_lr": 2e-5, "warmup_steps": 0.1}
