@@ -182,8 +182,8 @@ def main_cv(args) -> None:
         out = root / f"fold{fold}"
         cfg_path = _config(over, out, holdout_fraction=0.5, holdout_fold=fold)
         cfg = json.loads(cfg_path.read_text())
-        if cfg["train"].get("init_from"):  # e.g. "runs/s6_base_s0/fold{fold}": continue that run's fold model
-            cfg["train"]["init_from"] = str((ROOT / cfg["train"]["init_from"].format(fold=fold)).resolve())
+        if cfg["model"].get("init_from"):  # e.g. "runs/s6_base_s0/fold{fold}": continue that run's fold model
+            cfg["model"]["init_from"] = str((ROOT / cfg["model"]["init_from"].format(fold=fold)).resolve())
             cfg_path.write_text(json.dumps(cfg, indent=1))
         t0 = time.perf_counter()
         if not args.skip_train:

@@ -15,8 +15,9 @@
   schedule. The locked blocks' output token states are computed once per text and cached (on disk too), so
   a step runs only the trainable blocks; the checkpoint stores just those blocks
   (``config.json["text_tower"]["finetuned"]``), the rest comes from the text model's source folder.
-- ``init_from``: a native model folder whose weights replace the ``init`` hook (same gene vocabulary), e.g.
-  to run only a ``text_finetune`` phase (``epochs`` 0) on a trained model; its epoch 0 can then be selected.
+- ``model.init_from``: a native model folder to start from (its architecture, vocabulary and weights; the
+  ``init`` hook is then skipped), e.g. to run only a ``text_finetune`` phase (``epochs`` 0) on a trained
+  model. Its epoch 0 can then be selected, unless ``train.select_start`` is false.
 - Validation after every epoch on held-out pairs (grouped split) with retrieval recall@1/5/10 over unique
   texts (appendix B); the best epoch by ``select_metric`` (default R@10, as the paper) is written to
   ``out/`` in the native format (:func:`engine.checkpoint.save_model`), with ``out/train_log.json``.
@@ -41,7 +42,7 @@ Config (JSON, or YAML when pyyaml is installed)::
       "train": {"epochs": 10, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 100,
                 "clip_weight": 1.0, "jsd_weight": 0.0, "soft_targets": true, "val_fraction": 0.05,
                 "seed": 0, "select_metric": "R@10", "lock_text": true, "lock_transcriptome": false,
-                "text_finetune": null, "init_from": null},
+                "text_finetune": null, "select_start": true},
       "out": "runs/lexicell-default"
     }
 """
@@ -112,7 +113,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "lock_transcriptome": False,
         "text_trainable": None,
         "text_finetune": None,
-        "init_from": None,
+        "select_start": True,
         "num_threads": None,
         "max_steps": None,
         "amp": False,
@@ -487,9 +488,7 @@ class _Trainer:
         # the random part of the initial weights; a separate init_seed lets runs share their start (model soups)
         _seed_everything(self.seed if t.get("init_seed") is None else int(t["init_seed"]))
         self.model = build_model_from_config(cfg["model"], data=data, base_dir=base)
-        if t.get("init_from") and not self.resume:
-            self._load_init_from(_path(str(t["init_from"]), base))
-        elif cfg.get("init") and not self.resume:
+        if cfg.get("init") and not self.resume and not cfg["model"].get("init_from"):  # a loaded start keeps its weights
             hook = cfg["init"]
             if isinstance(hook, str):
                 hook = {"callable": hook}
@@ -552,30 +551,6 @@ class _Trainer:
                 m.text_weights = "checkpoint"
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         log.info("trainable parameters: %d (lock_text=%s, lock_transcriptome=%s)", n_train, self.lock_text, self.lock_tx)
-
-    def _load_init_from(self, folder: str | None) -> None:
-        """Start from the weights of a saved model (native format) instead of the ``init`` hook."""
-        from safetensors.torch import load_file
-
-        from .checkpoint import WEIGHTS_FILE, load_state
-        from .tokenizer import RankTokenizer
-
-        path = Path(str(folder)).expanduser()
-        if not (path / WEIGHTS_FILE).is_file() or not (path / "genes.tsv").is_file():
-            raise CheckpointError("train.init_from is not a model folder", found=str(path),
-                                  expected="a folder with model.safetensors and genes.tsv (native format)",
-                                  fix="point init_from at the output folder of an earlier training run")
-        theirs = RankTokenizer.load(path / "genes.tsv").to_frame()["ensembl_id"].tolist()
-        if theirs != self.model.tokenizer.to_frame()["ensembl_id"].tolist():
-            raise CheckpointError("train.init_from has another gene vocabulary", found=f"{len(theirs)} genes in {path}",
-                                  expected=f"the {len(self.model.tokenizer.to_frame())} genes of this config's vocabulary",
-                                  fix="use the same model.vocabulary as the run you start from")
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        finetuned = (cfg.get("text_tower") or {}).get("finetuned") or []
-        if finetuned:
-            self.model.text_finetuned = list(finetuned)
-        load_state(self.model, load_file(str(path / WEIGHTS_FILE)), source=str(path))
-        log.info("initial weights from %s", path)
 
     def _enter_text_phase(self) -> None:
         """Second phase: unlock the text tower's top ``layers`` blocks (0: stay locked), new optimizer and schedule.
@@ -874,7 +849,7 @@ class _Trainer:
             rec0 = {"epoch": 0, "partial": False, "steps": 0, "global_step": 0, "val": val, "seconds": round(time.perf_counter() - t0, 3),
                     "logit_scale": float(self.model.logit_scale.detach().exp())}
             self.history.append(rec0)
-            if t.get("init_from"):  # a trained start competes with the epochs that follow
+            if self.cfg["model"].get("init_from") and t.get("select_start", True):  # a trained start competes
                 self._select(rec0)
         while self.epoch < epochs and not stop:
             e = self.epoch
@@ -1028,7 +1003,7 @@ class _Trainer:
                 "lock_text": self.lock_text,
                 "text_finetuned": list(self.model.text_finetuned),
                 "text_finetune": self.ft,
-                "init_from": t.get("init_from"),
+                "init_from": self.cfg["model"].get("init_from"),
                 "lock_transcriptome": self.lock_tx,
                 "loss": {"clip_weight": t["clip_weight"], "jsd_weight": t["jsd_weight"], "soft_targets": t["soft_targets"]},
                 "finished": final,
