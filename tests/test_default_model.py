@@ -56,10 +56,11 @@ def test_zero_shot_beats_chance_on_bulk_labels(default_model, demo):
 
 
 def test_proliferation_query_tracks_cell_cycle_scores(default_model, demo):
-    # The target (beat every cell-type query on G2M_score and S_score) is NOT met by the session-5 model:
-    # on G2M "proliferating cells" (0.179) trails "B cells" (0.190), on S "NK cells" leads (MODEL_CARD.md,
-    # "What did not work"). Guarded here: a clear positive correlation that beats the queries for types with
-    # little cycling (T cells, monocytes, dendritic cells) and NK cells, and stays within 0.03 of "B cells".
+    # The target (beat every cell-type query on G2M_score and S_score) is only half met by the session-7
+    # model: on G2M "proliferating cells" (0.195) leads "B cells" (0.180), on S "NK cells" leads (MODEL_CARD.md,
+    # "What did not work"); the session-6 model trailed "B cells" on G2M (0.179 vs 0.190). Guarded here, so that
+    # a retrained model within the seed spread passes: a clear positive correlation that beats the queries for
+    # types with little cycling (T cells, monocytes, dendritic cells) and NK cells, within 0.03 of "B cells".
     prolif = engine.score_text(demo, default_model, "proliferating cells", write=False)
     rho = spearmanr(prolif, demo.obs["G2M_score"]).statistic
     assert rho > 0.15
