@@ -210,11 +210,10 @@ def load_config(config: dict | str | os.PathLike) -> dict:
             raise ConfigError("train.text_finetune is a second phase after a locked-text phase",
                               found="lock_text false", expected="lock_text true",
                               fix="drop text_finetune, or lock the text tower for the first phase")
-    min_epochs = 0 if ft is not None else 1
-    for key in ("epochs", "batch_size"):
-        if not isinstance(t[key], int) or t[key] < max(1 if key == "batch_size" else min_epochs, 0):
-            raise ConfigError(f"train.{key} must be a positive integer", found=t[key],
-                              expected=">= 1" if key == "batch_size" or ft is None else ">= 0 with text_finetune")
+    for key, low in (("epochs", 0 if ft is not None else 1), ("batch_size", 1)):  # epochs 0: only the text phase
+        if not isinstance(t[key], int) or t[key] < low:
+            raise ConfigError(f"train.{key} must be a {'positive' if low else 'non-negative'} integer", found=t[key],
+                              expected=f">= {low}")
     if t["batch_size"] < 2:
         raise ConfigError("Contrastive training needs batches of at least 2 pairs", found=t["batch_size"], expected=">= 2")
     if float(t["lr"]) <= 0:
@@ -386,6 +385,11 @@ def _seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def _warmup_steps(warmup, total: int) -> int:
+    """Warm-up length in steps: a float below 1 is a fraction of ``total``."""
+    return int(round(float(warmup) * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup or 0)
+
+
 def _lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -517,8 +521,7 @@ class _Trainer:
         self.total_epochs = int(t["epochs"]) + (int(self.ft["epochs"]) if self.ft else 0)
         self.phase = "main"
         self.text_partial = False
-        warm = t["warmup_steps"]
-        warm = int(round(float(warm) * self.total_steps)) if isinstance(warm, float) and warm < 1 else int(warm or 0)
+        warm = _warmup_steps(t["warmup_steps"], self.total_steps)
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warm, self.total_steps, float(t["min_lr_ratio"])))
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -577,8 +580,7 @@ class _Trainer:
             self.text_partial = True
         self.phase = "text"
         steps = max(1, self.steps_per_epoch * int(ft["epochs"]))
-        warm = ft["warmup_steps"]
-        warm = int(round(float(warm) * steps)) if isinstance(warm, float) and warm < 1 else int(warm or 0)
+        warm = _warmup_steps(ft["warmup_steps"], steps)
         self.optimizer = self._optimizer(lr=float(ft["lr"]), text_lr=float(ft["text_lr"]))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warm, steps, float(self.t["min_lr_ratio"])))
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
