@@ -593,21 +593,13 @@ class _Trainer:
 
         Kept on disk beside the locked-feature store, keyed by the locked blocks' weights and the split.
         """
-        import hashlib
-
         from tqdm.auto import tqdm
 
         from .embed import cache_dir
 
         m, dev, k = self.model, self.device, self.text_start
-        h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps({**m.text_tower.config(), "split": k}, sort_keys=True).encode())
         top = tuple(f"model.encoder.layer.{i}." for i in range(k, len(m.text_tower.encoder_layers()))) + ("model.pooler.",)
-        for name, v in sorted(m.text_tower.state_dict().items()):
-            if not name.startswith(top):
-                h.update(name.encode())
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        store = Path(cache_dir()) / "text_hidden" / h.hexdigest()
+        store = Path(cache_dir()) / "text_hidden" / self._text_tower_digest({"split": k}, skip=top)
         known: dict[str, int] = {}
         flat = offs = None
         if self.t.get("cache_text_features", True):
@@ -739,16 +731,22 @@ class _Trainer:
 
     def _text_cache_dir(self) -> Path:
         """Disk cache of locked text features (one store per text tower: config and weights), keyed per text."""
-        import hashlib
-
         from .embed import cache_dir
 
+        return Path(cache_dir()) / "text_features" / self._text_tower_digest()
+
+    def _text_tower_digest(self, extra: dict | None = None, skip: tuple[str, ...] = ()) -> str:
+        """Hash of the text tower's config (plus ``extra``) and its weights, except those starting with ``skip``."""
+        import hashlib
+
         h = hashlib.blake2b(digest_size=16)
-        h.update(json.dumps(self.model.text_tower.config(), sort_keys=True).encode())
+        h.update(json.dumps({**self.model.text_tower.config(), **(extra or {})}, sort_keys=True).encode())
         for k, v in sorted(self.model.text_tower.state_dict().items()):
+            if skip and k.startswith(skip):
+                continue
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return Path(cache_dir()) / "text_features" / h.hexdigest()
+        return h.hexdigest()
 
     @staticmethod
     def _load_text_store(store_dir: Path) -> tuple[dict, np.ndarray | None]:
