@@ -9,9 +9,13 @@ its code is used). The ``.ckpt`` holds, under ``state_dict``:
 * ``model.text_model.*``: the fine-tuned BioBERT (pooler output is the text feature).
 
 Geneformer (12L-30M, frozen during training) is not in the file and is read from its local folder; the
-BioBERT config and tokenizer come from the local BioBERT folder. ``hyper_parameters`` holds pickled objects
-of the ``cellwhisperer`` package; they are read as inert stubs by :mod:`engine.safe_pickle` and only
-summarised in the model's metadata.
+BioBERT config and tokenizer come from the local BioBERT folder. Cells are tokenized as CellWhisperer's
+Geneformer processor does: duplicate gene columns stay separate tokens, and a cell without any expressed
+dictionary gene gets the placeholder token 9743 (see :func:`load_cellwhisperer`'s ``empty_cell_token``).
+``hyper_parameters`` holds pickled objects of the ``cellwhisperer`` package; they are read as inert stubs by
+:mod:`engine.safe_pickle` and only summarised in the model's metadata. The ``state_dict`` is the
+``OrderedDict`` that ``nn.Module.state_dict()`` returns, with its ``_metadata`` attribute, which the restricted
+unpickler accepts (and nothing else of the kind).
 
 Convert once with ``python -m engine.convert cellwhisperer CKPT --geneformer DIR --text-model DIR --out DIR``;
 afterwards :func:`engine.load_model` reads the native folder without any unpickling.
@@ -27,8 +31,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import CheckpointError, ModelMismatchError
-from .geneformer import load_geneformer
+from .errors import CheckpointError, ConfigError, ModelMismatchError
+from .geneformer import CELLWHISPERER_EMPTY_CELL_TOKEN, GeneformerTokenizer, load_geneformer
 from .model import TranscriptomeTextModel, default_device
 from .safe_pickle import PickledObjectStub, load_checkpoint, to_plain
 from .towers import TextTower
@@ -99,6 +103,29 @@ def _scalars(obj: Any, depth: int = 1) -> Any:
     return out
 
 
+def _empty_cell_token(tower, requested: int | str | None) -> int | None:
+    """Resolve ``load_cellwhisperer``'s ``empty_cell_token`` against the Geneformer model's vocabulary."""
+    vocab = int(tower.bert.config.vocab_size)
+    if requested is None:
+        return None
+    if requested == "auto":
+        if CELLWHISPERER_EMPTY_CELL_TOKEN < vocab:
+            return CELLWHISPERER_EMPTY_CELL_TOKEN
+        fallback = int(tower.tokenizer.token_ids.max())
+        log.warning(
+            "the Geneformer vocabulary (%d tokens) has no token %d, CellWhisperer's empty-cell placeholder; "
+            "using the highest gene token %d instead", vocab, CELLWHISPERER_EMPTY_CELL_TOKEN, fallback,
+        )
+        return fallback
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 0 <= requested < vocab:
+        raise ConfigError(
+            "The empty-cell token is not a token of the Geneformer model",
+            found=repr(requested),
+            expected=f"'auto', None or an id in [0, {vocab})",
+        )
+    return int(requested)
+
+
 def _split_checkpoint(ckpt: Any, path: Path) -> tuple[dict, dict, dict]:
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), Mapping):
         info = {k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in ckpt}
@@ -120,6 +147,7 @@ def load_cellwhisperer(
     device: str | torch.device | None = None,
     geneformer_dictionaries: str | os.PathLike | Mapping | None = None,
     name: str | None = None,
+    empty_cell_token: int | str | None = "auto",
 ) -> TranscriptomeTextModel:
     """Load CellWhisperer's CLIP model from its Lightning checkpoint and local tower folders.
 
@@ -140,6 +168,11 @@ def load_cellwhisperer(
         Folder or mapping of the Geneformer dictionaries when they are elsewhere.
     name
         Model name (default: the checkpoint's file stem).
+    empty_cell_token
+        The single token a cell without any expressed dictionary gene gets. ``"auto"`` (default): 9743, as
+        CellWhisperer's processor, when the Geneformer vocabulary has that id (``gf-12L-30M``: 25,426 tokens);
+        for a smaller vocabulary the highest gene token, with a warning. An int sets it; ``None`` leaves such
+        cells empty (zero transcriptome features). Stored in the converted model's ``config.json``.
 
     Returns
     -------
@@ -154,6 +187,8 @@ def load_cellwhisperer(
     CheckpointError
         Missing files; tensors missing from or unexpected in the checkpoint (listed); widths that do not
         match the tower folders.
+    ConfigError
+        If ``empty_cell_token`` is not a token id of the Geneformer model.
     UnsafeCheckpointError
         If a pickle holds anything outside the allow-list.
     """
@@ -182,6 +217,9 @@ def load_cellwhisperer(
         raise CheckpointError("The two projection heads have different widths", found=f"{proj_dim} vs {p2}", expected="equal widths")
 
     tower = load_geneformer(geneformer_dir, dictionaries=geneformer_dictionaries)
+    tower.tokenizer = GeneformerTokenizer.from_rank_tokenizer(
+        tower.tokenizer, duplicates="separate", empty_cell_token_id=_empty_cell_token(tower, empty_cell_token)
+    )
     if tower.hidden_size != t_in:
         raise ModelMismatchError(
             "The Geneformer folder does not match the checkpoint's transcriptome head",
@@ -270,6 +308,7 @@ def load_cellwhisperer(
             "description": tower.describe(),
             "hidden_size": tower.hidden_size,
             "weights": "checkpoint" if gf_state else "geneformer folder",
+            "tokenization": tower.tokenizer.tokenization_config(),
             **(tower.source if isinstance(tower.source, dict) else {"folder": str(geneformer_dir)}),
         },
         "text_tower": {

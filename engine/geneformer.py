@@ -9,12 +9,20 @@ returns a :class:`GeneformerTower` registered as tower type ``"geneformer"``, so
 Tokenization follows Geneformer's ``TranscriptomeTokenizer``:
 
 1. genes are mapped to Ensembl IDs (version suffix dropped, upper-cased) through ``ensembl_mapping_dict``
-   (V2) and symbols through ``gene_name_id_dict``; duplicate IDs are summed;
+   (V2) and symbols through ``gene_name_id_dict``; columns that map to the same ID are summed (the current
+   ``TranscriptomeTokenizer``'s ``collapse_gene_ids``; ``duplicates="sum"``, the default) or stay separate
+   tokens, so the gene can appear twice (Geneformer's original V1 tokenizer, which CellWhisperer uses;
+   ``duplicates="separate"``);
 2. only genes in both the token and the median dictionary are kept;
 3. counts / total counts x 10,000 / the gene's non-zero median in the pretraining corpus;
 4. the non-zero genes are ranked by that value, highest first;
 5. V1: truncated to 2,048 tokens, no special tokens. V2: truncated to 4,094 genes, ``<cls>`` prepended and
    ``<eos>`` appended (4,096 in all).
+
+A cell with no expressed vocabulary gene has no gene token. By default it stays empty and the tower gives it a
+zero vector; with ``empty_cell_token_id`` it gets that one token instead (CellWhisperer's processor inserts
+token 9743 of the ``gf-12L-30M`` dictionary, an arbitrary gene, so that Geneformer never sees an empty input;
+:data:`CELLWHISPERER_EMPTY_CELL_TOKEN`).
 
 Steps 3-4 are what :class:`~engine.tokenizer.RankTokenizer` computes: the per-cell factor
 ``10,000 / total counts`` does not change the order of a cell's genes, so it is not applied. It could only
@@ -50,13 +58,26 @@ from .towers import TranscriptomeTower, register_transcriptome_tower
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BertConfig
 
-__all__ = ["GeneformerTokenizer", "GeneformerTower", "load_geneformer", "find_dictionaries", "MODEL_INPUT_SIZE"]
+__all__ = [
+    "GeneformerTokenizer",
+    "GeneformerTower",
+    "load_geneformer",
+    "find_dictionaries",
+    "MODEL_INPUT_SIZE",
+    "CELLWHISPERER_EMPTY_CELL_TOKEN",
+    "DUPLICATE_MODES",
+]
 
 log = logging.getLogger(__name__)
 
 #: Geneformer's input size per model version (special tokens included).
 MODEL_INPUT_SIZE = {"V1": 2048, "V2": 4096}
 ALIASES_SUFFIX = ".aliases.tsv"
+#: The token CellWhisperer's Geneformer processor gives a cell without any expressed dictionary gene (an id of
+#: the ``gf-12L-30M`` token dictionary, chosen arbitrarily by its authors).
+CELLWHISPERER_EMPTY_CELL_TOKEN = 9743
+#: How columns that map to the same gene are encoded: summed into one token, or kept as separate tokens.
+DUPLICATE_MODES = ("sum", "separate")
 DICTIONARY_PATTERNS = {
     "token": "token_dictionary*.pkl",
     "median": "gene_median_dictionary*.pkl",
@@ -83,30 +104,108 @@ class GeneformerTokenizer(RankTokenizer):
         ``{alias: ensembl_id}``: extra symbols (``gene_name_id_dict``) and alternative Ensembl IDs
         (``ensembl_mapping_dict``) that map onto vocabulary genes. Keys are matched case-insensitively, Ensembl
         versions ignored; an alias is applied before the direct look-up, as Geneformer maps IDs first.
+    duplicates
+        ``"sum"`` (default): data columns that map to the same gene are summed into one token, as the current
+        Geneformer ``TranscriptomeTokenizer`` (``collapse_gene_ids``). ``"separate"``: each column is ranked on
+        its own, so a gene can appear twice, as Geneformer's original V1 tokenizer and CellWhisperer's processor.
+    empty_cell_token_id
+        ``None`` (default): a cell without any expressed vocabulary gene gets no gene token (the tower returns a
+        zero vector for it). An int: such a cell gets this one token (between ``<cls>`` and ``<eos>`` for V2);
+        CellWhisperer uses :data:`CELLWHISPERER_EMPTY_CELL_TOKEN` (9743).
+
+    Raises
+    ------
+    ConfigError
+        If ``duplicates`` is not one of :data:`DUPLICATE_MODES` or ``empty_cell_token_id`` is negative, not an
+        integer, or a special token.
 
     Notes
     -----
-    :meth:`save` writes the aliases next to the vocabulary (``genes.tsv`` -> ``genes.aliases.tsv``).
+    :meth:`save` writes the aliases next to the vocabulary (``genes.tsv`` -> ``genes.aliases.tsv``);
+    ``duplicates`` and ``empty_cell_token_id`` are part of the tower's ``config.json`` entry
+    (:meth:`tokenization_config`).
     """
 
-    def __init__(self, *args, aliases: Mapping[str, str] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        aliases: Mapping[str, str] | None = None,
+        duplicates: str = "sum",
+        empty_cell_token_id: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         known = set(self.gene_ids.tolist())
         self.aliases = {_norm_key(k): str(v) for k, v in (aliases or {}).items() if str(v) in known and _norm_key(k) != str(v)}
+        if duplicates not in DUPLICATE_MODES:
+            raise ConfigError("Unknown handling of duplicate gene columns", found=repr(duplicates), expected=f"one of {DUPLICATE_MODES}")
+        self.duplicates = duplicates
+        if empty_cell_token_id is not None:
+            specials = {t for t in (self.pad_token_id, self.cls_token_id, self.eos_token_id) if t is not None}
+            if isinstance(empty_cell_token_id, bool) or not isinstance(empty_cell_token_id, (int, np.integer)) or int(empty_cell_token_id) < 0:
+                raise ConfigError(
+                    "The empty-cell token must be a token id", found=repr(empty_cell_token_id), expected="a non-negative integer or None"
+                )
+            if int(empty_cell_token_id) in specials:
+                raise ConfigError(
+                    "The empty-cell token cannot be a special token",
+                    found=int(empty_cell_token_id),
+                    expected=f"a gene token id (not <pad>/<cls>/<eos>: {sorted(specials)})",
+                )
+            if self.max_length < self.n_special + 1:
+                raise ConfigError("max_length leaves no room for the empty-cell token", found=self.max_length, expected=f">= {self.n_special + 1}")
+        self.empty_cell_token_id = None if empty_cell_token_id is None else int(empty_cell_token_id)
+
+    def tokenization_config(self) -> dict:
+        """``{"duplicates": ..., "empty_cell_token_id": ...}`` for ``config.json``."""
+        return {"duplicates": self.duplicates, "empty_cell_token_id": self.empty_cell_token_id}
 
     @classmethod
-    def from_rank_tokenizer(cls, tok: RankTokenizer, aliases: Mapping[str, str] | None = None) -> "GeneformerTokenizer":
-        """Wrap a plain :class:`RankTokenizer` (e.g. read from ``genes.tsv``)."""
-        if isinstance(tok, GeneformerTokenizer) and aliases is None:
+    def from_rank_tokenizer(
+        cls, tok: RankTokenizer, aliases: Mapping[str, str] | None = None, **tokenization
+    ) -> "GeneformerTokenizer":
+        """Wrap a plain :class:`RankTokenizer` (e.g. read from ``genes.tsv``), or copy a GeneformerTokenizer.
+
+        ``tokenization`` (``duplicates``, ``empty_cell_token_id``) overrides the source's settings; without
+        overrides a GeneformerTokenizer is returned unchanged.
+        """
+        if isinstance(tok, GeneformerTokenizer) and aliases is None and not tokenization:
             return tok
+        settings = tok.tokenization_config() if isinstance(tok, GeneformerTokenizer) else {}
+        settings.update(tokenization)
         return cls(
             tok.gene_ids.tolist(),
             tok.token_ids,
             tok.gene_medians,
             symbols=None if tok.symbols is None else tok.symbols.tolist(),
             aliases=aliases if aliases is not None else getattr(tok, "aliases", None),
+            **settings,
             **tok.special_config(),
         )
+
+    def _collapse_duplicates(self, X, col_token):  # overrides RankTokenizer's staticmethod
+        if self.duplicates == "separate":
+            return col_token, X
+        return RankTokenizer._collapse_duplicates(X, col_token)
+
+    def encode_matrix(self, X, var, *, progress: bool = False):
+        """Encode a cells x genes matrix (see :meth:`RankTokenizer.encode_matrix`).
+
+        With ``duplicates="separate"`` a gene measured in two columns gives two tokens; with
+        ``empty_cell_token_id`` a cell without any expressed vocabulary gene gets that token (its length counts
+        it). Raises as :meth:`RankTokenizer.encode_matrix`.
+        """
+        enc = super().encode_matrix(X, var, progress=progress)
+        if self.empty_cell_token_id is not None:
+            rows = np.flatnonzero(enc.lengths <= self.n_special)
+            if rows.size:
+                pos = int(self.cls_token_id is not None)
+                enc.input_ids[rows, pos] = self.empty_cell_token_id
+                if self.eos_token_id is not None:
+                    enc.input_ids[rows, pos + 1] = self.eos_token_id
+                enc.lengths[rows] += 1
+                log.info("%d cell(s) without an expressed vocabulary gene get the placeholder token %d", rows.size, self.empty_cell_token_id)
+        return enc
 
     def gene_to_token(self, genes: Sequence[str]) -> np.ndarray:
         """Token id of each gene (Ensembl ID, alias or symbol); -1 where unknown."""
@@ -190,8 +289,8 @@ class GeneformerTower(TranscriptomeTower):
     -----
     ``forward`` takes ``(batch, length)`` token ids and attention mask (left-aligned, as
     :class:`~engine.tokenizer.RankEncoding` makes them) and returns ``(batch, hidden_size)`` float32
-    ``transcriptome_features``. Cells without any gene token get a zero vector (CellWhisperer inserts a
-    placeholder gene instead). Only the BERT encoder is kept: Geneformer's masked-LM head is not used for
+    ``transcriptome_features``. Cells without any gene token get a zero vector; a tokenizer with
+    ``empty_cell_token_id`` (CellWhisperer's setting) never produces such cells. Only the BERT encoder is kept: Geneformer's masked-LM head is not used for
     embeddings and is dropped when loading.
     """
 
@@ -228,6 +327,13 @@ class GeneformerTower(TranscriptomeTower):
         n_layers = int(cfg.num_hidden_layers)
         if not -n_layers <= int(emb_layer) <= 0:
             raise ConfigError("emb_layer out of range", found=emb_layer, expected=f"between {-n_layers} and 0")
+        placeholder = self.tokenizer.empty_cell_token_id
+        if placeholder is not None and placeholder >= int(cfg.vocab_size):
+            raise ConfigError(
+                "The empty-cell token is outside the Geneformer model's vocabulary",
+                found=placeholder,
+                expected=f"an id below vocab_size {cfg.vocab_size}",
+            )
         if self.tokenizer.vocab_size > int(cfg.vocab_size):
             raise CheckpointError(
                 "The token dictionary does not fit the Geneformer model",
@@ -334,6 +440,7 @@ class GeneformerTower(TranscriptomeTower):
             "bert_config": self.bert_config_dict(),
             "source": self.source,
             "tokenizer": self.tokenizer.special_config(),
+            "tokenization": self.tokenizer.tokenization_config(),
         }
 
     @classmethod
@@ -346,7 +453,7 @@ class GeneformerTower(TranscriptomeTower):
             from .checkpoint import GENES_FILE
 
             aliases = GeneformerTokenizer.read_aliases(Path(folder) / (Path(GENES_FILE).stem + ALIASES_SUFFIX))
-        tok = GeneformerTokenizer.from_rank_tokenizer(tokenizer, aliases=aliases or {})
+        tok = GeneformerTokenizer.from_rank_tokenizer(tokenizer, aliases=aliases or {}, **dict(config.get("tokenization") or {}))
         return cls(
             tok,
             config["bert_config"],
@@ -654,6 +761,8 @@ def load_geneformer(
     emb_layer: int = -1,
     emb_mode: str = "cell",
     device: str | torch.device | None = None,
+    duplicates: str = "sum",
+    empty_cell_token_id: int | None = None,
 ) -> GeneformerTower:
     """Load a local Geneformer model as a transcriptome tower.
 
@@ -672,6 +781,9 @@ def load_geneformer(
         See :class:`GeneformerTower` (defaults: second-to-last layer, mean over gene tokens).
     device
         Torch device (default CPU).
+    duplicates, empty_cell_token_id
+        Tokenization of duplicate gene columns and of cells without any expressed vocabulary gene (see
+        :class:`GeneformerTokenizer`; defaults: summed, no placeholder).
 
     Returns
     -------
@@ -683,6 +795,8 @@ def load_geneformer(
     ------
     CheckpointError
         Missing or malformed files, weights that do not fit the config, dictionaries of another version.
+    ConfigError
+        Unknown ``version``/``emb_mode``/``duplicates``, or an ``empty_cell_token_id`` outside the vocabulary.
     UnsafeCheckpointError
         If a pickle (dictionary or ``pytorch_model.bin``) holds anything outside the allow-list.
     """
@@ -706,6 +820,8 @@ def load_geneformer(
             raise ConfigError("Unknown Geneformer version", found=repr(version), expected="'V1' or 'V2'")
     paths = find_dictionaries(folder, version=version, dictionaries=dictionaries, vocab_size=int(cfg.vocab_size))
     tokenizer, detected = build_geneformer_tokenizer(paths, version=version, max_positions=int(cfg.max_position_embeddings))
+    if duplicates != "sum" or empty_cell_token_id is not None:
+        tokenizer = GeneformerTokenizer.from_rank_tokenizer(tokenizer, duplicates=duplicates, empty_cell_token_id=empty_cell_token_id)
     state, wfile = _read_weights(folder)
     source = {
         "folder": str(folder.resolve()),

@@ -17,8 +17,14 @@ Both run the pure-Python unpickler with
   torch tensor rebuild functions, storage types and dtypes, guarded where arguments matter;
 * **stubs** for class-like names of ``cellwhisperer.*``, ``transformers.*Config`` and a few Lightning /
   argparse containers: they only store the state they are given and have no behaviour;
-* a guarded ``BUILD`` opcode that sets state only on stub instances and numpy objects (never on classes, so
-  a pickle cannot monkeypatch a class), and a ``persistent_load`` that only accepts torch storage records.
+* a guarded ``BUILD`` opcode that sets state only on stub instances, numpy objects and, for the
+  ``_metadata`` attribute of a ``torch.nn.Module.state_dict()``, on ``OrderedDict`` instances (never on
+  classes, so a pickle cannot monkeypatch a class), and a ``persistent_load`` that only accepts torch storage
+  records.
+
+A Lightning checkpoint needs nothing else: its ``state_dict`` is that ``OrderedDict``; optimizer states
+(``torch.optim`` ``state_dict()``), LR scheduler states, callback states (e.g. ``ModelCheckpoint``: strings,
+floats, tensors, paths) and loop states are plain dicts, lists, tuples, scalars and tensors.
 
 Anything else raises :class:`~engine.errors.UnsafeCheckpointError` naming the refused global *before* it is
 called, so nothing in a crafted file runs.
@@ -260,6 +266,43 @@ def _ordered_dict(*args):
     return OrderedDict(*args)
 
 
+_METADATA_SCALARS = (bool, int, float, str, type(None))
+
+
+def _state_dict_metadata(state) -> OrderedDict:
+    """Validate the one ``BUILD`` a ``torch.nn.Module.state_dict()`` needs and return a fresh copy of its metadata.
+
+    ``state_dict()`` returns an ``OrderedDict`` carrying a ``_metadata`` attribute: an ``OrderedDict`` of
+    module prefix (``str``) to a small dict such as ``{"version": 2}``. Pickled, that attribute is a ``BUILD`` on
+    the ``OrderedDict`` with the state ``{"_metadata": ...}``. Only exactly that is accepted: a dict whose only
+    key is ``"_metadata"``, holding a mapping of ``str`` to dicts of ``str`` to plain scalars (``int``, ``float``,
+    ``str``, ``bool``, ``None``). The copy is built from new containers, so nothing the pickle can still reach
+    through its memo is attached to the loaded object.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        For any other state (other attribute names such as ``__class__``, a ``(state, slots)`` pair, non-plain
+        values); nothing is set.
+    """
+    what = "setting the state of a collections.OrderedDict object"
+    if type(state) is not dict or list(state) != ["_metadata"]:
+        keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise _refuse(f"{what} with {keys!r} (only a state dict's '_metadata' is accepted)")
+    meta = state["_metadata"]
+    if type(meta) not in (dict, OrderedDict):
+        raise _refuse(f"{what}: '_metadata' is a {type(meta).__name__}, not a dict")
+    out: OrderedDict = OrderedDict()
+    for prefix, local in meta.items():
+        if type(prefix) is not str or type(local) is not dict:
+            raise _refuse(f"{what}: '_metadata' entry {str(prefix)[:60]!r} is not a dict of a module prefix")
+        for k, v in local.items():
+            if type(k) is not str or type(v) not in _METADATA_SCALARS:
+                raise _refuse(f"{what}: '_metadata'[{prefix[:60]!r}] holds {type(v).__name__} under {str(k)[:40]!r}")
+        out[prefix] = dict(local)
+    return out
+
+
 class _StorageType:
     """What a pickled ``torch.FloatStorage`` (etc.) resolves to: just its dtype."""
 
@@ -385,7 +428,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so B
     ------
     UnsafeCheckpointError
         From :meth:`load` when the pickle names a global outside the allow-list, builds state on anything but
-        a stub or numpy object, or uses an unexpected persistent id.
+        a stub, a numpy object or a state dict's ``OrderedDict`` (``_metadata`` only, see
+        :func:`_state_dict_metadata`), or uses an unexpected persistent id.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -435,6 +479,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so B
             return
         if isinstance(inst, (np.dtype, np.ndarray)) and not isinstance(inst, type):
             type(inst).__setstate__(inst, state)
+            return
+        if type(inst) is OrderedDict:
+            inst._metadata = _state_dict_metadata(state)
             return
         raise _refuse(f"setting the state of a {type(inst).__module__}.{type(inst).__qualname__} object")
 

@@ -68,16 +68,17 @@ def gf_dictionaries(version: str) -> dict:
 
 
 def make_geneformer_dir(path: Path, version: str = "V1", fmt: str = "bin", *, max_position: int = 64, seed: int = 0,
-                        dict_dir: Path | None = None) -> Path:
+                        dict_dir: Path | None = None, vocab_size: int | None = None) -> Path:
     """Write a tiny random Geneformer folder: config.json + pytorch_model.bin (torch.save(state_dict)) or
-    model.safetensors (save_pretrained), and the pickled dictionaries (stdlib pickle)."""
+    model.safetensors (save_pretrained), and the pickled dictionaries (stdlib pickle). ``vocab_size`` larger
+    than the dictionary gives the model embedding rows no gene uses (e.g. CellWhisperer's placeholder 9743)."""
     from transformers import BertConfig, BertForMaskedLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     d = gf_dictionaries(version)
     cfg = BertConfig(
-        vocab_size=len(d["token"]), hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+        vocab_size=vocab_size or len(d["token"]), hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=max_position, hidden_act="relu" if version == "V1" else "gelu",
         hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02, pad_token_id=0,
     )
@@ -200,6 +201,98 @@ def test_symbols_aliases_versions_and_duplicates(gf_v2):
     X[:, 3], X[:, 6] = [2, 0, 1], [3, 0, 2]
     ids = [e for e, _, _ in GF_GENES] + ["ENSG00000999999"]
     assert _tokens(tok.encode_matrix(X, ids)) == V2_EXPECTED
+
+
+def reference_tokens(X, var_ids, version: str, *, duplicates: str, placeholder: int | None = None) -> list[list[int]]:
+    """Independent rank value encoding from the test's own dictionaries: each column (or, with ``"sum"``, each
+    gene after summing its columns) scaled by its median, non-zero values ranked highest first (ties: column
+    order); an empty cell gets ``[placeholder]`` when one is given."""
+    d = gf_dictionaries(version)
+    med = {e: float(m) for e, m in d["median"].items()}
+    cols = [(j, g) for j, g in enumerate(var_ids) if g in med]
+    out = []
+    for row in np.asarray(X, dtype=np.float64):
+        if duplicates == "sum":
+            total: dict = {}
+            for j, g in cols:
+                total[g] = total.get(g, 0.0) + row[j]
+            items = [(g, v / med[g]) for g, v in total.items() if v > 0]
+        else:
+            items = [(g, row[j] / med[g]) for j, g in cols if row[j] > 0]
+        genes = [g for g, _ in sorted(items, key=lambda t: -t[1])]
+        toks = [d["token"][g] for g in genes] or ([placeholder] if placeholder is not None else [])
+        out.append(toks if version == "V1" else [d["token"]["<cls>"], *toks, d["token"]["<eos>"]])
+    return out
+
+
+# GAPDH measured in two columns (the second one a repeat of its ID), plus a cell with nothing in the vocabulary
+DUP_IDS = [e for e, _, _ in GF_GENES] + ["ENSG00000111640", EXTRA_GENE]
+DUP_X = np.array(
+    [
+        [3, 1, 0, 3, 8, 1, 6, 0],  # GAPDH 3 + 6: separate 6/1, 3/1; summed 9/1
+        [0, 4, 6, 0, 2, 0, 0, 0],
+        [10, 0, 1, 1, 0, 0, 2, 0],  # GAPDH 1 + 2
+        [0, 0, 0, 0, 0, 0, 0, 5],  # only EXTRA_GENE (no median: not tokenized) -> empty
+        [0, 0, 0, 0, 0, 0, 0, 0],  # no counts at all -> empty
+    ],
+    dtype=np.float32,
+)
+
+
+def test_duplicate_columns_sum_or_stay_separate(gf_v1, gf_v2):
+    from engine.geneformer import load_geneformer
+
+    t = V1_TOKENS
+    sep = load_geneformer(gf_v1, duplicates="separate").tokenizer
+    # cell 0: GAPDH 6, MALAT1 4, GAPDH 3, MS4A1 2, CD3D 1.5, ACTB 1; cell 2: CD3D 5, GAPDH 2, GAPDH 1, LYZ 0.25
+    expected_sep = [[t["GAPDH"], t["MALAT1"], t["GAPDH"], t["MS4A1"], t["CD3D"], t["ACTB"]],
+                    [t["MS4A1"], t["LYZ"], t["ACTB"]], [t["CD3D"], t["GAPDH"], t["GAPDH"], t["LYZ"]], [], []]
+    assert _tokens(sep.encode_matrix(DUP_X, DUP_IDS)) == expected_sep
+    assert expected_sep == reference_tokens(DUP_X, DUP_IDS, "V1", duplicates="separate")
+    summed = load_geneformer(gf_v1).tokenizer  # default: Geneformer's collapse_gene_ids
+    assert summed.duplicates == "sum"
+    expected_sum = [[t["GAPDH"], t["MALAT1"], t["MS4A1"], t["CD3D"], t["ACTB"]], [t["MS4A1"], t["LYZ"], t["ACTB"]],
+                    [t["CD3D"], t["GAPDH"], t["LYZ"]], [], []]
+    assert _tokens(summed.encode_matrix(DUP_X, DUP_IDS)) == expected_sum
+    assert expected_sum == reference_tokens(DUP_X, DUP_IDS, "V1", duplicates="sum")
+    v2 = load_geneformer(gf_v2, duplicates="separate").tokenizer
+    assert _tokens(v2.encode_matrix(sp.csr_matrix(DUP_X), DUP_IDS))[:3] == reference_tokens(DUP_X, DUP_IDS, "V2", duplicates="separate")[:3]
+
+
+def test_empty_cells_get_the_placeholder_token(gf_v1, gf_v2):
+    from engine.geneformer import load_geneformer
+
+    tower = load_geneformer(gf_v1, duplicates="separate", empty_cell_token_id=4)
+    enc = tower.tokenizer.encode_matrix(DUP_X, DUP_IDS)
+    ref = reference_tokens(DUP_X, DUP_IDS, "V1", duplicates="separate", placeholder=4)
+    assert _tokens(enc) == ref and ref[3:] == [[4], [4]] and enc.lengths[3:].tolist() == [1, 1]
+    with torch.no_grad():
+        got = tower(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask))
+    torch.testing.assert_close(got, reference_features(reference_bert(gf_v1), ref, specials=False), atol=1e-5, rtol=1e-5)
+    v2 = load_geneformer(gf_v2, empty_cell_token_id=5).tokenizer
+    assert _tokens(v2.encode_matrix(DUP_X, DUP_IDS))[3:] == [[2, 5, 3], [2, 5, 3]]  # <cls> placeholder <eos>
+    for bad in (0, 2, -1, 1.5, True):  # <pad>, <cls> (V2), negative, not an int
+        with pytest.raises(ConfigError):
+            load_geneformer(gf_v2, empty_cell_token_id=bad)
+    with pytest.raises(ConfigError, match="outside"):
+        load_geneformer(gf_v1, empty_cell_token_id=9743)  # the tiny model has 9 tokens
+    with pytest.raises(ConfigError, match="duplicate"):
+        load_geneformer(gf_v1, duplicates="mean")
+
+
+def test_tokenization_settings_survive_the_native_format(tmp_path, gf_v1, tiny_text_dir):
+    from engine.checkpoint import load_model, save_model
+    from engine.geneformer import load_geneformer
+    from engine.model import TranscriptomeTextModel
+    from engine.towers import TextTower
+
+    tower = load_geneformer(gf_v1, duplicates="separate", empty_cell_token_id=4)
+    model = TranscriptomeTextModel(tower, TextTower(tiny_text_dir, pooling="mean"), projection_dim=8).eval()
+    back = load_model(save_model(model, tmp_path / "native"), device="cpu")
+    assert back.tokenizer.tokenization_config() == {"duplicates": "separate", "empty_cell_token_id": 4}
+    assert _tokens(back.tokenizer.encode_matrix(DUP_X, DUP_IDS)) == reference_tokens(DUP_X, DUP_IDS, "V1", duplicates="separate", placeholder=4)
+    plain = TranscriptomeTextModel(load_geneformer(gf_v1), TextTower(tiny_text_dir, pooling="mean"), projection_dim=8)
+    assert plain.config_dict()["transcriptome_tower"]["tokenization"] == {"duplicates": "sum", "empty_cell_token_id": None}
 
 
 def test_truncation_v1_and_v2(tmp_path):

@@ -7,6 +7,7 @@ import pickle
 import sys
 import types
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,140 @@ def test_checkpoint_with_stubs_loads_via_fallback(tmp_path, monkeypatch):
     obj, method = load_checkpoint(path)
     assert method == "restricted" and torch.equal(obj["state_dict"]["w"], torch.arange(3.0))
     assert obj["hyper_parameters"]["model_config"].projection_dim == 8
+
+
+def _training_checkpoint(tmp_path):
+    """A Lightning-style checkpoint written the real way: a module's state_dict() (with ``_metadata``), AdamW and
+    LR-scheduler states after one step, ModelCheckpoint-like callback state (with a path) and loop states."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
+    net(torch.randn(8, 3)).square().mean().backward()
+    opt.step()
+    sched.step()
+    ckpt = {
+        "epoch": 1, "global_step": 1, "pytorch-lightning_version": "2.1.4",
+        "state_dict": net.state_dict(),
+        "optimizer_states": [opt.state_dict()],
+        "lr_schedulers": [sched.state_dict()],
+        "callbacks": {"ModelCheckpoint{'monitor': 'val_loss', 'mode': 'min'}": {
+            "monitor": "val_loss", "best_model_score": torch.tensor(0.25), "best_model_path": "/runs/epoch=0.ckpt",
+            "current_score": torch.tensor(0.25), "dirpath": Path("/runs"), "best_k_models": {"/runs/epoch=0.ckpt": torch.tensor(0.25)},
+            "kth_best_model_path": "/runs/epoch=0.ckpt", "kth_value": torch.tensor(0.25), "last_model_path": ""}},
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1, "completed": 1}, "current": {"ready": 1, "completed": 1}},
+                               "epoch_loop.state_dict": {"_batches_that_stepped": 1}}},
+    }
+    path = tmp_path / "train.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_lightning_training_state_loads_like_torch(tmp_path):
+    path = _training_checkpoint(tmp_path)
+    with torch.serialization.safe_globals([type(Path())]):  # torch's own allow-list lacks paths
+        ref = torch.load(path, weights_only=True)
+    got = load_torch_zip(path)
+    sd = got["state_dict"]
+    assert type(sd) is OrderedDict and sd._metadata == ref["state_dict"]._metadata
+    assert sd._metadata["1"] == {"version": 2}  # BatchNorm's state-dict version
+    assert all(torch.equal(sd[k], v) for k, v in ref["state_dict"].items()) and list(sd) == list(ref["state_dict"])
+    o, r = got["optimizer_states"][0], ref["optimizer_states"][0]
+    assert o["param_groups"] == r["param_groups"]
+    assert all(torch.equal(o["state"][i][k], v) for i, st in r["state"].items() for k, v in st.items())
+    assert got["lr_schedulers"] == ref["lr_schedulers"] and got["loops"] == ref["loops"]
+    cb = next(iter(got["callbacks"].values()))
+    assert cb["dirpath"] == Path("/runs") and float(cb["best_model_score"]) == 0.25
+    assert load_checkpoint(path)[1] == "restricted"  # torch.load(weights_only=True) refuses the path
+
+
+def test_state_dict_metadata_with_config_objects_takes_the_restricted_path(tmp_path, monkeypatch):
+    Cfg, _ = _register_fake(monkeypatch)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    path = tmp_path / "cw.ckpt"
+    torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"model_config": Cfg(projection_dim=2)}}, path)
+    _unregister_fake(monkeypatch)
+    obj, method = load_checkpoint(path)
+    assert method == "restricted" and obj["state_dict"]._metadata == net.state_dict()._metadata
+
+
+class _Build:
+    """Pickles as ``cls()`` followed by ``BUILD state``: the opcodes a crafted file would use."""
+
+    def __init__(self, cls, state):
+        self.cls, self.state = cls, state
+
+    def __reduce__(self):
+        return (self.cls, (), self.state)
+
+
+_META = OrderedDict([("", {"version": 1}), ("0", {"version": 2})])
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"_metadata": _META, "extra": 1},  # more than the metadata
+        {"weight": 1.0},  # another attribute
+        {"__class__": dict},  # class swap
+        {"__reduce__": "x"},
+        {"__setstate__": "x"},
+        {"__dict__": {"_metadata": _META}},
+        (None, {"_metadata": _META}),  # (state, slots) form
+        ({"_metadata": _META}, None),
+        {"_metadata": [("", {"version": 1})]},  # not a mapping
+        {"_metadata": {1: {"version": 1}}},  # non-string prefix
+        {"_metadata": {"": [1]}},  # local metadata not a dict
+        {"_metadata": {"": OrderedDict(version=1)}},  # not a plain dict
+        {"_metadata": {"": {"version": set}}},  # a class object
+        {"_metadata": {"": {"version": {1, 2}}}},  # a container, not a scalar
+        {"_metadata": {"": {"version": b"1"}}},
+        {"_metadata": {"": {1: 1}}},  # non-string key
+    ],
+)
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_hostile_ordered_dict_build_is_refused(state, protocol):
+    blob = pickle.dumps({"state_dict": _Build(OrderedDict, state)}, protocol=protocol)
+    with pytest.raises(UnsafeCheckpointError, match="OrderedDict"):
+        loads_pickle(blob, stubs=True)
+
+
+def test_ordered_dict_build_holding_objects_runs_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "pwned"
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system|nt\.system"):
+        loads_pickle(pickle.dumps(_Build(OrderedDict, {"_metadata": {"": {"version": Evil(target)}}}), protocol=2), stubs=True)
+    assert not target.exists()
+    Cfg, _ = _register_fake(monkeypatch)
+    blob = pickle.dumps(_Build(OrderedDict, {"_metadata": {"": {"version": Cfg(x=1)}}}), protocol=2)
+    _unregister_fake(monkeypatch)
+    with pytest.raises(UnsafeCheckpointError, match="holds TranscriptomeTextDualEncoderConfig"):
+        loads_pickle(blob, stubs=True)  # an inert stub, but still not plain metadata
+    # BUILD on a plain dict or on any other allowed type stays refused
+    for cls in (dict, set, list):
+        with pytest.raises(UnsafeCheckpointError, match="setting the state"):
+            loads_pickle(pickle.dumps(_Build(cls, {"_metadata": _META}), protocol=2))
+
+
+def test_metadata_is_copied_away_from_the_pickle_memo():
+    """A crafted pickle that edits the metadata after BUILD (fetching a dict from the memo) does not reach it."""
+    import pickletools
+
+    sd = OrderedDict(w=1.0)
+    sd._metadata = OrderedDict([("", {"version": 1})])
+    blob = pickle.dumps(sd, protocol=2)
+    got = loads_pickle(blob)
+    assert got == {"w": 1.0} and got._metadata == {"": {"version": 1}}
+    n_memo = sum(op.name in ("BINPUT", "LONG_BINPUT") for op, _, _ in pickletools.genops(blob))
+    loaded = 0
+    for i in range(n_memo):  # after BUILD: BINGET i; SETITEM "evil" = 7; POP; STOP
+        crafted = blob[:-1] + b"h" + bytes([i]) + b"X\x04\x00\x00\x00evilK\x07s0."
+        try:
+            out = loads_pickle(crafted)
+        except CheckpointError:  # memo entry is not a dict
+            continue
+        loaded += 1
+        assert out._metadata == {"": {"version": 1}}
+    assert loaded >= 2  # the state dict itself and the inner metadata dicts were reachable
 
 
 def test_not_a_checkpoint(tmp_path):
