@@ -29,6 +29,7 @@ _EXPORTS = {
     "expression_matrix": "data",
     "demo_dataset": "data",
     "DataReport": "data",
+    "to_human": "orthologs",
     # model
     "TranscriptomeTextModel": "model",
     "RankTokenizer": "tokenizer",

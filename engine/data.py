@@ -942,7 +942,7 @@ def _map_genes(var: pd.DataFrame, species: str | None) -> tuple[pd.DataFrame, di
     key = (
         species,
         tuple(cols),
-        int(pd.util.hash_pandas_object(frame.reset_index(), index=False).sum()),
+        int(pd.util.hash_pandas_object(frame.rename_axis(None).reset_index(), index=False).sum()),
         var.shape[0],
     )
     hit = _MAP_CACHE.get(key)

@@ -91,6 +91,17 @@ def test_bundled_manifest_is_valid_and_free_of_reserved_data():
         assert any(v is not None for v in d["labels"].values())
     species = {d["species"] for d in man["datasets"]}
     assert species == {"human", "mouse"}
+    # breadth the issue asks for: >= 100 Cell Ontology types over >= 10 tissues
+    terms = {e["cell_type_ontology_term_id"] for d in man["datasets"] for e in d["labels"].values() if e}
+    tissues = {e.get("tissue", d["tissue"]) for d in man["datasets"] for e in d["labels"].values() if e}
+    assert len(terms) >= 100 and len(tissues) >= 10
+    from engine.ontology import cell_ontology_table
+
+    assert terms <= set(cell_ontology_table().index)
+    # reserved evaluation data never appears, also not under another name
+    text = json.dumps(man).lower()
+    for acc in ("gse96583", "gse84133", "gse81608", "gse103322", "gse64655", "pbmc3k", "pbmc_small", "pbmc68k", "pan_indrop"):
+        assert acc not in text
 
 
 def test_reserved_accession_is_refused(corpus_files):

@@ -272,5 +272,6 @@ def heldout_cells(dataset: str, *, path: str | os.PathLike | None = None, corpus
     M = sp.csr_matrix((np.concatenate(rows_v), (np.concatenate(rows_i), np.concatenate(rows_j))), shape=(n, sub.n_vars), dtype=np.float32)
     obs = pd.DataFrame(obs_rows, index=[f"{dataset}:cell{k}" for k in range(n)])
     obs["cell_type"] = obs["cell_type"].astype("category")
-    var = pd.DataFrame({"gene_symbol": sub.var["gene_symbol"].to_numpy(), "ensembl_id": sub.var_names.to_numpy()}, index=sub.var_names.copy())
+    var = pd.DataFrame({"gene_symbol": sub.var["gene_symbol"].to_numpy(), "ensembl_id": sub.var_names.to_numpy()},
+                       index=pd.Index(sub.var_names.to_numpy(), dtype=str))
     return ad.AnnData(X=M, obs=obs, var=var)
