@@ -87,7 +87,12 @@ def embed_cells(
         ``(n_cells, projection_dim)`` float32, L2-normalised. Also sets:
 
         - ``adata.obsm[key_added]``: the same array;
-        - ``adata.uns[key_added]['params']``: model name and fingerprint, genes matched, cache key.
+        - ``adata.uns[key_added]['params']``: model name and fingerprint, genes matched, cache key, and
+          ``orthologs`` (non-empty when mouse genes were read through human orthologs, see below).
+
+    Mouse data and a human model (the bundled one, CellWhisperer): when the genes are mouse (``ENSMUSG`` IDs
+    from :func:`engine.validate`, or MGI-cased symbols) and the model's vocabulary is human (``ENSG``), each
+    mouse gene is read as its human ortholog (:func:`engine.orthologs.human_var`) and a warning is logged.
 
     Raises
     ------
@@ -105,6 +110,14 @@ def embed_cells(
     t0 = time.perf_counter()
     kind = "counts" if getattr(model.transcriptome_tower, "requires_counts", False) else "normalized"
     X, var = expression_matrix(adata, kind=kind)
+    orthologs = False
+    if _human_vocabulary(model) and _mouse_genes(var):
+        from .orthologs import human_var
+
+        var = human_var(var)
+        orthologs = True
+        log.warning("mouse genes detected: the human model reads them through human orthologs (engine.orthologs, "
+                    "Ensembl 105); %d of %d genes have one", int((var["ensembl_id"] != "").sum()), var.shape[0])
     tokens = model.tokenizer.match_genes(var)
     n_matched = int((tokens >= 0).sum())
     gene_ids = var["ensembl_id"].astype(str).tolist() if "ensembl_id" in var.columns else list(var.index)
@@ -142,10 +155,26 @@ def embed_cells(
             "n_genes": int(X.shape[1]),
             "cache_key": key or "",
             "from_cache": bool(from_cache),
+            "orthologs": "mouse->human (Ensembl 105)" if orthologs else "",
         }
     }
     log.info("embedded %d cells in %.2f s (cache %s)", adata.n_obs, time.perf_counter() - t0, "hit" if from_cache else "miss")
     return embeds
+
+
+def _human_vocabulary(model) -> bool:
+    ids = getattr(model.tokenizer, "gene_ids", None)
+    if ids is None or len(ids) == 0:
+        return False
+    sample = [str(g) for g in ids[: min(len(ids), 200)]]
+    human = sum(g.startswith("ENSG") or (not g.startswith("ENS") and g == g.upper() and any(c.isalpha() for c in g)) for g in sample)
+    return human > len(sample) / 2
+
+
+def _mouse_genes(var) -> bool:
+    from .orthologs import is_mouse_var
+
+    return is_mouse_var(var)
 
 
 def get_embeds(adata: "AnnData", model: "TranscriptomeTextModel | None" = None, *, key: str = EMBED_KEY) -> np.ndarray:

@@ -27,7 +27,7 @@ from .errors import ConfigError, GeneIdentifierError
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["ortholog_table", "mouse_to_human_symbols", "to_human"]
+__all__ = ["ortholog_table", "mouse_to_human_symbols", "to_human", "is_mouse_var", "human_var"]
 
 log = logging.getLogger(__name__)
 
@@ -207,4 +207,34 @@ def to_human(adata: "AnnData", *, species: str | None = None, layer: str | None 
                            "orthologs": {"source": ORTHOLOG_SOURCE, "n_mouse_genes": int(ok.size),
                                          "n_mapped": int(ok.sum()), "n_human_genes": int(uniq.size)}}
     log.info("to_human: %d of %d mouse genes -> %d human genes", int(ok.sum()), ok.size, uniq.size)
+    return out
+
+
+def is_mouse_var(var: pd.DataFrame) -> bool:
+    """True when a var table's genes are mouse (``ensembl_id`` mostly ``ENSMUSG``, or MGI-cased symbols)."""
+    if "ensembl_id" in var.columns:
+        ids = var["ensembl_id"].dropna().astype(str)
+        if len(ids):
+            return bool(ids.str.startswith("ENSMUSG").mean() > 0.5)
+    names = pd.Index(var.index.astype(str))
+    cased = names.str.match(r"^[A-Z][a-z0-9]+[a-z0-9-]*$")
+    return bool(len(names) and cased.mean() > 0.5)
+
+
+def human_var(var: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a mouse var table whose ``ensembl_id``/``gene_symbol`` are the human orthologs' ("" if none).
+
+    The symbol is taken from ``var["gene_symbol"]`` when present, else from the index; ``mouse_gene`` keeps
+    the original. Used by :func:`engine.embed.embed_cells` when a human model meets mouse data.
+    """
+    from .knowledge import to_ensembl
+
+    src = var["gene_symbol"].astype(object).where(var["gene_symbol"].notna(), pd.Series(var.index, index=var.index)) \
+        if "gene_symbol" in var.columns else pd.Series(var.index, index=var.index)
+    sym = mouse_to_human_symbols(src.astype(str).to_numpy())
+    ens, approved = to_ensembl(sym)
+    out = var.copy()
+    out["mouse_gene"] = src.astype(str).to_numpy()
+    out["ensembl_id"] = np.where(sym != "", ens, "")
+    out["gene_symbol"] = np.where(sym != "", approved, "")
     return out

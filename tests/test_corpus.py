@@ -249,3 +249,22 @@ def test_cli_build_refuses_to_overwrite(corpus_files, tmp_path, capsys):
     assert main(["build", "--from", str(tmp_path / "f"), "--out", str(out), "--manifest", str(corpus_files), "--quiet", "--overwrite"]) == 0
     assert main(["summary", str(out), "--json"]) == 0
     assert '"n_datasets": 2' in capsys.readouterr().out
+
+
+def test_mouse_data_embeds_through_orthologs_with_a_human_model(tiny_model):
+    """A mouse AnnData (MGI symbols) is read by a human model through orthologs, as the human data would be."""
+    import anndata as ad
+
+    from conftest import GENES, make_counts
+    import engine
+
+    X = make_counts(120)
+    human = ad.AnnData(X=X.copy(), var=pd.DataFrame(index=GENES))
+    mouse_names = [g.capitalize() if g not in ("HLA-DRA", "HLA-DRB1") else g for g in GENES]
+    mouse = ad.AnnData(X=X.copy(), var=pd.DataFrame(index=mouse_names))
+    eh = engine.embed_cells(human, tiny_model, progress=False, use_cache=False)
+    em = engine.embed_cells(mouse, tiny_model, progress=False, use_cache=False)
+    assert mouse.uns["transcriptome_embeds"]["params"]["orthologs"]
+    assert mouse.uns["transcriptome_embeds"]["params"]["n_genes_matched"] >= 0.7 * human.uns["transcriptome_embeds"]["params"]["n_genes_matched"]
+    cos = (eh * em).sum(axis=1)
+    assert np.median(cos) > 0.9

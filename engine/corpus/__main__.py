@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="print what a manifest or a built corpus holds")
     s.add_argument("path", nargs="?", default=None, help="a built corpus .h5ad (default: the manifest)")
     s.add_argument("--manifest", default=None)
+    s.add_argument("--markdown", action="store_true", help="the manifest's data sets as a Markdown table (model card)")
     for q in (f, b, s):
         q.add_argument("--json", action="store_true", help="machine-readable output")
         q.add_argument("--quiet", action="store_true")
@@ -45,6 +46,18 @@ def _summary_of(adata) -> dict:
         "profile_kind": {str(k): int(v) for k, v in obs["profile_kind"].value_counts().items()},
         "datasets": {str(k): int(v) for k, v in obs["dataset"].value_counts().sort_index().items()},
     }
+
+
+def _markdown(man: dict) -> str:
+    rows = ["| data set | source (repository) | accession | species | tissue | kind | labels kept | licence |",
+            "|---|---|---|---|---|---|---|---|"]
+    for ds in man["datasets"]:
+        kept = sum(v is not None for v in ds["labels"].values())
+        repo = ds["files"][0].get("repository", "")
+        acc = ds.get("accession") or "n/a"
+        rows.append(f"| `{ds['id']}` | {ds['citation']} ({repo}) | {acc} | {ds['species']} | {ds['tissue']} | "
+                    f"{ds['profile_kind']} | {kept} | {str(ds['licence']).replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             adata = build_corpus(args.src, manifest=args.manifest, out=dest, datasets=args.dataset, progress=not args.quiet)
             out = {"out": str(dest), **_summary_of(adata)}
         else:
+            if args.markdown:
+                print(_markdown(load_manifest(args.manifest)))
+                return 0
             if args.path:
                 out = _summary_of(load_corpus(args.path))
             else:
