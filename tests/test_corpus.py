@@ -43,7 +43,14 @@ def _matrix(genes, labels, boosts, seed=0) -> pd.DataFrame:
 
 @pytest.fixture
 def corpus_files(tmp_path):
-    """Two tiny data sets (human csv in log1p, mouse tsv linear), served from a local 'remote' folder."""
+    return make_tiny_corpus_files(tmp_path)
+
+
+def make_tiny_corpus_files(tmp_path: Path) -> Path:
+    """Two tiny data sets (human csv in log1p, mouse tsv linear), served from a local 'remote' folder.
+
+    Returns the path of their manifest (label tables beside it, ``file://`` URLs to the 'remote' files).
+    """
     remote = tmp_path / "remote"
     remote.mkdir()
     h = _matrix(HUMAN_GENES, ["T cells", "B cells", "Monocytes", "junk"],

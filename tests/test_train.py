@@ -405,3 +405,32 @@ def test_text_finetune_config_errors(tmp_path, vocab_file, text_dir):
         load_config(make_config(vocab_file, text_dir, tmp_path, epochs=0))
     cfg = load_config(make_config(vocab_file, text_dir, tmp_path, epochs=0, text_finetune={"layers": 2}))
     assert cfg["train"]["text_finetune"] == {"epochs": 1, "layers": 2, "lr": 1e-4, "text_lr": 2e-5, "warmup_steps": 0.1}
+
+
+def test_training_on_the_corpus_source(tmp_path, text_dir):
+    """The real-data corpus is a python data source of engine.train (tiny corpus, tiny model)."""
+    import sys
+
+    from engine.checkpoint import load_model
+    from engine.corpus import build_corpus, fetch
+    from engine.tokenizer import RankTokenizer
+    from engine.train import train
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_corpus import make_tiny_corpus_files
+
+    man = make_tiny_corpus_files(tmp_path)
+    fetch(tmp_path / "f", manifest=man, progress=False)
+    corpus = build_corpus(tmp_path / "f", manifest=man, out=tmp_path / "corpus.h5ad", progress=False)
+    vocab = tmp_path / "genes.tsv"
+    RankTokenizer(list(corpus.var_names), gene_medians=np.ones(corpus.n_vars), symbols=list(corpus.var["gene_symbol"])).save(vocab)
+    cfg = make_config(vocab, text_dir, tmp_path / "run", epochs=2, lr=1e-2)
+    cfg["data"] = [{"type": "python", "callable": "engine.corpus:build_pairs",
+                    "kwargs": {"path": str(tmp_path / "corpus.h5ad"), "vocabulary": str(vocab), "n_per_label": 30,
+                               "panel_fraction": 0.0, "seed": 0}}]
+    out = train(cfg, device="cpu")
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["status"] == "finished"
+    model = load_model(out, device="cpu")
+    assert model.metadata["training"]["data_sources"][0]["name"] == "corpus"
+    assert model.metadata["training"]["n_pairs_train"] + model.metadata["training"]["n_pairs_val"] == 150
