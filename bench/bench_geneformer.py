@@ -16,6 +16,15 @@ stops early after ``--gf-budget`` seconds so the run stays under 5 minutes.
 
 Usage: ``python bench/bench_geneformer.py [--quick] [--gf-cells 64] [--sparse-cells 20000] [--device cpu]``
 (``--quick``: 8 Geneformer cells, 2,000 sparse cells). Finishes in well under 5 minutes on 2 CPU cores.
+
+Teacher vs distilled student (``engine.distill``), same cells, same run: the full path of each model (rank
+encoding + tower + head, :func:`engine.distill.throughput`) in cells/s and their ratio. With
+``--teacher DIR --student DIR [--data FILE.h5ad]`` the real folders are timed (default cells: synthetic
+counts over the teacher's genes, ``--gf-cells`` of them, ``--genes-per-cell`` expressed); without them the
+tiny test formats are used: the golden CellWhisperer checkpoint of ``tests/cw_lightning.py`` (tiny
+Geneformer, tiny BERT) converted with ``python -m engine.convert cellwhisperer`` and distilled on 300
+synthetic cells (those figures describe tiny models, not the real ones). ``--distilled-only`` skips the
+Geneformer-vs-sparse comparison above; ``--skip-distilled`` skips this one.
 """
 from __future__ import annotations
 
@@ -118,7 +127,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ap.add_argument("--gf-budget", type=float, default=120.0,
                     help="stop Geneformer after this many seconds (keeps the run under 5 minutes on a busy machine)")
+    ap.add_argument("--teacher", type=Path, help="teacher model folder (e.g. converted CellWhisperer) for the distillation timing")
+    ap.add_argument("--student", type=Path, help="its distilled student (python -m engine.distill --out)")
+    ap.add_argument("--data", type=Path, help="cells to time teacher and student on (default: synthetic counts)")
+    ap.add_argument("--distilled-only", action="store_true", help="only the teacher-vs-student comparison")
+    ap.add_argument("--skip-distilled", action="store_true", help="skip the teacher-vs-student comparison")
     args = ap.parse_args(argv)
+    if (args.teacher is None) != (args.student is None):
+        ap.error("--teacher and --student go together")
+    if args.distilled_only:
+        return compare_distilled(args)
     gf_cells = args.gf_cells or (8 if args.quick else 64)
     sp_cells = args.sparse_cells or (2000 if args.quick else 20_000)
     device = torch.device(args.device)
@@ -161,6 +179,73 @@ def main(argv=None) -> int:
     print(f"sparse rank tower / Geneformer throughput: {sr_rate / gf_rate:,.0f}x (wall), "
           f"{(sp_done / sr_cpu) / (gf_done / gf_cpu):,.0f}x (CPU time)")
     print(f"time for 10,000 cells at this rate: Geneformer {10_000 / gf_rate / 60:,.1f} min, sparse tower {10_000 / sr_rate:,.1f} s")
+    if not args.skip_distilled:
+        print()
+        compare_distilled(args)
+    return 0
+
+
+def _tiny_teacher_and_student(workdir: Path):
+    """The tiny formats: golden CellWhisperer checkpoint -> convert -> distil on 300 synthetic cells."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    sys.path.insert(0, str(tests))
+    from conftest import GENES
+    from cw_lightning import tiny_cellwhisperer
+    from test_distill import make_cells
+
+    from engine.data import expression_matrix
+    from engine.distill import distill
+
+    cells = make_cells(300)
+    _, var = expression_matrix(cells, kind="counts")
+    medians = np.random.default_rng(0).lognormal(0, 0.5, len(GENES))
+    genes = [(e, s, float(m)) for e, s, m in zip(var["ensembl_id"], var["gene_symbol"], medians)]
+    teacher = tiny_cellwhisperer(workdir, genes=genes)
+    data = workdir / "cells.h5ad"
+    cells.write_h5ad(data)
+    student = workdir / "cellwhisperer-fast"
+    distill(teacher, [data], student, hidden_size=64, batch_size=32, epochs=20, lr=3e-3, speed_budget_s=1.0,
+            progress=False, verbose=False)
+    return teacher, student, data
+
+
+def compare_distilled(args) -> int:
+    """Teacher vs distilled student: cells/s of each on the same cells in this run, and the ratio."""
+    import tempfile
+
+    import engine
+    from engine.data import expression_matrix
+    from engine.distill import throughput
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = args.teacher is None
+        if tiny:
+            print("teacher vs distilled student: tiny test formats (tests/cw_lightning.py), not the real models")
+            teacher_dir, student_dir, data = _tiny_teacher_and_student(Path(tmp))
+        else:
+            teacher_dir, student_dir, data = args.teacher, args.student, args.data
+        teacher = engine.load_model(teacher_dir, device=device)
+        student = engine.load_model(student_dir, device=device)
+        if data is not None:
+            adata = engine.read(data)
+            kind = "counts" if getattr(teacher.transcriptome_tower, "requires_counts", False) else "normalized"
+            X, var = expression_matrix(adata, kind=kind)
+            n = min(X.shape[0], args.gf_cells or X.shape[0])
+            X = X[:n]
+        else:
+            genes = list(teacher.tokenizer.gene_ids)
+            n = args.gf_cells or (8 if args.quick else 64)
+            X, var = synthetic_counts(n, len(genes), args.genes_per_cell), genes
+        throughput(teacher, X[:2], var)  # warm-up
+        throughput(student, X[:2], var)
+        t = throughput(teacher, X, var, budget_s=args.gf_budget)
+        s = throughput(student, X, var, min_s=1.0)
+    print(f"{'model':<44}{'cells':>8}{'wall s':>9}{'cpu s':>9}{'cells/s':>12}")
+    for label, m, r in (("teacher " + teacher.name, teacher, t), ("student " + student.name, student, s)):
+        print(f"{label[:43]:<44}{r['cells']:>8,}{r['seconds']:>9.2f}{r['cpu_seconds']:>9.2f}{r['cells_per_s']:>12,.1f}")
+    print(f"student / teacher throughput: {s['cells_per_s'] / t['cells_per_s']:,.1f}x on {device} "
+          f"({n} cells; the student repeats them for >= 1 s{', tiny models' if tiny else ''})")
     return 0
 
 

@@ -20,12 +20,46 @@ from .errors import QueryError
 from .heads import build_head
 from .towers import TextTower, TranscriptomeTower
 
-__all__ = ["TranscriptomeTextModel", "default_device"]
+__all__ = ["TranscriptomeTextModel", "default_device", "resolve_device"]
 
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
+    """Turn a ``--device`` choice into a torch device.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` or ``None``: CUDA when ``torch.cuda.is_available()``, else CPU; ``"cpu"``, ``"cuda"``,
+        ``"cuda:N"`` or a :class:`torch.device`: that device.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ConfigError
+        CUDA was asked for but is not available, or the name is not a torch device.
+    """
+    from .errors import ConfigError
+
+    if device is None or str(device) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError("Unknown device", found=repr(device), expected="'auto', 'cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "CUDA was requested but is not available", found=str(device), expected="'cpu' or 'auto' on this machine",
+            fix="pass --device auto (or cpu)",
+        )
+    return dev
 
 
 class TranscriptomeTextModel(nn.Module):

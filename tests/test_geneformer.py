@@ -48,35 +48,41 @@ V1_EXPECTED = [[5, 7, 3, 2, 6], [3, 4, 6], [2, 5, 4]]
 V2_EXPECTED = [[2, 7, 9, 5, 4, 8, 3], [2, 5, 6, 8, 3], [2, 4, 7, 6, 3]]
 
 
-def gf_dictionaries(version: str) -> dict:
-    """The four Geneformer dictionaries (plain dicts, as Geneformer pickles them)."""
-    if version == "V1":
-        token = {"<pad>": 0, "<mask>": 1}
-        token.update({e: V1_TOKENS[s] for e, s, _ in GF_GENES})
-        token[EXTRA_GENE] = 8
-    else:
-        token = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
-        token.update({e: V2_TOKENS[s] for e, s, _ in GF_GENES})
-        token[EXTRA_GENE] = 10
+def gf_dictionaries(version: str, genes: list[tuple[str, str, float]] | None = None) -> dict:
+    """The four Geneformer dictionaries (plain dicts, as Geneformer pickles them).
+
+    ``genes``: (Ensembl ID, symbol, median) of a larger vocabulary appended after :data:`GF_GENES` (token ids
+    follow on; :data:`EXTRA_GENE` comes last); default none.
+    """
+    extra = [g for g in (genes or []) if g[0] not in {e for e, _, _ in GF_GENES}]
+    first = 2 if version == "V1" else 4
+    tokens = V1_TOKENS if version == "V1" else V2_TOKENS
+    token = {"<pad>": 0, "<mask>": 1} if version == "V1" else {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+    token.update({e: tokens[s] for e, s, _ in GF_GENES})
+    token.update({e: first + len(GF_GENES) + i for i, (e, _, _) in enumerate(extra)})
+    token[EXTRA_GENE] = first + len(GF_GENES) + len(extra)
+    all_genes = GF_GENES + extra
     # numpy scalars, as Geneformer's median dictionaries hold
-    median = {e: (np.float64(m) if i % 2 else float(m)) for i, (e, _, m) in enumerate(GF_GENES)}
-    names = {s: e for e, s, _ in GF_GENES}
+    median = {e: (np.float64(m) if i % 2 else float(m)) for i, (e, _, m) in enumerate(all_genes)}
+    names = {s: e for e, s, _ in all_genes}
     names["CD20"] = "ENSG00000156738"  # a second symbol of MS4A1
-    mapping = {e: e for e, _, _ in GF_GENES}
+    mapping = {e: e for e, _, _ in all_genes}
     mapping["ENSG00000999999"] = "ENSG00000111640"  # a retired ID collapsed onto GAPDH
     return {"token": token, "median": median, "gene_name": names, "ensembl_mapping": mapping}
 
 
 def make_geneformer_dir(path: Path, version: str = "V1", fmt: str = "bin", *, max_position: int = 64, seed: int = 0,
-                        dict_dir: Path | None = None, vocab_size: int | None = None) -> Path:
+                        dict_dir: Path | None = None, vocab_size: int | None = None,
+                        genes: list[tuple[str, str, float]] | None = None) -> Path:
     """Write a tiny random Geneformer folder: config.json + pytorch_model.bin (torch.save(state_dict)) or
     model.safetensors (save_pretrained), and the pickled dictionaries (stdlib pickle). ``vocab_size`` larger
-    than the dictionary gives the model embedding rows no gene uses (e.g. CellWhisperer's placeholder 9743)."""
+    than the dictionary gives the model embedding rows no gene uses (e.g. CellWhisperer's placeholder 9743);
+    ``genes`` extends the vocabulary (see :func:`gf_dictionaries`)."""
     from transformers import BertConfig, BertForMaskedLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    d = gf_dictionaries(version)
+    d = gf_dictionaries(version, genes)
     cfg = BertConfig(
         vocab_size=vocab_size or len(d["token"]), hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=max_position, hidden_act="relu" if version == "V1" else "gelu",
