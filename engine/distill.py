@@ -105,8 +105,24 @@ class _Dataset:
     kind: str
 
 
-def _check_out(out: Path, overwrite: bool, cache: Path) -> None:
-    """Refuse to write into a file, over a model, or into a folder with foreign files, unless ``overwrite``."""
+def _check_not_input(out: Path, cache: Path, inputs=()) -> None:
+    """Refuse ``out`` when it is an input folder (the teacher) or would replace an input file, whatever
+    ``--overwrite`` says."""
+    target = out.expanduser().resolve()
+    for inp in inputs:
+        src = Path(inp).expanduser().resolve()
+        if src == target or (src.parent == target and src.name in _OWN_FILES) or (cache.resolve() in src.parents):
+            raise ConfigError(
+                "--out would write over an input", found=f"{out} (input {inp})",
+                expected="a new folder apart from the teacher model and the data files",
+                fix="choose another --out; inputs are never overwritten, not even with --overwrite",
+            )
+
+
+def _check_out(out: Path, overwrite: bool, cache: Path, inputs=()) -> None:
+    """Refuse to write into a file, over a model, or into a folder with foreign files, unless ``overwrite``;
+    refuse always when ``out`` is an input (:func:`_check_not_input`)."""
+    _check_not_input(out, cache, inputs)
     if out.exists() and not out.is_dir():
         raise ConfigError("--out is a file", found=str(out), expected="a folder (created if missing)")
     if not out.is_dir() or overwrite:
@@ -685,7 +701,7 @@ def distill(
 
     out = Path(out).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else out / CACHE_DIR
-    _check_out(out, overwrite, cache)
+    _check_out(out, overwrite, cache, [teacher, *([data] if isinstance(data, (str, os.PathLike)) else data)])
     if loss not in ("cosine", "mse"):
         raise ConfigError("Unknown distillation loss", found=repr(loss), expected="'cosine' or 'mse'")
     if not 0 < held_out < 1:
@@ -828,12 +844,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns 0 (done), 1 (an engine error, printed) or 2 (usage error)."""
+    """Command-line entry point; returns 0 (done), 1 (an engine error, printed) or 2 (usage error, including an
+    ``--out`` that would replace an input)."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.label is not None and len(args.label) < 2:
         parser.error("--label needs at least two labels")
+    try:  # --out over an input is a usage error (exit status 2): nothing was read or written
+        out = args.out.expanduser()
+        _check_not_input(out, args.cache_dir.expanduser() if args.cache_dir else out / CACHE_DIR,
+                         [args.teacher, *args.data])
+    except LexicellError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         report = distill(
             args.teacher, args.data, args.out, overwrite=args.overwrite, device=args.device, amp=not args.no_amp,

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -87,8 +88,10 @@ def embed_cells(
         ``(n_cells, projection_dim)`` float32, L2-normalised. Also sets:
 
         - ``adata.obsm[key_added]``: the same array;
-        - ``adata.uns[key_added]['params']``: model name and fingerprint, genes matched, cache key, and
-          ``orthologs`` (non-empty when mouse genes were read through human orthologs, see below).
+        - ``adata.uns[key_added]['params']``: model name and fingerprint, genes matched, cache key,
+          ``orthologs`` (non-empty when mouse genes were read through human orthologs, see below) and
+          ``warnings`` (list of str: orthologs used, several columns summed into one gene, e.g. a repeated
+          gene name; each is also logged and issued as an :class:`engine.data.DataWarning`).
 
     Mouse data and a human model (the bundled one, CellWhisperer): when the genes are mouse (``ENSMUSG`` IDs
     from :func:`engine.validate`, or MGI-cased symbols) and the model's vocabulary is human (``ENSG``), each
@@ -105,21 +108,27 @@ def embed_cells(
     ----------
     Schaefer et al., CellWhisperer (seed 000), §3.2 and appendix F.
     """
-    from .data import expression_matrix
+    from .data import DataWarning, expression_matrix
 
     t0 = time.perf_counter()
     kind = "counts" if getattr(model.transcriptome_tower, "requires_counts", False) else "normalized"
     X, var = expression_matrix(adata, kind=kind)
     orthologs = False
+    notes: list[str] = []
     if _human_vocabulary(model) and _mouse_genes(var):
         from .orthologs import human_var
 
         var = human_var(var)
         orthologs = True
-        log.warning("mouse genes detected: the human model reads them through human orthologs (engine.orthologs, "
-                    "Ensembl 105); %d of %d genes have one", int((var["ensembl_id"] != "").sum()), var.shape[0])
+        notes.append(f"mouse genes detected: the human model reads them through their human orthologs "
+                     f"(engine.orthologs, Ensembl 105); {int((var['ensembl_id'] != '').sum())} of {var.shape[0]} "
+                     "genes have one, the others are ignored")
     tokens = model.tokenizer.match_genes(var)
     n_matched = int((tokens >= 0).sum())
+    notes += _summed_genes(tokens, var)
+    for note in notes:
+        log.warning("%s", note)
+        warnings.warn(note, DataWarning, stacklevel=2)
     gene_ids = var["ensembl_id"].astype(str).tolist() if "ensembl_id" in var.columns else list(var.index)
     key = None
     cache_file = None
@@ -156,10 +165,34 @@ def embed_cells(
             "cache_key": key or "",
             "from_cache": bool(from_cache),
             "orthologs": "mouse->human (Ensembl 105)" if orthologs else "",
+            "warnings": list(notes),
         }
     }
     log.info("embedded %d cells in %.2f s (cache %s)", adata.n_obs, time.perf_counter() - t0, "hit" if from_cache else "miss")
     return embeds
+
+
+def _summed_genes(tokens: np.ndarray, var) -> list[str]:
+    """A warning when several columns map to one vocabulary gene (rank encoding sums them), else nothing."""
+    from .data import duplicate_summary
+
+    ok = tokens >= 0
+    if np.unique(tokens[ok]).size == int(ok.sum()):
+        return []
+    names = np.asarray(var.index.astype(str))[ok]
+    tok = tokens[ok]
+    _, inv, counts = np.unique(tok, return_inverse=True, return_counts=True)
+    multi = counts[inv] > 1
+    n_same, _, ex_same = duplicate_summary(names[multi])
+    n_genes = int((counts > 1).sum())
+    text = (f"{int(multi.sum())} columns map to {n_genes} gene(s) of the model's vocabulary more than once and are "
+            f"summed into one gene each")
+    if n_same:
+        text += f" (repeated gene names: {ex_same})"
+    else:
+        first = [" + ".join(names[inv == k][:3]) for k in np.flatnonzero(counts > 1)[:3]]
+        text += f" (e.g. {', '.join(first)})"
+    return [text]
 
 
 def _human_vocabulary(model) -> bool:

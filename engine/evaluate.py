@@ -1,7 +1,10 @@
 """Zero-shot cell-type evaluation and paired retrieval (CellWhisperer, seed 000 appendices B and D).
 
 ``python -m engine.evaluate DATA --label-key COL [--model PATH] [--template T] [--json]
-[--confusion FILE.csv] [--max-cells-per-class N] [--smooth] [--center W] [--csls K]``
+[--confusion FILE.csv [--overwrite]] [--max-cells-per-class N] [--smooth] [--center W] [--csls K]``
+
+``--confusion`` writes a new file: an existing one needs ``--overwrite``, and the data file or a file of the
+model folder is refused even then (exit status 2).
 
 ``--smooth`` / ``--center`` / ``--csls`` add a column of label-free refinements (neighbour-smoothed embeddings,
 distribution normalisation, CSLS) beside the protocol's figures, which they never change.
@@ -128,10 +131,13 @@ def evaluate(
     EmptySelectionError
         No labelled cell left.
     QueryError
-        Fewer than two candidate labels, empty labels or a bad template.
+        Fewer than two candidate labels, empty labels, given labels without letters or digits, or a bad template
+        (:func:`engine.score.check_template`). Labels of the data without letters or digits (e.g. ``"?"``)
+        are left out as classes, with a note.
     """
-    from .score import TEMPLATES, label_logits, label_texts
+    from .score import TEMPLATES, check_template, clean_labels, label_logits, label_texts
 
+    check_template(template)  # a bad template fails before any embedding work
     if label_key not in adata.obs.columns:
         raise MissingKeyError(
             f"The label column {label_key!r} is not in obs",
@@ -147,10 +153,16 @@ def evaluate(
         cats = list(col.cat.categories) if isinstance(col.dtype, pd.CategoricalDtype) else sorted(set(values[present]))
         cand = [" ".join(str(c).split()) for c in cats]
         cand = [c for c in dict.fromkeys(cand) if c and c in set(values[present])]
+        unusable = []
+        for c in cand:
+            try:
+                clean_labels([c])
+            except QueryError:
+                unusable.append(c)
+        cand = [c for c in cand if c not in unusable]
     else:
-        cand = [" ".join(str(c).split()) for c in labels]
-        if any(not c for c in cand):
-            raise QueryError("A candidate label is empty", found=list(labels), expected="non-empty label names")
+        unusable = []
+        cand = clean_labels(labels, "candidate label")
         if len(set(cand)) != len(cand):
             raise QueryError("Candidate labels must be distinct", found=cand, expected="each label once")
     if len(cand) < 2:
@@ -190,6 +202,9 @@ def evaluate(
         refined = classification_metrics(label_logits(e, text_emb, scale, center=center, csls=csls)[keep], y, ks=ks)
         refined.update({"smooth": bool(smooth), "center": float(center), "csls": int(csls)})
     notes = []
+    if unusable:
+        notes.append(f"label(s) without letters or digits (or unusable as text) were left out as classes: "
+                     f"{[u[:40] for u in unusable[:5]]}")
     if dropped:
         notes.append(f"{dropped} cell(s) with labels outside the candidates were left out")
     if int((~present).sum()):
@@ -319,15 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--center", type=float, default=0.0, help="also report per-cell metrics with distribution normalisation (0.5 = DN)")
     p.add_argument("--csls", type=int, default=0, metavar="K", help="also report per-cell metrics with the CSLS hub correction (k cells per label)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--confusion", default=None, metavar="FILE.csv", help="write the per-cell confusion matrix")
+    p.add_argument("--confusion", default=None, metavar="FILE.csv", help="write the per-cell confusion matrix (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="let --confusion replace an existing file (never an input)")
     args = p.parse_args(argv)
-    from .checkpoint import load_model
+    from .checkpoint import default_model_path, load_model
+    from .data import check_output_path
     from .errors import LexicellError
 
     label_key = args.label_key or ("bulk_labels" if args.data == "demo" else None)
     if label_key is None:
         p.error("--label-key is required")
     try:
+        if args.confusion:
+            inputs = [] if args.data == "demo" else [args.data]
+            inputs.append(args.model if args.model not in (None, "default") else default_model_path())
+            check_output_path(args.confusion, inputs=inputs, overwrite=args.overwrite, flag="--confusion")
         adata = _load_data(args.data)
         model = load_model(args.model, device=args.device)
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else None

@@ -12,7 +12,10 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["MILinearBlock", "MLPHead", "build_head"]
+__all__ = ["MILinearBlock", "MLPHead", "build_head", "HEAD_TYPES"]
+
+#: Projection head types of :func:`build_head`.
+HEAD_TYPES = ("linear", "mlp", "mi_linear")
 
 
 class MILinearBlock(nn.Module):

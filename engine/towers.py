@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from .tokenizer import RankTokenizer
 
 __all__ = [
@@ -214,6 +216,21 @@ def resolve_text_source(source: str, folder: Path | None = None) -> Path:
     return p
 
 
+def _check_text_config(path: Path) -> None:
+    """Read a text model's ``config.json`` and check its sizes before transformers allocates anything."""
+    from .checkpoint import check_hf_config
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return  # transformers reports the missing file
+    try:
+        values = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError("The text model's config.json is not valid JSON", found=f"{cfg_file}: {err}",
+                              expected="a Hugging Face config (JSON object)") from err
+    check_hf_config(values, str(cfg_file))
+
+
 def _detect_pooling(path: Path) -> str:
     pool_cfg = path / "1_Pooling" / "config.json"
     if pool_cfg.is_file():
@@ -241,6 +258,14 @@ class TextTower(nn.Module):
         False builds the architecture only (weights then come from a checkpoint's safetensors).
     source
         What to write in ``config.json`` to find the folder again (default: ``str(path)``).
+
+    Raises
+    ------
+    CheckpointError
+        The folder cannot be loaded, or its ``config.json`` asks for sizes out of range
+        (:func:`engine.checkpoint.check_hf_config`, checked before anything is allocated).
+    UnsafeCheckpointError
+        A pickled weight file (``pytorch_model.bin``) that torch's ``weights_only`` loader refuses.
     """
 
     def __init__(
@@ -260,16 +285,26 @@ class TextTower(nn.Module):
         path = Path(path)
         self.path = path
         self.source = source or str(path)
+        _check_text_config(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             if load_weights:
                 self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
             else:
                 self.model = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
-        except (OSError, ValueError) as err:
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                "The text model's weight file was refused: it is a pickle that loads more than tensors",
+                found=f"{path}: torch.load(weights_only=True) refused it"
+                + (f" ({m.group(1).strip()[:120]})" if (m := re.search(r"WeightsUnpickler error:\s*(.+)", str(err))) else ""),
+                expected="model.safetensors, or a pytorch_model.bin holding tensors only (torch.load weights_only)",
+                fix="use a text model folder from a trusted source, preferably with model.safetensors; nothing in "
+                "the file was executed",
+            ) from err
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError, TypeError, AttributeError, ImportError) as err:
             raise CheckpointError(
                 "Cannot load the text model",
-                found=f"{path}: {err}",
+                found=f"{path}: {type(err).__name__}: {str(err)[:300]}",
                 expected="a Hugging Face model folder (config.json, weights, tokenizer files)",
             ) from err
         self.pooling = pooling or _detect_pooling(path)

@@ -361,6 +361,7 @@ def test_cli_options_reach_pn_serve():
 
 
 def test_long_work_can_be_cancelled(state):
+    from app.views.common import plain
     from app.views.perturb import PerturbView
     from engine.errors import CancelledError
 
@@ -370,7 +371,7 @@ def test_long_work_can_be_cancelled(state):
     view.scan_job._cancel.set()
     view.scan_job.cancel_requested = lambda: True  # as if the Cancel button had been pressed
     asyncio.run(view._scan())
-    assert view.scan_job.alert.visible and view.scan_job.alert.object == "Cancelled."
+    assert view.scan_job.alert.visible and view.scan_job.alert.object == plain("Cancelled.")
     assert state.scan_table is None
 
 

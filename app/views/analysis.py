@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import QUERY, AppState
-from .common import Job, StateView, csv_download, show_table, table_widget
+from .common import Job, StateView, csv_download, plain, show_table, table_widget
 
 __all__ = ["DescribeView", "DEView"]
 
@@ -150,8 +150,10 @@ class DEView(StateView):
             n_up = int(((table["direction"] == "up") & (table["pval_adj"] < 0.05)).sum())
             n_down = int(((table["direction"] == "down") & (table["pval_adj"] < 0.05)).sum())
             msgs = " ".join(table.attrs.get("messages") or [])
-            self.de_info.object = (f"**{table.attrs.get('n_used')} top vs {table.attrs.get('n_used')} bottom cells** "
-                                   f"({table.attrs.get('method', '')}); {n_up} genes up and {n_down} down at FDR < 0.05. {msgs}")
+            n_used = plain(table.attrs.get("n_used"))
+            self.de_info.object = (f"**{n_used} top vs {n_used} bottom cells** "
+                                   f"({plain(table.attrs.get('method', ''))}); {n_up} genes up and {n_down} down at "
+                                   f"FDR < 0.05. {plain(msgs)}")
             if len(self.enrich_table.value):
                 self.enrich_table = show_table(self.enrich_holder, pd.DataFrame(), height=400, page_size=12)
             self.bars.object = None
@@ -166,7 +168,7 @@ class DEView(StateView):
             st.apply_enrich(table)
             self.bars.object = plots.enrichment_bars(table, width=880)
             self.enrich_table = show_table(self.enrich_holder, table, height=400, page_size=12)
-            self.enrich_info.object = " ".join(table.attrs.get("messages") or [])
+            self.enrich_info.object = plain(" ".join(table.attrs.get("messages") or []))
 
         await self.job.run(lambda: st.compute_enrich(n_genes=n_genes, online=online), apply,
                            label="Enrichment", disable=[self.enrich_button])

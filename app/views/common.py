@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +20,25 @@ from engine.errors import CancelledError, LexicellError
 
 from ..state import AppState
 
-__all__ = ["Job", "StateView", "csv_download", "display_table", "show_table", "table_widget", "EXECUTOR"]
+__all__ = ["Job", "StateView", "csv_download", "display_table", "plain", "show_table", "table_widget", "EXECUTOR"]
 
 log = logging.getLogger(__name__)
 
 #: Worker threads for long work of all sessions (embedding has its own pool in app.cache).
 EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lexicell-job")
+
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:=$^])")
+
+
+def plain(text) -> str:
+    """``text`` made safe to show literally in a Markdown or Alert pane.
+
+    Every user or dataset string (queries, labels, obs values, gene and file names, error messages quoting
+    them) goes through this before it reaches a pane that renders Markdown: ``<``, ``>`` and ``&`` become
+    HTML entities (no tag, script or image reaches the page) and Markdown-active characters are
+    backslash-escaped (no bold, links or headings), so the page shows exactly what was typed.
+    """
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(str(text), quote=False))
 
 
 class StateView(pn.viewable.Viewer):
@@ -68,7 +83,8 @@ class Job(pn.viewable.Viewer):
         return self._cancel.is_set()
 
     def show(self, text: str, kind: str = "danger") -> None:
-        self.alert.param.update(object=text, alert_type=kind, visible=bool(text))
+        """Show ``text`` as plain text (escaped, see :func:`plain`) in the job's alert."""
+        self.alert.param.update(object=plain(text), alert_type=kind, visible=bool(text))
 
     def clear(self) -> None:
         self.alert.param.update(object="", visible=False)
@@ -85,7 +101,7 @@ class Job(pn.viewable.Viewer):
         for w in disable:
             w.disabled = True
         self.progress.param.update(visible=True, active=True, value=-1)
-        self.label.param.update(object=f"{label}…", visible=True)
+        self.label.param.update(object=f"{plain(label)}…", visible=True)
         self.cancel_button.visible = self.cancellable
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -97,7 +113,7 @@ class Job(pn.viewable.Viewer):
                 if done:
                     break
                 extra = f", {self.polls} batches" if self.polls else ""
-                self.label.object = f"{label}… {time.perf_counter() - t0:.0f} s{extra}"
+                self.label.object = f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}"
             result = fut.result()
             t1 = time.perf_counter()
             apply(result)

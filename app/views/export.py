@@ -10,7 +10,7 @@ import pandas as pd
 import panel as pn
 
 from ..state import AppState
-from .common import Job, StateView, csv_download
+from .common import Job, StateView, csv_download, plain
 
 __all__ = ["ExportView", "AboutView"]
 
@@ -69,7 +69,7 @@ class ExportView(StateView):
         st = self.state
 
         def apply(p):
-            self.saved.object = f"Saved to `{p}`."
+            self.saved.object = f"Saved to {plain(p)}."
             st.notify(f"Saved the annotated dataset to {p}.", "success")
 
         await self.job.run(lambda: st.save_h5ad(path), apply, label="Writing .h5ad", disable=[self.save])
@@ -121,22 +121,24 @@ class AboutView(StateView):
         xt = info["text_tower"] or {}
         emb = st.adata.uns.get("transcriptome_embeds", {})
         params = emb.get("params", {}) if isinstance(emb, dict) else {}
+        e = plain
         lines = [
-            f"### Model: {info['name']}",
+            f"### Model: {e(info['name'])}",
             f"- shared space: **{info['projection_dim']}** dimensions; logit scale exp(logit_scale) = {info['logit_scale']:.2f}",
-            f"- transcriptome tower: `{tt.get('type', '?')}` (hidden size {tt.get('hidden_size', '?')}, "
-            f"{tt.get('n_layers', '?')} layers); head `{(info['heads']['transcriptome'] or {}).get('type', '?')}`",
-            f"- text tower: `{xt.get('type', '?')}` from `{xt.get('source', '?')}` (pooling {xt.get('pooling', '?')}); "
-            f"head `{(info['heads']['text'] or {}).get('type', '?')}`",
-            f"- fingerprint `{info['fingerprint']}`; loaded from `{info['source']}`",
-            f"### Dataset: {st.dataset_name}",
-            f"- {st.n_cells:,} cells × {st.adata.n_vars:,} genes; layouts: {', '.join(st.layouts()) or 'none yet'}",
+            f"- transcriptome tower: {e(tt.get('type', '?'))} (hidden size {e(tt.get('hidden_size', '?'))}, "
+            f"{e(tt.get('n_layers', '?'))} layers); head {e((info['heads']['transcriptome'] or {}).get('type', '?'))}",
+            f"- text tower: {e(xt.get('type', '?'))} from {e(xt.get('source', '?'))} (pooling {e(xt.get('pooling', '?'))}); "
+            f"head {e((info['heads']['text'] or {}).get('type', '?'))}",
+            f"- fingerprint {e(info['fingerprint'])}; loaded from {e(info['source'])}",
+            f"### Dataset: {e(st.dataset_name)}",
+            f"- {st.n_cells:,} cells × {st.adata.n_vars:,} genes; layouts: {e(', '.join(st.layouts()) or 'none yet')}",
             f"- embeddings: {'ready' if st.embeds_ready else 'being computed'}"
-            + (f" ({params.get('n_genes_matched')} of {params.get('n_genes')} genes matched the model's vocabulary,"
-               f" expression: {params.get('expression')})" if params else ""),
+            + (f" ({e(params.get('n_genes_matched'))} of {e(params.get('n_genes'))} genes matched the model's "
+               f"vocabulary, expression: {e(params.get('expression'))})" if params else ""),
         ]
+        lines += [f"- note: {e(w)}" for w in st.data_warnings()]
         if st.input_path:
-            lines.append(f"- file: `{st.input_path}`")
+            lines.append(f"- file: {e(st.input_path)}")
         self.summary.object = "\n".join(lines)
         self.config.object = json.loads(json.dumps(info["config"], default=str))
         self.metadata.object = json.loads(json.dumps(info["metadata"], default=str)) or {"metadata": "none"}

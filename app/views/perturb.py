@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import AppState
-from .common import Job, StateView, csv_download, show_table, table_widget
+from .common import Job, StateView, csv_download, plain, show_table, table_widget
 
 __all__ = ["PerturbView"]
 
@@ -64,7 +64,7 @@ class PerturbView(StateView):
         st = self.state
         cells = (f"the **{st.n_selected:,} selected cells**" if st.selection is not None
                  else f"**all {st.n_cells:,} cells** (no selection; at most 2,000 are sampled)")
-        query = f"the query **{st.query}**" if st.query else "no query (type one to measure its score change)"
+        query = f"the query **{plain(st.query)}**" if st.query else "no query (type one to measure its score change)"
         self.scope.object = f"Perturbs {cells}; reports {query}."
         if st.zs_probs is not None:
             self.goal.options = list(st.zs_probs.columns)
@@ -81,12 +81,12 @@ class PerturbView(StateView):
             center = 1.0 if metric == "cos_original_perturbed" else 0.0
             self.hist.object = plots.histogram(table[metric].to_numpy(), name=name, diverging_center=center,
                                                title=f"{mode} {', '.join(genes[:4])}: {name}")
-            parts = [f"**{len(table):,} cells** perturbed ({mode} {', '.join(genes)})",
+            parts = [f"**{len(table):,} cells** perturbed ({plain(mode)} {plain(', '.join(genes))})",
                      f"mean cos(original, perturbed) = {table['cos_original_perturbed'].mean():.4f}"]
             if "delta_logit" in table:
                 parts.append(f"mean Δ score = {table['delta_logit'].mean():+.3f}")
             if "goal_shift" in table:
-                parts.append(f"mean goal shift toward '{goal}' = {table['goal_shift'].mean():+.4f}")
+                parts.append(f"mean goal shift toward '{plain(goal)}' = {table['goal_shift'].mean():+.4f}")
             self.summary.object = "; ".join(parts) + "."
             shown = table.rename_axis("cell").reset_index()
             for c in shown.columns:

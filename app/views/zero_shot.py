@@ -6,12 +6,14 @@ import pandas as pd
 import panel as pn
 
 import engine
+from engine.errors import QueryError
+from engine.score import check_template
 
 from .. import plots
 from ..cache import SMOOTH_KEY
 from ..label_sets import LABEL_SETS, label_names
 from ..state import AppState
-from .common import Job, StateView, csv_download, table_widget
+from .common import Job, StateView, csv_download, plain, table_widget
 
 __all__ = ["ZeroShotView"]
 
@@ -80,6 +82,7 @@ class ZeroShotView(StateView):
         self.eval_button.on_click(self._evaluate)
         self.accept.on_click(lambda event: self.job.guard(lambda: self.state.accept_labels(self.accept_name.value)))
         self.state.param.watch(self._on_map_version, "map_version")
+        self._template_error = False
         self._show_template()
 
     def __panel__(self):
@@ -99,9 +102,20 @@ class ZeroShotView(StateView):
         return self.custom_template.value if self.template.value == "custom" else self.template.value
 
     def _show_template(self, *_):
+        """Show the label text; a custom template that cannot be used shows its error in the page at once."""
         fmt = engine.TEMPLATES.get(self.template.value, self.custom_template.value)
         self.custom_template.visible = self.template.value == "custom"
-        self.template_text.object = f"Label text: *{fmt}*"
+        try:
+            fmt = check_template(fmt)
+        except QueryError as err:
+            self.template_text.object = "Label text: (not usable, see below)"
+            self.job.show(str(err), "danger")
+            self._template_error = True
+            return
+        if self._template_error:
+            self.job.clear()
+            self._template_error = False
+        self.template_text.object = f"Label text: *{plain(fmt)}*"
 
     def _on_set(self, event):
         if event.new == CUSTOM:
@@ -182,13 +196,14 @@ class ZeroShotView(StateView):
             rows.append(row)
         self.metrics.value = pd.DataFrame(rows)
         pc = res.get("per_cell") or {}
+        notes = " ".join(f"Note: {n}." for n in res.get("notes") or [])
         self.eval_info.object = (
-            f"**Zero-shot vs `{res.get('label_key', '')}`**: {res.get('n_cells', '?')} cells, "
-            f"{res.get('n_classes', '?')} classes (labels from the column, template *{res.get('template', '')}*); "
+            f"**Zero-shot vs {plain(res.get('label_key', ''))}**: {res.get('n_cells', '?')} cells, "
+            f"{res.get('n_classes', '?')} classes (labels from the column, template *{plain(res.get('template', ''))}*); "
             f"per-cell accuracy {pc.get('accuracy', float('nan')):.3f}, macro F1 {pc.get('f1_macro', float('nan')):.3f}, "
             f"ROC-AUC {pc.get('roc_auc', float('nan')):.3f} (CellWhisperer's protocol, unsmoothed"
             + (f"; on smoothed embeddings {res['refined']['roc_auc']:.3f}" if res.get("refined") else "")
-            + "). Confusion matrix below (rows: true labels, unsmoothed).")
+            + "). Confusion matrix below (rows: true labels, unsmoothed). " + plain(notes))
         conf = res.get("confusion") or {}
         if conf.get("labels") is not None:
             self.confusion.object = plots.confusion_heatmap(
