@@ -380,12 +380,14 @@ def from_anndata(
         _require(obs, [text_key])
         texts = [clean_text(v) if not _missing(v) else "" for v in obs[text_key].astype(object)]
     elif template is not None:
-        cols = [c for c in re.findall(r"{([^{}:!]+)[^{}]*}", template)]
+        parts = _parse_obs_template(template)
+        cols = list(dict.fromkeys(f for _, f in parts if f))
         _require(obs, cols)
         texts = []
         for row in obs[cols].astype(object).itertuples(index=False):
             d = dict(zip(cols, row))
-            texts.append("" if any(_missing(v) for v in d.values()) else clean_text(template.format(**d)))
+            texts.append("" if any(_missing(v) for v in d.values())
+                         else clean_text("".join(lit + (str(d[f]) if f else "") for lit, f in parts)))
     else:
         if fields is None:
             fields = [f for f in _DEFAULT_FIELDS if f in obs.columns]
@@ -427,6 +429,29 @@ def from_anndata(
         name=name or "anndata",
         meta=pd.DataFrame({"obs_name": np.asarray(adata.obs_names)[idx].astype(str)}),
     )
+
+
+def _parse_obs_template(template: str) -> list[tuple[str, str | None]]:
+    """Split a text template into (literal, obs column) pieces; format specs and conversions are refused
+    (``str.format`` with a width such as ``{label:>3000000000}`` would allocate gigabytes)."""
+    import string
+
+    if not isinstance(template, str) or len(template) > 2000:
+        raise ConfigError("A text template must be a string of at most 2,000 characters",
+                          found=f"{type(template).__name__} of length {len(template) if isinstance(template, str) else '?'}",
+                          expected="e.g. 'A sample of {cell_type} from {tissue}'")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError("The text template is not valid", found=f"{template!r}: {e}", expected="fields like {cell_type}") from None
+    out = []
+    for lit, field, spec, conv in parsed:
+        if field is not None and (spec or conv or not field or not re.fullmatch(r"[\w .-]+", field)):
+            raise ConfigError("Text template fields take no format spec, conversion, index or attribute",
+                              found=repr("{" + (field or "") + (("!" + conv) if conv else "") + ((":" + spec) if spec else "") + "}"),
+                              expected="plain obs column names such as {cell_type}")
+        out.append((lit, field))
+    return out
 
 
 def _require(obs: pd.DataFrame, cols: Sequence[str]) -> None:

@@ -195,3 +195,19 @@ def _python_source(n: int = 2) -> PairedData:
 
 def _not_pairs():
     return 42
+
+
+def test_obs_template_refuses_format_specs():
+    """A training template with a width or conversion is refused before formatting (it could allocate GBs)."""
+    import anndata as ad
+
+    from engine.errors import ConfigError
+    from engine.pairs import from_anndata
+
+    a = ad.AnnData(X=np.ones((2, 3), dtype=np.float32), obs=pd.DataFrame({"cell_type": ["B cell", "T cell"]}, index=["a", "b"]),
+                   var=pd.DataFrame(index=["CD3D", "MS4A1", "CD14"]))
+    for bad in ("{cell_type:>3000000000}", "{cell_type!r}", "{cell_type.__class__}", "{cell_type[0]}"):
+        with pytest.raises((ConfigError, MissingKeyError)):  # never formatted: dotted names are column names
+            from_anndata(a, template=bad)
+    p = from_anndata(a, template="A sample of {cell_type}")
+    assert p.texts == ["A sample of B cell", "A sample of T cell"]
