@@ -3,11 +3,13 @@
     python run_app.py                                  # demo: pbmc68k_reduced with the default model
     python run_app.py --data my.h5ad [--model DIR] [--port 5006] [--host 0.0.0.0] [--no-show]
     python run_app.py --data my.h5ad --host 0.0.0.0 --basic-auth PASSWORD_OR_FILE --cookie-secret S
+    python run_app.py --data my.h5ad --save-dir /srv/lexicell-exports  # the only folder browsers write to
     panel serve run_app.py --args --data my.h5ad       # the same, through Panel's own server
 
 This file is the only place that wires the command line to the app (``app.build_app``) and the server
 (``panel.serve``). Each browser session gets its own state; the model and each dataset's embeddings are
-loaded once per process and shared read-only.
+loaded once per process and shared read-only. Browser sessions write files only into ``--save-dir``
+(default: ``lexicell-exports/`` beside the data) and choose file names, never paths (``app.files``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,11 +31,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=5006, help="port (0 = any free port)")
     p.add_argument("--host", default="localhost", help="address to listen on; 0.0.0.0 shares with your lab")
     p.add_argument("--no-show", action="store_true", help="do not open a browser tab")
+    p.add_argument("--save-dir", metavar="DIR",
+                   help="the only folder browser sessions write files to (they choose a name, never a path); "
+                        "default: a lexicell-exports/ folder beside the data (the demo: in the current folder)")
+    p.add_argument("--max-download-mb", type=float, default=200.0, metavar="MB",
+                   help="largest .h5ad sent to the browser through the page; larger files stay in --save-dir "
+                        "(default 200)")
     p.add_argument("--allow-websocket-origin", action="append", default=None, metavar="HOST[:PORT]",
                    help="extra origins allowed to connect (repeatable), e.g. myserver.lab.org:5006")
     auth = p.add_argument_group("access control (use with --host 0.0.0.0)")
     auth.add_argument("--basic-auth", metavar="PASSWORD|FILE",
-                      help="one shared password, or a JSON file of {user: password}")
+                      help="one shared password, or a JSON file of {user: password}; 5 failed logins from one "
+                           "address within a minute block it (HTTP 429) for 30 s, doubling with each block; "
+                           "logout revokes the login cookie on the server")
     auth.add_argument("--cookie-secret", help="secret to sign login cookies (required for OAuth)")
     auth.add_argument("--oauth-provider", help="OAuth provider passed to Panel (github, google, azure, generic, ...)")
     auth.add_argument("--oauth-key", help="OAuth client id")
@@ -45,12 +56,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def save_dir(args: argparse.Namespace) -> str:
+    """The folder browser sessions write to: ``--save-dir``, else ``lexicell-exports/`` beside the data."""
+    from app.files import default_save_dir
+
+    return str(Path(args.save_dir).expanduser().resolve() if args.save_dir else default_save_dir(args.data))
+
+
 def make_app_factory(args: argparse.Namespace):
     """A function building one session's page, for ``pn.serve({"/": factory})``."""
     from app import build_app
 
+    folder = save_dir(args)
+
     def factory():
-        return build_app(args.data, args.model, name=args.name)
+        return build_app(args.data, args.model, name=args.name, save_dir=folder,
+                         max_download_mb=args.max_download_mb)
 
     return factory
 
@@ -66,7 +87,12 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
     if origins:
         kw["websocket_origin"] = origins
     if args.basic_auth:
-        kw["basic_auth"] = args.basic_auth
+        # Lexicell's provider: Panel's login page plus a back-off and revocation on logout (app.auth); login
+        # cookies are not copied into the session token embedded in the page.
+        from app.auth import LexicellAuthProvider, load_credentials, session_cookie_options
+
+        kw["auth_provider"] = LexicellAuthProvider(load_credentials(args.basic_auth))
+        kw.update(session_cookie_options())
     for name in ("cookie_secret", "oauth_provider", "oauth_key", "oauth_secret", "oauth_redirect_uri",
                  "oauth_encryption_key"):
         if getattr(args, name):
@@ -125,8 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import panel as pn
 
+    from app.files import clean_stale_partials, ensure_dir
+    from engine.errors import LexicellError
+
+    folder = save_dir(args)
+    try:
+        clean_stale_partials(ensure_dir(folder))  # created with the process's umask
+        print(f"Lexicell: browser sessions save files in {folder}", flush=True)
+    except LexicellError as err:
+        print(f"Lexicell: warning: {err}", file=sys.stderr, flush=True)
     warm_up(args)
-    kw = serve_kwargs(args)
+    try:
+        kw = serve_kwargs(args)
+    except LexicellError as err:
+        print(f"Lexicell: {err}", file=sys.stderr, flush=True)
+        return 2
     url_host = "localhost" if args.host in ("0.0.0.0", "localhost") else args.host
     print(f"Lexicell: serving on http://{url_host}:{args.port}/ (Ctrl+C to stop)", flush=True)
     pn.serve({"/": make_app_factory(args)}, **kw)

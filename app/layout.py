@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from concurrent.futures import Future
 
 import holoviews as hv
 import panel as pn
+import param
 
 from engine.errors import CancelledError, LexicellError
 
-from . import cache
+from . import cache, files
 from .state import AppState
 from .views.analysis import DEView, DescribeView
 from .views.common import plain
@@ -21,7 +23,7 @@ from .views.perturb import PerturbView
 from .views.query import QueryView
 from .views.zero_shot import ZeroShotView
 
-__all__ = ["Explorer", "build_app", "ensure_extensions"]
+__all__ = ["Explorer", "build_app", "ensure_extensions", "SESSIONS", "release_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +182,15 @@ class Explorer(pn.viewable.Viewer):
         Dataset name shown in the page.
     input_path
         File the dataset came from; the export refuses to overwrite it.
+    save_dir
+        Served mode: the only folder the page writes to; the browser chooses file names only
+        (:mod:`app.files`). None (Jupyter): Save writes where the path typed says.
+    max_download_mb
+        Largest .h5ad sent to the browser through the page; larger files stay in ``save_dir``.
     """
 
-    def __init__(self, adata, model, *, name: str | None = None, input_path: str | None = None, **params):
+    def __init__(self, adata, model, *, name: str | None = None, input_path: str | None = None,
+                 save_dir: str | None = None, max_download_mb: float = 200, **params):
         super().__init__(**params)
         ensure_extensions()
         self.base = adata
@@ -192,7 +200,8 @@ class Explorer(pn.viewable.Viewer):
         else:
             self.model_future = None
         self.state = AppState(cache.session_adata(adata), model, dataset_name=name or "dataset",
-                              input_path=input_path)
+                              input_path=input_path, save_dir=None if save_dir is None else str(save_dir),
+                              max_download_bytes=int(max_download_mb * 2**20))
         self.map = MapView(self.state)
         self.query = QueryView(self.state)
         self.message = pn.pane.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
@@ -202,6 +211,7 @@ class Explorer(pn.viewable.Viewer):
         self.status = EmbeddingStatus(self)
         self.tools_placeholder = pn.pane.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False
+        self._closed = False
         if model is not None:
             self.set_model(model)
         if not self.state.embeds_ready or not cache.layout_keys(self.base):
@@ -233,6 +243,35 @@ class Explorer(pn.viewable.Viewer):
             ("DE + enrichment", self.de), ("Perturbation", self.perturb), ("Save / export", self.export),
             ("About", self.about)]
         self.tools_placeholder.visible = False
+
+    def jobs(self) -> list:
+        """Every :class:`~app.views.common.Job` of this page's views."""
+        from .views.common import Job
+
+        views = [getattr(self, n, None) for n in ("map", "query", "zero_shot", "describe", "de", "perturb",
+                                                   "export", "about")]
+        return [j for v in views if v is not None for j in vars(v).values() if isinstance(j, Job)]
+
+    def close(self) -> None:
+        """Free what this session holds once its browser tab is gone (served: called when the session ends).
+
+        Running jobs are asked to stop, the download folder (Jupyter) is removed, and the session's results
+        (history, scores, tables, its ``obs``/``obsm`` copy) are dropped without triggering the views, so
+        their memory is released at once instead of whenever Python's cycle collector next runs.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for job in self.jobs():
+            job._cancel.set()
+        st = self.state
+        st.close()
+        with param.parameterized.discard_events(st):
+            st.param.update(history=[], scores=None, selection=None, selection_geometry=None, zs_probs=None,
+                            evaluation=None, description=None, de_table=None, enrich_table=None,
+                            perturb_table=None, perturb_values=None, scan_table=None, adata=None)
+        self.base = None
+        self.model_future = None
 
     def _update_info(self) -> None:
         st = self.state
@@ -279,6 +318,46 @@ def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
         font="-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif")
 
 
+#: Live served sessions: Bokeh session id -> Explorer. An entry is removed (and the Explorer closed) when the
+#: session ends (:func:`_register_session`); nothing else keeps a session's objects.
+SESSIONS: dict[str, Explorer] = {}
+_last_release = [0.0]
+
+
+def _register_session(explorer: Explorer) -> None:
+    """Track a served session's Explorer and close it when Bokeh destroys the session."""
+    doc = pn.state.curdoc
+    ctx = getattr(doc, "session_context", None) if doc is not None else None
+    if ctx is None:  # notebook or plain Python: the caller owns the Explorer
+        return
+    sid = ctx.id
+    SESSIONS[sid] = explorer
+
+    def destroyed(session_context) -> None:
+        ex = SESSIONS.pop(sid, None)
+        if ex is not None:
+            ex.close()
+        release_memory()
+
+    doc.on_session_destroyed(destroyed)
+
+
+def release_memory(min_interval: float = 5.0) -> None:
+    """Collect reference cycles and hand freed heap back to the OS (glibc ``malloc_trim``), at most every
+    ``min_interval`` seconds: closed sessions' plots and tables otherwise linger until a full collection."""
+    now = time.monotonic()
+    if now - _last_release[0] < min_interval:
+        return
+    _last_release[0] = now
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _chain(source: Future, target: Future) -> None:
     """Resolve ``target`` with the outcome of ``source``."""
 
@@ -294,8 +373,12 @@ def _chain(source: Future, target: Future) -> None:
     source.add_done_callback(_copy)
 
 
-def build_app(data: str | None = None, model: str | None = None, *, name: str | None = None):
+def build_app(data: str | None = None, model: str | None = None, *, name: str | None = None,
+              save_dir: str | None = None, max_download_mb: float = 200):
     """Build one session's page for the shared dataset at ``data`` (None: demo) and model at ``model``.
+
+    ``save_dir`` is the only folder the page writes to (default: ``lexicell-exports/`` beside the data, see
+    :func:`app.files.default_save_dir`); the browser chooses file names only.
 
     The page is returned at once; the dataset is awaited without blocking the server (other sessions stay
     responsive while a large dataset loads), the map is drawn from its own layout, and only then is the
@@ -310,9 +393,14 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     if name is None:
         name = "pbmc68k_reduced (demo)" if data is None else str(data).rstrip("/").rsplit("/", 1)[-1]
     input_path = None if data is None else str(data)
+    if save_dir is None:
+        save_dir = str(files.default_save_dir(data))
+    opts = dict(name=name, input_path=input_path, save_dir=str(save_dir), max_download_mb=max_download_mb)
 
     if data_future.done() and data_future.exception() is None:
-        return Explorer(data_future.result(), cache.model_future(model), name=name, input_path=input_path).template()
+        explorer = Explorer(data_future.result(), cache.model_future(model), **opts)
+        _register_session(explorer)
+        return explorer.template()
 
     sidebar = pn.Column(pn.pane.Markdown(f"**{plain(name)}**  \nloading…"), sizing_mode="stretch_width")
     main = pn.Column(pn.pane.Alert(f"Loading **{plain(name)}**…", alert_type="info"),
@@ -328,7 +416,8 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
             return
         t0 = time.perf_counter()
         model_ready: Future = Future()
-        explorer = Explorer(adata, model_ready, name=name, input_path=input_path)
+        explorer = Explorer(adata, model_ready, **opts)
+        _register_session(explorer)
         sidebar[:] = explorer.sidebar()
         first, second = explorer.main()
         main[:] = [first]

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,7 +27,7 @@ from engine.errors import (AnalysisError, DataError, EmptySelectionError, Lexice
                            MissingKeyError, QueryError)
 from engine.score import split_contrast
 
-from . import cache
+from . import cache, files
 from .plots import MAX_CATEGORIES, ColorSpec, category_colors, cell_frame, map_png, symmetric_clim
 
 __all__ = ["AppState", "QueryRecord", "QUERY", "GENE", "ZERO_SHOT", "ZERO_SHOT_CONF", "PERTURB", "DENSITY"]
@@ -72,6 +70,10 @@ class AppState(param.Parameterized):
     model = param.Parameter(doc="engine.TranscriptomeTextModel, shared read-only.")
     dataset_name = param.String(default="dataset")
     input_path = param.String(default=None, allow_None=True, doc="File the dataset was read from (never overwritten).")
+    save_dir = param.String(default=None, allow_None=True,
+                            doc="Served mode: the only folder this session writes to (names only); None: Jupyter.")
+    max_download_bytes = param.Integer(default=200 * 2**20, bounds=(0, None),
+                                       doc="Largest .h5ad sent through the page; larger ones are kept on the server.")
 
     embeds_ready = param.Boolean(default=False, doc="obsm['transcriptome_embeds'] of this model is present.")
     layout_key = param.Selector(default=None, objects=[], allow_None=True, doc="obsm key of the 2-D layout.")
@@ -105,6 +107,7 @@ class AppState(param.Parameterized):
     def __init__(self, adata: ad.AnnData, model=None, **params):
         super().__init__(adata=adata, model=model, **params)
         self._base: ad.AnnData | None = None  # the shared dataset, once attach_embeddings has seen it
+        self._download_dir = None  # Jupyter downloads: a temporary folder of this session
         self._refresh_layouts()
         self.color_by = self.default_color()
         self.embeds_ready = cache.has_embeddings(adata, model)
@@ -640,21 +643,36 @@ class AppState(param.Parameterized):
         return out
 
     def save_h5ad(self, path: str | Path) -> Path:
-        """Write the annotated dataset to a new .h5ad file.
+        """Write the annotated dataset to a new .h5ad file; nothing is ever overwritten.
 
-        The file is written under a temporary name of its own in the same folder and then linked to ``path``
-        only if ``path`` does not exist yet, so two saves of one name at the same time never overwrite each
-        other (the later one gets the "already exists" error) and no ``*.partial`` file is left behind.
+        Served (``save_dir`` set, see ``run_app.py --save-dir``): ``path`` is only a *name*. It is cleaned by
+        :func:`app.files.safe_name` (no folders, no ``..``, not hidden, at most 120 characters) and the file is
+        written inside ``save_dir``; if the name exists the next free ``name-1.h5ad``, ``name-2.h5ad``, ... is used.
+        Jupyter (``save_dir`` None): ``path`` is where the caller says, and an existing file is an error.
+
+        Either way the file is written under a temporary name in the same folder, flushed to disk and then
+        linked to its name (:func:`app.files.write_atomic`), so a crash leaves no partial file of that name and
+        two saves of one name at the same time never overwrite each other.
+
+        Returns
+        -------
+        pathlib.Path
+            The file written.
 
         Raises
         ------
         DataError
-            When ``path`` is the input file or already exists (nothing is ever overwritten), or when writing
-            fails (disk full, unwritable folder).
+            When no usable name is given; when ``path`` is the input file or already exists (Jupyter); when the
+            folder is missing or writing fails (disk full, unwritable folder).
         """
-        p = Path(str(path)).expanduser()
         if not str(path).strip():
             raise DataError("No file name given", found="an empty path", expected="a new .h5ad file name")
+        if self.save_dir:
+            folder = files.ensure_dir(self.save_dir)
+            files.clean_stale_partials(folder)
+            name = files.safe_name(str(path))
+            return files.write_atomic(folder, name, self._write_h5ad, numbered=True)
+        p = Path(str(path)).expanduser()
         if p.suffix != ".h5ad":
             p = p.with_suffix(p.suffix + ".h5ad") if p.suffix else p.with_suffix(".h5ad")
         if self.input_path and p.resolve() == Path(self.input_path).expanduser().resolve():
@@ -665,20 +683,14 @@ class AppState(param.Parameterized):
                             fix="choose a new file name (files are never overwritten)")
         if not p.parent.is_dir():
             raise DataError("The folder does not exist", found=str(p.parent), expected="an existing folder")
-        # a temporary name of its own per save, so that two saves never share (or delete) each other's file
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial")
-        try:
-            self.export_adata().write_h5ad(tmp)
-            _publish(tmp, p)
-        except LexicellError:
-            raise
-        except Exception as err:  # noqa: BLE001 - h5py, OS and encoding errors become one typed error
-            raise DataError("The annotated dataset could not be written", found=f"{p}: {type(err).__name__}: {err}",
-                            expected="a writable folder with free space, and text that can be stored",
-                            fix="check the folder and the disk, then save again; nothing was left behind") from err
-        finally:
-            tmp.unlink(missing_ok=True)  # never leave a partial file, whatever happened
-        return p
+        return files.write_atomic(p.parent, p.name, self._write_h5ad, numbered=False)
+
+    def _write_h5ad(self, path: Path) -> None:
+        self.export_adata().write_h5ad(path)
+
+    def save_name(self, text: str) -> str:
+        """The file name a served save of ``text`` would use (before numbering); Jupyter: ``text`` unchanged."""
+        return files.safe_name(text) if self.save_dir else str(text)
 
     def data_warnings(self) -> list[str]:
         """Warnings about how the data was read: mouse genes through human orthologs, genes summed, ...
@@ -704,13 +716,57 @@ class AppState(param.Parameterized):
             self.notify("Note: " + " ".join(notes), "warning")
 
     def h5ad_bytes(self) -> bytes:
-        """The annotated dataset as .h5ad bytes (for download)."""
+        """The annotated dataset as .h5ad bytes (notebooks; the page downloads through :meth:`download_file`)."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             f = Path(d) / "export.h5ad"
             self.export_adata().write_h5ad(f)
             return f.read_bytes()
+
+    def download_file(self, name: str | None = None) -> Path:
+        """Write the annotated dataset to a file for a browser download; returns its path.
+
+        Served (``save_dir`` set): a new file in the export folder, exactly as :meth:`save_h5ad` would write it
+        (it stays there, also when it is too large to send through the page). Jupyter: a temporary folder of
+        this session, replacing the previous download. Run it off the event loop (the write takes seconds on
+        large data); nothing is held in memory beyond the written file.
+
+        Raises
+        ------
+        DataError
+            When writing fails (see :meth:`save_h5ad`).
+        """
+        name = name or f"{_file_stem(self)}_lexicell.h5ad"
+        if self.save_dir:
+            return self.save_h5ad(name)
+        import tempfile
+
+        if self._download_dir is None:
+            self._download_dir = tempfile.TemporaryDirectory(prefix="lexicell-download-")
+        folder = Path(self._download_dir.name)
+        for old in folder.iterdir():
+            old.unlink(missing_ok=True)
+        return files.write_atomic(folder, files.safe_name(name), self._write_h5ad, numbered=True)
+
+    def download_too_large(self, path: Path) -> str | None:
+        """None when ``path`` may be sent through the page, else the message shown instead."""
+        size = Path(path).stat().st_size
+        if size <= self.max_download_bytes:
+            return None
+        mb, limit = size / 2**20, self.max_download_bytes / 2**20
+        if self.save_dir:
+            return (f"The file is {mb:,.0f} MB, above the {limit:,.0f} MB limit for downloads through the page. "
+                    f"It was saved on the server instead, as {path.name} in the export folder ({path.parent}).")
+        Path(path).unlink(missing_ok=True)
+        return (f"The file is {mb:,.0f} MB, above the {limit:,.0f} MB limit for downloads through the page. "
+                "Use Save .h5ad to write it to a file instead.")
+
+    def close(self) -> None:
+        """Free what this session holds outside its own objects (a download's temporary folder)."""
+        if self._download_dir is not None:
+            self._download_dir.cleanup()
+            self._download_dir = None
 
     def map_png(self, width: int = 900, height: int = 800) -> bytes:
         """PNG of the current map colouring (datashader + PIL; no browser needed)."""
@@ -741,18 +797,10 @@ class AppState(param.Parameterized):
 
 
 # ---------------------------------------------------------------------- helpers
-def _publish(tmp: Path, dest: Path) -> None:
-    """Give the finished file ``tmp`` its name ``dest`` without ever replacing an existing ``dest``."""
-    try:
-        os.link(tmp, dest)  # atomic, and fails if dest exists (a concurrent save of the same name)
-    except FileExistsError as err:
-        raise DataError("The file already exists", found=f"{dest} (another save of this name finished first)",
-                        expected="a new file name", fix="choose a new file name (files are never overwritten)") from err
-    except OSError:  # file systems without hard links: check, then rename
-        if dest.exists():
-            raise DataError("The file already exists", found=str(dest), expected="a new file name",
-                            fix="choose a new file name (files are never overwritten)")
-        os.replace(tmp, dest)
+def _file_stem(state: AppState) -> str:
+    """A file-name-safe stem for exports, from the input file or the dataset name."""
+    name = Path(state.input_path).stem if state.input_path else state.dataset_name
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name).strip("_.") or "dataset"
 
 
 def _short(text: str, n: int) -> str:

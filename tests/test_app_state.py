@@ -351,12 +351,14 @@ def test_cli_options_reach_pn_serve():
                                "--basic-auth", "secret", "--allow-websocket-origin", "lab.org:7000"])
     kw = run_app.serve_kwargs(args)
     assert kw["address"] == "0.0.0.0" and kw["port"] == 7000 and kw["show"] is False
-    assert kw["basic_auth"] == "secret" and kw["websocket_origin"] == ["lab.org:7000"] and kw["cookie_secret"]
+    assert kw["websocket_origin"] == ["lab.org:7000"] and kw["cookie_secret"]
+    assert kw["auth_provider"].credentials == "secret" and "basic_auth" not in kw  # app.auth's provider
+    assert "user" in kw["exclude_cookies"] and "Cookie" in kw["exclude_headers"]
     args = run_app.parse_args(["--oauth-provider", "github", "--oauth-key", "k", "--oauth-secret", "s",
                                "--cookie-secret", "c", "--oauth-extra-params", '{"scope": "user"}'])
     kw = run_app.serve_kwargs(args)
     assert (kw["oauth_provider"], kw["oauth_key"], kw["oauth_secret"], kw["cookie_secret"]) == ("github", "k", "s", "c")
-    assert kw["oauth_extra_params"] == {"scope": "user"} and "basic_auth" not in kw
+    assert kw["oauth_extra_params"] == {"scope": "user"} and "basic_auth" not in kw and "auth_provider" not in kw
     assert run_app.serve_kwargs(run_app.parse_args([]))["address"] == "localhost"
 
 

@@ -18,6 +18,7 @@ CHROMIUM = os.environ.get("LEXICELL_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 OUT = Path(__file__).parent / "_output"
+SAVE_DIRS: list[Path] = []  # the served app's --save-dir
 TIMEOUT = int(os.environ.get("LEXICELL_UI_TIMEOUT", 60_000))  # ms; the machine may be busy
 
 if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
@@ -52,8 +53,11 @@ def served(tmp_path_factory, tiny_text_dir):
     base = engine.demo_dataset()
     engine.embed_cells(base, model, progress=False)
     port = _free_port()
-    server = pn.serve({"/": lambda: Explorer(base, model, name="pbmc68k_reduced (demo)").template()},
+    save_dir = tmp_path_factory.mktemp("ui_exports")  # served mode: the only folder the page writes to
+    server = pn.serve({"/": lambda: Explorer(base, model, name="pbmc68k_reduced (demo)",
+                                             save_dir=str(save_dir)).template()},
                       port=port, address="127.0.0.1", threaded=True, show=False, title="Lexicell")
+    SAVE_DIRS[:] = [save_dir]
     yield f"http://127.0.0.1:{port}/", base
     server.stop()
     mp.undo()
@@ -222,3 +226,20 @@ def test_sessions_are_independent(browser, served):
     assert "kept_by_a" not in base.obs
     ctx_a.close()
     ctx_b.close()
+
+
+def test_save_pane_writes_only_inside_the_save_dir(page):
+    """A path typed into the Save pane becomes a name inside the server's save folder (issue 18 item 1)."""
+    save_dir = SAVE_DIRS[0]
+    before = {p for p in save_dir.parent.rglob("*")}
+    _tab(page, "Save / export")
+    box = page.get_by_role("textbox", name="File name (saved in the server's export folder; an existing file is never replaced)")
+    box.fill("../../escaped_by_browser")
+    page.get_by_role("button", name="Save .h5ad").click()
+    sync_api.expect(page.get_by_text("Saved to").first).to_be_visible()
+    assert "Unexpected error" not in page.content()
+    new = {p for p in save_dir.parent.rglob("*")} - before
+    assert new == {save_dir / "escaped_by_browser.h5ad"}, new
+    page.get_by_role("button", name="Prepare .h5ad download").click()
+    sync_api.expect(page.get_by_role("button", name="Download pbmc68k_reduced_demo_lexicell.h5ad").first).to_be_visible()
+    _shot(page, "ui_save")

@@ -22,25 +22,38 @@ def _stem(state: AppState) -> str:
 
 
 def _default_save_path(state: AppState) -> str:
+    if state.save_dir:  # served: the browser chooses a name, the operator's --save-dir the folder
+        return f"{_stem(state)}_lexicell.h5ad"
     folder = Path(state.input_path).parent if state.input_path else Path.cwd()
     return str(folder / f"{_stem(state)}_lexicell.h5ad")
 
 
 class ExportView(StateView):
-    """Save the session's annotated dataset to a new file, download it, the map PNG and the tables."""
+    """Save the session's annotated dataset to a new file, download it, the map PNG and the tables.
+
+    Served, the text box takes a file name only; the file goes to the server's export folder
+    (``state.save_dir``). "Prepare .h5ad download" writes the file off the event loop (into the export folder
+    when served) and then offers it through a download button, unless it is larger than
+    ``state.max_download_bytes``: then the page says where the file is instead of sending it.
+    """
 
     def __init__(self, state: AppState, **params):
         super().__init__(state, **params)
         self.job = Job()
-        self.path = pn.widgets.TextInput(name="Save annotated dataset on the server as (new .h5ad file)",
-                                         value=_default_save_path(state), sizing_mode="stretch_width")
+        served = bool(state.save_dir)
+        label = ("File name (saved in the server's export folder; an existing file is never replaced)" if served
+                 else "Save annotated dataset on the server as (new .h5ad file)")
+        self.path = pn.widgets.TextInput(name=label, value=_default_save_path(state), sizing_mode="stretch_width")
         self.save = pn.widgets.Button(name="Save .h5ad", button_type="primary", width=120, margin=(23, 5, 5, 5))
         self.saved = pn.pane.Markdown("")
-        self.h5ad_download = pn.widgets.FileDownload(callback=self._h5ad, filename=f"{_stem(state)}_lexicell.h5ad",
-                                                     label="Download .h5ad", button_type="light", width=180)
+        self.prepare = pn.widgets.Button(name="Prepare .h5ad download", button_type="light", width=200)
+        self.download_job = Job()
+        self.h5ad_download = pn.widgets.FileDownload(filename=f"{_stem(state)}_lexicell.h5ad", label="Download .h5ad",
+                                                     button_type="success", width=260, visible=False)
         self.png_download = pn.widgets.FileDownload(callback=self._png, filename=f"{_stem(state)}_map.png",
                                                     label="Map PNG", button_type="light", width=180)
         self.save.on_click(self._save)
+        self.prepare.on_click(self._prepare_download)
         self.tables = [
             csv_download(self._obs, "obs.csv", "Cell table (obs) CSV"),
             csv_download(self._scores, "query_scores.csv", "Query scores CSV"),
@@ -54,11 +67,13 @@ class ExportView(StateView):
         ]
 
     def __panel__(self):
+        where = ("Files go to the server's export folder; you choose the name only."
+                 if self.state.save_dir else "")
         return pn.Column(
             pn.pane.Markdown("The dataset is never overwritten: results are written to a **new** file. Kept query "
-                             "scores, accepted labels and DE groups are obs columns of this session only."),
+                             "scores, accepted labels and DE groups are obs columns of this session only. " + where),
             pn.Row(self.path, self.save, sizing_mode="stretch_width"), self.job, self.saved,
-            pn.Row(self.h5ad_download, self.png_download),
+            pn.Row(self.prepare, self.h5ad_download, self.png_download), self.download_job,
             pn.pane.Markdown("#### Tables"),
             pn.FlexBox(*self.tables),
             sizing_mode="stretch_width",
@@ -69,13 +84,32 @@ class ExportView(StateView):
         st = self.state
 
         def apply(p):
-            self.saved.object = f"Saved to {plain(p)}."
+            renamed = ""
+            typed = path.strip()
+            if st.save_dir and p.name not in (typed, typed + ".h5ad"):
+                renamed = (f" (from {plain(typed[:120])}: only letters, digits, '.', '_' and '-' are kept, "
+                           "and a number is added when the name exists)")
+            self.saved.object = f"Saved to {plain(p)}{renamed}."
             st.notify(f"Saved the annotated dataset to {p}.", "success")
 
         await self.job.run(lambda: st.save_h5ad(path), apply, label="Writing .h5ad", disable=[self.save])
 
-    def _h5ad(self):
-        return io.BytesIO(self.state.h5ad_bytes())
+    async def _prepare_download(self, event=None):
+        """Write the .h5ad off the event loop, then offer it (or say where it is when it is too large)."""
+        st = self.state
+        self.h5ad_download.visible = False
+
+        def apply(p):
+            too_large = st.download_too_large(p)
+            if too_large:
+                self.download_job.show(too_large, "warning")
+                return
+            mb = p.stat().st_size / 2**20
+            self.h5ad_download.param.update(file=str(p), filename=p.name, label=f"Download {p.name} ({mb:,.1f} MB)",
+                                            visible=True)
+
+        await self.download_job.run(st.download_file, apply, label="Writing .h5ad for download",
+                                    disable=[self.prepare])
 
     def _png(self):
         return io.BytesIO(self.state.map_png())

@@ -1,0 +1,240 @@
+"""Many users at once: one served app, one headless Chromium, N browser contexts (sessions) working in parallel.
+
+    python bench/bench_load.py                    # 10 sessions for 5 minutes on the demo (issue 18 item 4)
+    python bench/bench_load.py --quick            # 3 sessions for 1 minute
+    python bench/bench_load.py --contexts 8 --minutes 2 --rounds 3   # sessions closed and reopened per round
+
+Each session loops: a query (its text carries the session's tag), now and then zero-shot labels and a
+top-vs-bottom DE. Printed: errors (timeouts, "Unexpected error"/"Traceback" in the page), isolation failures (a
+session whose colour note or query history shows another session's tag), p50/p95 query latency (Enter -> the
+page shows the new colouring) and the server's RSS at the start, after each round and at the end (the server is
+a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18): 0 errors, 0 isolation failures,
+RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a 2-core machine.
+Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("LEXICELL_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+QUERY_BOX = 'e.g. "B cells", "T cells MINUS regulatory T cells"'
+QUERIES = ["B cells", "T cells", "monocytes", "NK cells", "dendritic cells", "platelets", "cytotoxic cells",
+           "naive T cells", "proliferating cells", "T cells MINUS regulatory T cells"]
+TAG = re.compile(r"client (\d\d)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(args, port: int, save_dir: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "run_app.py"), "--no-show", "--port", str(port), "--host", "127.0.0.1",
+           "--save-dir", save_dir]
+    if args.data:
+        cmd += ["--data", args.data]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read()
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the server did not answer within 5 minutes")
+
+
+class Stats:
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.isolation: list[str] = []
+        self.zero_shot = 0
+        self.de = 0
+
+
+async def _check_page(page, idx: int, st: Stats, what: str) -> None:
+    content = await page.content()
+    for bad in ("Unexpected error", "Traceback"):
+        if bad in content:
+            st.errors.append(f"client {idx:02d} {what}: '{bad}' in the page")
+    history = await page.get_by_role("combobox", name="History (click to go back)").inner_text()
+    note = await page.locator(".colour-note-text").first.inner_text()
+    others = {int(m) for m in TAG.findall(history + " " + note)} - {idx}
+    if others:
+        st.isolation.append(f"client {idx:02d} {what}: sees client(s) {sorted(others)}")
+
+
+async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int) -> None:
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
+    page = await ctx.new_page()
+    page.set_default_timeout(timeout_ms)
+    rng = random.Random(idx)
+    try:
+        await page.goto(url)
+        await page.locator(".bk-Canvas").first.wait_for(state="visible")
+        await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+        n = 0
+        while time.time() < deadline:
+            n += 1
+            await page.locator(".bk-tab", has_text="Query").first.click()  # the history lives in this tab
+            text = f"{rng.choice(QUERIES)} (client {idx:02d} #{n})"
+            box = page.get_by_placeholder(QUERY_BOX)
+            await box.fill(text)
+            t0 = time.perf_counter()
+            await box.press("Enter")
+            try:
+                shown = text if len(text) <= 40 else text[:39] + "…"  # the colour note shortens long queries
+                await page.locator(".colour-note-text", has_text=f"score: {shown}").first.wait_for(state="visible")
+                st.latencies.append(time.perf_counter() - t0)
+            except Exception as err:  # noqa: BLE001 - counted
+                st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
+                continue
+            await _check_page(page, idx, st, f"query {n}")
+            if n % 4 == 1:
+                try:
+                    await page.locator(".bk-tab", has_text="Zero-shot labels").first.click()
+                    await page.get_by_role("button", name="Label cells").click()
+                    await page.get_by_text("mean_confidence").first.wait_for(state="visible")
+                    st.zero_shot += 1
+                except Exception as err:  # noqa: BLE001
+                    st.errors.append(f"client {idx:02d} zero-shot: {type(err).__name__}")
+            elif n % 4 == 3:
+                try:
+                    await page.locator(".bk-tab", has_text="DE + enrichment").first.click()
+                    await page.get_by_role("button", name="Run DE").click()
+                    await page.get_by_text("logfoldchange").first.wait_for(state="visible")
+                    st.de += 1
+                except Exception as err:  # noqa: BLE001
+                    st.errors.append(f"client {idx:02d} DE: {type(err).__name__}")
+    except Exception as err:  # noqa: BLE001
+        st.errors.append(f"client {idx:02d}: {type(err).__name__}: {str(err)[:200]}")
+    finally:
+        await ctx.close()
+
+
+async def run(args) -> int:
+    from playwright.async_api import async_playwright
+
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with tempfile.TemporaryDirectory(prefix="lexicell-load-") as save_dir:
+        t0 = time.perf_counter()
+        server = start_server(args, port, save_dir)
+        print(f"server pid {server.pid} up in {time.perf_counter() - t0:.1f} s; load average {os.getloadavg()}",
+              flush=True)
+        st = Stats()
+        rss = []
+        try:
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                # one session loaded first, so that "start" is the server after its first page
+                warm = await browser.new_context()
+                page = await warm.new_page()
+                page.set_default_timeout(args.first_timeout * 1000)  # the first page waits for model and embeddings
+                await page.goto(url)
+                await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+                box = page.get_by_placeholder(QUERY_BOX)
+                first_deadline = time.time() + args.first_timeout
+                while True:  # a query before the embeddings are ready is refused: retry until it works
+                    await box.fill("B cells")
+                    await box.press("Enter")
+                    try:
+                        await page.locator(".colour-note-text", has_text="score: B cells").first.wait_for(
+                            state="visible", timeout=10_000)
+                        break
+                    except Exception:  # noqa: BLE001
+                        if time.time() > first_deadline:
+                            raise
+                await warm.close()
+                print(f"first page and query done after {time.perf_counter() - t0:.1f} s", flush=True)
+                await asyncio.sleep(2)
+                rss.append(("start", rss_mb(server.pid)))
+                per_round = args.minutes * 60 / args.rounds
+                for r in range(args.rounds):
+                    deadline = time.time() + per_round
+                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000)
+                                           for i in range(args.contexts)))
+                    await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
+                    rss.append((f"after round {r + 1}", rss_mb(server.pid)))
+                    print(f"  round {r + 1}: RSS {rss[-1][1]:.0f} MB, {len(st.latencies)} queries, "
+                          f"{len(st.errors)} errors", flush=True)
+                await browser.close()
+        finally:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    lat = sorted(st.latencies)
+    p50 = statistics.median(lat) if lat else float("nan")
+    p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))] if lat else float("nan")
+    start, end = rss[0][1], rss[-1][1]
+    first = rss[1][1] if len(rss) > 1 else end
+    print(f"\nsessions {args.contexts} x {args.rounds} round(s), {args.minutes:g} min; cpu cores {os.cpu_count()}")
+    print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}")
+    print(f"errors {len(st.errors)}")
+    for e in st.errors[:20]:
+        print("   ", e)
+    print(f"isolation failures {len(st.isolation)}")
+    for e in st.isolation[:20]:
+        print("   ", e)
+    print(f"query latency p50 {p50:.2f} s, p95 {p95:.2f} s (target p95 <= 2 s)")
+    print("server RSS " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss)
+          + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
+            f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
+    return 0 if not st.errors and not st.isolation else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", type=int, default=10, help="browser contexts (sessions) at once (default 10)")
+    ap.add_argument("--minutes", type=float, default=5.0, help="total duration (default 5)")
+    ap.add_argument("--rounds", type=int, default=1, help="close and reopen every session this many times")
+    ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
+    ap.add_argument("--data", help="dataset (default: the demo)")
+    ap.add_argument("--model", help="model folder (default: the bundled model)")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=60, help="seconds one page action may take (default 60)")
+    ap.add_argument("--first-timeout", type=int, default=300, help="seconds the first page may take (default 300)")
+    ap.add_argument("--settle", type=float, default=25.0,
+                    help="seconds to wait after a round before reading RSS (Bokeh frees a closed session after "
+                         "about 15-17 s)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.contexts, args.minutes = 3, 1.0
+    if not Path(CHROMIUM).exists():
+        raise SystemExit(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
