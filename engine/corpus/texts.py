@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-import numpy as np
 import pandas as pd
 
 __all__ = ["profile_texts", "describe_profile", "plural"]
