@@ -96,3 +96,31 @@ def tiny_model(tiny_text_dir):
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own embedding cache folder."""
     monkeypatch.setenv("LEXICELL_CACHE", str(tmp_path / "cache"))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for test servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_text_dir):
+    """The demo dataset embedded once with a tiny random model (module scope: embedding is the slow part).
+
+    Yields ``(adata, model)``; the embedding cache lives in a temporary folder. Test modules that need the
+    bundled model define their own ``demo``.
+    """
+    import engine
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("demo_cache")))
+    model = build_tiny_model(tiny_text_dir)
+    base = engine.demo_dataset()
+    engine.embed_cells(base, model, progress=False)
+    yield base, model
+    mp.undo()
+

@@ -12,18 +12,6 @@ import engine
 from engine.errors import DataError, EmptySelectionError, LexicellError, MissingKeyError, QueryError
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, tiny_text_dir):
-    """The demo dataset embedded once with a tiny random model (module scope: embedding is the slow part)."""
-    from conftest import build_tiny_model
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("app_cache")))
-    model = build_tiny_model(tiny_text_dir)
-    base = engine.demo_dataset()
-    engine.embed_cells(base, model, progress=False)
-    yield base, model
-    mp.undo()
 
 
 @pytest.fixture

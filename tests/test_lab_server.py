@@ -11,7 +11,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,30 +21,14 @@ from pathlib import Path
 
 import pytest
 
-import engine
 from engine.errors import DataError
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, tiny_text_dir):
-    """The demo dataset embedded once with a tiny random model."""
-    from conftest import build_tiny_model
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("lab_cache")))
-    model = build_tiny_model(tiny_text_dir)
-    base = engine.demo_dataset()
-    engine.embed_cells(base, model, progress=False)
-    yield base, model
-    mp.undo()
 
 
 @pytest.fixture
@@ -353,7 +336,7 @@ def auth_server():
     import run_app
 
     args = run_app.parse_args(["--basic-auth", "right-password", "--cookie-secret", "s" * 32, "--no-show",
-                               "--host", "127.0.0.1", "--port", str(_free_port())])
+                               "--host", "127.0.0.1", "--port", str(free_port())])
     kw = run_app.serve_kwargs(args)
     kw.update(threaded=True, show=False)
     server = pn.serve({"/": lambda: pn.pane.Markdown("SECRET PAGE")}, **kw)
@@ -442,7 +425,7 @@ def test_closed_sessions_free_their_state(demo, tmp_path):
     base, model = demo
     cache.put_dataset("lab-demo", base)
     cache.put_model("lab-tiny", model)
-    port = _free_port()
+    port = free_port()
     server = pn.serve({"/": lambda: build_app("lab-demo", "lab-tiny", name="demo", save_dir=str(tmp_path))},
                       port=port, address="127.0.0.1", threaded=True, show=False,
                       check_unused_sessions_milliseconds=200, unused_session_lifetime_milliseconds=5000)

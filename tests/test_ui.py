@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,11 @@ TIMEOUT = int(os.environ.get("LEXICELL_UI_TIMEOUT", 60_000))  # ms; the machine 
 
 if not (shutil.which(CHROMIUM) or Path(CHROMIUM).exists()):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+from conftest import free_port  # noqa: E402
+
 sync_api = pytest.importorskip("playwright.sync_api")
 sync_api.expect.set_options(timeout=TIMEOUT)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,7 @@ def served(tmp_path_factory, tiny_text_dir):
         model = build_tiny_model(tiny_text_dir)
     base = engine.demo_dataset()
     engine.embed_cells(base, model, progress=False)
-    port = _free_port()
+    port = free_port()
     save_dir = tmp_path_factory.mktemp("ui_exports")  # served mode: the only folder the page writes to
     server = pn.serve({"/": lambda: Explorer(base, model, name="pbmc68k_reduced (demo)",
                                              save_dir=str(save_dir)).template()},
