@@ -109,15 +109,14 @@ def embed_cells(
     Schaefer et al., CellWhisperer (seed 000), §3.2 and appendix F.
     """
     from .data import DataWarning, expression_matrix
+    from .orthologs import human_var, is_mouse_var
 
     t0 = time.perf_counter()
     kind = "counts" if getattr(model.transcriptome_tower, "requires_counts", False) else "normalized"
     X, var = expression_matrix(adata, kind=kind)
     orthologs = False
     notes: list[str] = []
-    if _human_vocabulary(model) and _mouse_genes(var):
-        from .orthologs import human_var
-
+    if _human_vocabulary(model) and is_mouse_var(var):
         var = human_var(var)
         orthologs = True
         notes.append(f"mouse genes detected: the human model reads them through their human orthologs "
@@ -202,12 +201,6 @@ def _human_vocabulary(model) -> bool:
     sample = [str(g) for g in ids[: min(len(ids), 200)]]
     human = sum(g.startswith("ENSG") or (not g.startswith("ENS") and g == g.upper() and any(c.isalpha() for c in g)) for g in sample)
     return human > len(sample) / 2
-
-
-def _mouse_genes(var) -> bool:
-    from .orthologs import is_mouse_var
-
-    return is_mouse_var(var)
 
 
 def get_embeds(adata: "AnnData", model: "TranscriptomeTextModel | None" = None, *, key: str = EMBED_KEY) -> np.ndarray:

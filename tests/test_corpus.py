@@ -254,6 +254,10 @@ def test_cli_build_refuses_to_overwrite(corpus_files, tmp_path, capsys):
     assert main(["build", "--from", str(tmp_path / "f"), "--out", str(out), "--manifest", str(corpus_files), "--quiet"]) == 2
     assert out.read_text() == "precious" and "--overwrite" in capsys.readouterr().err
     assert main(["build", "--from", str(tmp_path / "f"), "--out", str(out), "--manifest", str(corpus_files), "--quiet", "--overwrite"]) == 0
+    inside = tmp_path / "f" / "human_set" / "human.csv"  # an input: refused even with --overwrite
+    before = inside.read_bytes()
+    assert main(["build", "--from", str(tmp_path / "f"), "--out", str(inside), "--manifest", str(corpus_files), "--quiet", "--overwrite"]) == 2
+    assert inside.read_bytes() == before
     assert main(["summary", str(out), "--json"]) == 0
     assert '"n_datasets": 2' in capsys.readouterr().out
 

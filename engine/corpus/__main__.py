@@ -70,13 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = fetch(args.to, manifest=args.manifest, datasets=args.dataset, progress=not args.quiet)
             out = {"files": len(files), "to": str(Path(args.to).resolve())}
         elif args.cmd == "build":
-            dest = Path(args.out)
-            src = Path(args.src).resolve()
-            if dest.exists() and not args.overwrite:
-                raise LexicellError("The output file exists", found=str(dest), expected="a new file name",
-                                    fix="pass --overwrite to replace it.")
-            if any(dest.resolve() == p.resolve() for p in src.rglob("*") if p.is_file()):
-                raise LexicellError("The output would overwrite a fetched input file", found=str(dest), expected="a path outside --from")
+            from ..data import check_output_path
+
+            dest = check_output_path(args.out, inputs=[args.src, args.manifest], overwrite=args.overwrite, flag="--out")
             adata = build_corpus(args.src, manifest=args.manifest, out=dest, datasets=args.dataset, progress=not args.quiet)
             out = {"out": str(dest), **_summary_of(adata)}
         else:

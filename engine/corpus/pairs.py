@@ -194,11 +194,14 @@ def build_pairs(
         groups.append(offset + gid[term])
         meta.append((ds, term, kind))
 
+    texts_of: dict[int, list[str]] = {}  # the phrasings of each profile, built once
     for (ds, lab), idx in obs.groupby(["dataset", "source_label"], observed=True).indices.items():
         for k in range(n_per_label):
             i = int(idx[k % len(idx)]) if k < len(idx) else int(idx[rng.integers(len(idx))])
             row = obs.iloc[i]
-            choices = profile_texts(row)
+            if i not in texts_of:
+                texts_of[i] = profile_texts(row)
+            choices = texts_of[i]
             text = choices[rng.integers(len(choices))]
             start, end = X.indptr[i], X.indptr[i + 1]
             cols, vals = X.indices[start:end], X.data[start:end].astype(np.float64)
