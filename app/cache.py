@@ -21,7 +21,7 @@ from pathlib import Path
 import anndata as ad
 
 import engine
-from engine.embed import EMBED_KEY, SMOOTH_KEY
+from engine.tools.embed import EMBED_KEY, SMOOTH_KEY
 from engine.errors import CancelledError, LexicellError
 
 __all__ = [

@@ -3,8 +3,8 @@
 Each set is a list of ``(label, Cell Ontology id or None)``. Cell-type labels are the
 Cell Ontology's own labels (CL v2026-03-26), so the ``"langcell"`` template
 (``"cell type: {label}. {definition}"``) finds their definitions through
-``engine.ontology``; states (cell cycle, activation) have no CL id. ``template`` is
-the template the set is meant for: a key of ``engine.score.TEMPLATES`` or a format
+``engine.io.ontology``; states (cell cycle, activation) have no CL id. ``template`` is
+the template the set is meant for: a key of ``engine.tools.score.TEMPLATES`` or a format
 string with ``{label}``.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import param
 import engine
 from engine.errors import (AnalysisError, DataError, EmptySelectionError, LexicellError, MissingEmbeddingError,
                            MissingKeyError, QueryError)
-from engine.score import split_contrast
+from engine.tools.score import split_contrast
 
 from . import cache, files
 from .plots import MAX_CATEGORIES, ColorSpec, category_colors, cell_frame, map_png, symmetric_clim
@@ -90,7 +90,7 @@ class AppState(param.Parameterized):
     zs_probs = param.DataFrame(default=None, allow_None=True, doc="(n_cells, n_labels) zero-shot probabilities.")
     zs_template = param.String(default="cellwhisperer")
     zs_smooth = param.Boolean(default=True, doc="Zero-shot on neighbour-smoothed embeddings (engine.smooth_embeds).")
-    evaluation = param.Dict(default=None, allow_None=True, doc="engine.evaluate.evaluate result.")
+    evaluation = param.Dict(default=None, allow_None=True, doc="engine.training.evaluate.evaluate result.")
 
     description = param.DataFrame(default=None, allow_None=True)
     de_table = param.DataFrame(default=None, allow_None=True)
@@ -473,13 +473,13 @@ class AppState(param.Parameterized):
         return out
 
     def compute_evaluate(self, label_key: str, template: str = "cellwhisperer", smooth: bool | None = None) -> dict:
-        """engine.evaluate.evaluate of zero-shot labelling against ``obs[label_key]``.
+        """engine.training.evaluate.evaluate of zero-shot labelling against ``obs[label_key]``.
 
         The seed's protocol always; with ``smooth`` (default :attr:`zs_smooth`) also the per-cell metrics on
         neighbour-smoothed embeddings (``result['refined']``).
         """
         self._require_embeddings()
-        evaluate = importlib.import_module("engine.evaluate").evaluate
+        evaluate = importlib.import_module("engine.training.evaluate").evaluate
         return evaluate(self.adata, self.model, label_key, template=template,
                         smooth=self.zs_smooth if smooth is None else smooth)
 

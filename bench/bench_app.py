@@ -146,9 +146,9 @@ def _model_256():
     """A model with a 256-d shared space: the real MiniLM text tower, a small random transcriptome tower."""
     import numpy as np
 
-    from engine.model import TranscriptomeTextModel
-    from engine.tokenizer import RankTokenizer
-    from engine.towers import SparseRankTower, TextTower, default_text_model_path
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.tokenizer import RankTokenizer
+    from engine.models.towers import SparseRankTower, TextTower, default_text_model_path
 
     genes = [f"G{i}" for i in range(64)]
     tok = RankTokenizer(genes, gene_medians=np.ones(64), symbols=genes, max_length=32)

@@ -1,4 +1,4 @@
-"""Speed of top-vs-bottom DE (engine.de.de_top_vs_bottom).
+"""Speed of top-vs-bottom DE (engine.tools.de.de_top_vs_bottom).
 
 Builds a synthetic sparse dataset (default 5,000 cells x 20,000 genes, negative-
 binomial counts, normalised to 10,000 per cell and log1p-transformed), scores the
@@ -74,7 +74,7 @@ def main() -> None:
     import anndata as ad
     import scanpy as sc
 
-    from engine.de import de_top_vs_bottom
+    from engine.tools.de import de_top_vs_bottom
 
     t0 = time.perf_counter()
     adata, score = synthetic(args.cells, args.genes)

@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from engine.checkpoint import load_model
+    from engine.models.checkpoint import load_model
 
     model = load_model(args.model, device="cpu").eval()
     tok = model.transcriptome_tower.tokenizer

@@ -2,9 +2,9 @@
 
 * Geneformer V1 ``gf-12L-30M`` at full size (``BertForMaskedLM`` config: hidden 512, 12 layers, 8 heads,
   intermediate 1,024, ReLU, 2,048 positions, vocabulary 25,426), random weights, as
-  :class:`engine.geneformer.GeneformerTower` (second-to-last layer, mean over genes; the last layer is
+  :class:`engine.models.geneformer.GeneformerTower` (second-to-last layer, mean over genes; the last layer is
   skipped), input up to 2,048 tokens;
-* :class:`engine.towers.SparseRankTower` (hidden 256, 2 blocks) over a 20,000-gene vocabulary, input
+* :class:`engine.models.towers.SparseRankTower` (hidden 256, 2 blocks) over a 20,000-gene vocabulary, input
   ``max_length`` 256.
 
 Synthetic cells: 20,000 genes (a subset of the Geneformer vocabulary), each cell with about ``--genes-per-cell``
@@ -17,8 +17,8 @@ stops early after ``--gf-budget`` seconds so the run stays under 5 minutes.
 Usage: ``python bench/bench_geneformer.py [--quick] [--gf-cells 64] [--sparse-cells 20000] [--device cpu]``
 (``--quick``: 8 Geneformer cells, 2,000 sparse cells). Finishes in well under 5 minutes on 2 CPU cores.
 
-Teacher vs distilled student (``engine.distill``), same cells, same run: the full path of each model (rank
-encoding + tower + head, :func:`engine.distill.throughput`) in cells/s and their ratio. With
+Teacher vs distilled student (``engine.training.distill``), same cells, same run: the full path of each model (rank
+encoding + tower + head, :func:`engine.training.distill.throughput`) in cells/s and their ratio. With
 ``--teacher DIR --student DIR [--data FILE.h5ad]`` the real folders are timed (default cells: synthetic
 counts over the teacher's genes, ``--gf-cells`` of them, ``--genes-per-cell`` expressed); without them the
 tiny test formats are used: the golden CellWhisperer checkpoint of ``tests/cw_lightning.py`` (tiny
@@ -68,7 +68,7 @@ def gene_ids(n: int) -> list[str]:
 def build_geneformer(device):
     from transformers import BertConfig
 
-    from engine.geneformer import GeneformerTokenizer, GeneformerTower
+    from engine.models.geneformer import GeneformerTokenizer, GeneformerTower
 
     rng = np.random.default_rng(1)
     ids = gene_ids(GF_VOCAB - 2)
@@ -83,8 +83,8 @@ def build_geneformer(device):
 
 
 def build_sparse(device):
-    from engine.tokenizer import RankTokenizer
-    from engine.towers import SparseRankTower
+    from engine.models.tokenizer import RankTokenizer
+    from engine.models.towers import SparseRankTower
 
     rng = np.random.default_rng(2)
     tok = RankTokenizer(gene_ids(DATA_GENES), gene_medians=rng.lognormal(0, 1, size=DATA_GENES), max_length=256)
@@ -193,8 +193,8 @@ def _tiny_teacher_and_student(workdir: Path):
     from cw_lightning import tiny_cellwhisperer
     from test_distill import make_cells
 
-    from engine.data import expression_matrix
-    from engine.distill import distill
+    from engine.io.data import expression_matrix
+    from engine.training.distill import distill
 
     cells = make_cells(300)
     _, var = expression_matrix(cells, kind="counts")
@@ -214,8 +214,8 @@ def compare_distilled(args) -> int:
     import tempfile
 
     import engine
-    from engine.data import expression_matrix
-    from engine.distill import throughput
+    from engine.io.data import expression_matrix
+    from engine.training.distill import throughput
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

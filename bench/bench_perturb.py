@@ -1,4 +1,4 @@
-"""Speed of in-silico perturbation (engine.perturbation.perturb / perturb_scan).
+"""Speed of in-silico perturbation (engine.tools.perturbation.perturb / perturb_scan).
 
 Builds a random model (SparseRankTower, hidden 256, 2 blocks, over a vocabulary of
 ~20,000 genes, rank encoding of max_length 256; a tiny random 2-layer BERT as text
@@ -67,9 +67,9 @@ def build_model(var_names, max_length: int, seed: int = 0):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from engine.model import TranscriptomeTextModel
-    from engine.tokenizer import RankTokenizer
-    from engine.towers import SparseRankTower, TextTower, default_text_model_path
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.tokenizer import RankTokenizer
+    from engine.models.towers import SparseRankTower, TextTower, default_text_model_path
 
     torch.manual_seed(seed)
     text_dir = Path(tempfile.mkdtemp(prefix="lexicell_bench_bert_"))
@@ -110,8 +110,8 @@ def main() -> None:
 
     import torch
 
-    from engine.embed import embed_cells
-    from engine.perturbation import perturb, perturb_scan
+    from engine.tools.embed import embed_cells
+    from engine.tools.perturbation import perturb, perturb_scan
 
     t0 = time.perf_counter()
     adata = synthetic(args.cells, args.genes, args.expressed)

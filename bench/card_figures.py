@@ -59,7 +59,7 @@ def smoothing_figures(model) -> None:
 
     import engine
     from app.label_sets import label_names
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     demo = engine.demo_dataset()
     engine.embed_cells(demo, model, progress=False)
@@ -68,9 +68,9 @@ def smoothing_figures(model) -> None:
           f"{ev['refined']['roc_auc']:.3f} (neighbour-smoothed); accuracy {ev['per_cell']['accuracy']:.3f} / "
           f"{ev['refined']['accuracy']:.3f}; macro F1 {ev['per_cell']['f1_macro']:.3f} / {ev['refined']['f1_macro']:.3f}")
     # per-class one-vs-rest AUC with and without smoothing (reported only; nothing is chosen by it)
-    from engine.evaluate import _knn_graph
-    from engine.metrics import roc_auc_ovr
-    from engine.score import label_logits, label_texts
+    from engine.training.evaluate import _knn_graph
+    from engine.training.metrics import roc_auc_ovr
+    from engine.tools.score import label_logits, label_texts
 
     classes = list(demo.obs["bulk_labels"].cat.categories)
     y = demo.obs["bulk_labels"].cat.codes.to_numpy()
@@ -78,7 +78,7 @@ def smoothing_figures(model) -> None:
     text = model.embed_texts(label_texts(classes))
     scale = float(model.logit_scale.detach().exp())
     _, plain = roc_auc_ovr(label_logits(emb, text, scale), y)
-    _, smooth = roc_auc_ovr(label_logits(engine.embed.smoothed(emb, _knn_graph(emb), 0.5), text, scale), y)
+    _, smooth = roc_auc_ovr(label_logits(engine.tools.embed.smoothed(emb, _knn_graph(emb), 0.5), text, scale), y)
     print("\n| bulk_labels class | cells | ROC-AUC unsmoothed | smoothed |\n|---|---|---|---|")
     for c, lab in enumerate(classes):
         print(f"| {lab} | {int((y == c).sum())} | {plain['per_class'][c]:.3f} | {smooth['per_class'][c]:.3f} |")
@@ -106,8 +106,8 @@ def cycle_analysis(model) -> None:
     from scipy.stats import spearmanr
 
     import engine
-    from engine.genesets import load_library
-    from engine.knowledge import reference_expression
+    from engine.io.genesets import load_library
+    from engine.training.knowledge import reference_expression
     from recipe_run import QUERIES
 
     lib = load_library("Pegasus_Signatures_Human")

@@ -35,7 +35,7 @@ def _ifn_cells(seed: int = 0):
     import pandas as pd
     import scipy.sparse as sp
 
-    from engine.knowledge import reference_expression
+    from engine.training.knowledge import reference_expression
 
     X, genes = reference_expression()
     X = X.tocsr().astype(np.float32).copy()

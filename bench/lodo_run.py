@@ -2,9 +2,9 @@
 
 For each held-out corpus data set, train the recipe (``assets/train_default.json`` with ``--overrides``, one
 run, no soup) with that data set left out of the corpus pairs, then score it zero-shot: simulated single cells
-drawn from its profiles (:func:`engine.corpus.heldout_cells`, 20 per profile, 1,000–10,000 UMIs) against
+drawn from its profiles (:func:`engine.training.corpus.heldout_cells`, 20 per profile, 1,000–10,000 UMIs) against
 the Cell Ontology names of its cell types through the default template ("A sample of {label} from a healthy
-individual"; seed 000 appendix D protocol, :func:`engine.evaluate.evaluate`). Prints per-cell macro ROC-AUC
+individual"; seed 000 appendix D protocol, :func:`engine.training.evaluate.evaluate`). Prints per-cell macro ROC-AUC
 and accuracy per data set, their mean and standard deviation, and (for transparency only, never for
 choosing) the demo's figures of each run. Each run appends a JSON line to ``--log``.
 
@@ -47,9 +47,9 @@ def _config(over: dict, out: Path, holdout: str | None, corpus: str | None) -> P
     cfg["soup"] = None
     cfg["out"] = str(out)
     for src in cfg["data"]:
-        if src.get("callable") == "engine.knowledge:build_pairs":
+        if src.get("callable") == "engine.training.knowledge:build_pairs":
             src["kwargs"].update(over.get("data", {}))
-        if src.get("callable") == "engine.corpus:build_pairs":
+        if src.get("callable") == "engine.training.corpus:build_pairs":
             src["kwargs"].update(over.get("corpus", {}))
             if corpus:
                 src["kwargs"]["path"] = corpus
@@ -66,8 +66,8 @@ def _config(over: dict, out: Path, holdout: str | None, corpus: str | None) -> P
 
 def score_heldout(model_dir: Path, dataset: str, corpus: str | None) -> dict:
     import engine
-    from engine.corpus import heldout_cells, load_corpus
-    from engine.evaluate import evaluate
+    from engine.training.corpus import heldout_cells, load_corpus
+    from engine.training.evaluate import evaluate
 
     cells = heldout_cells(dataset, corpus=load_corpus(corpus))
     model = engine.load_model(model_dir)
@@ -78,7 +78,7 @@ def score_heldout(model_dir: Path, dataset: str, corpus: str | None) -> dict:
 
 def score_demo(model_dir: Path) -> dict:
     import engine
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     res = evaluate(engine.demo_dataset(), engine.load_model(model_dir), "bulk_labels", template="cellwhisperer")
     return {"roc_auc": res["per_cell"]["roc_auc"], "accuracy": res["per_cell"]["accuracy"],
@@ -104,7 +104,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if not (args.skip_train or args.model):
             cfg = _config(copy.deepcopy(over), out, ds, args.corpus)
-            subprocess.run([sys.executable, "-m", "engine.train", "--config", str(cfg), "--out", str(out)], check=True, cwd=ROOT)
+            subprocess.run([sys.executable, "-m", "engine.training.train", "--config", str(cfg), "--out", str(out)], check=True, cwd=ROOT)
         train_s = time.perf_counter() - t0
         r = {"name": args.name, "heldout": ds, "overrides": over, "train_s": round(train_s, 1), **score_heldout(out, ds, args.corpus)}
         if not args.no_demo:

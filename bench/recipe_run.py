@@ -1,6 +1,6 @@
 """Train one default-model recipe variant and print the figures the model card's run tables list.
 
-The default model's recipe is chosen by :func:`engine.knowledge.proxy_benchmark` (held-out reference cells),
+The default model's recipe is chosen by :func:`engine.training.knowledge.proxy_benchmark` (held-out reference cells),
 never by the demo's labels (DEVELOPERS.md, "Default-model recipes"). This script is how the card's runs were
 made: it overrides parts of ``assets/train_default.json``, trains into ``--out``, and prints
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only evaluate the model already in --out")
     ap.add_argument("--cv", action="store_true", help="2-fold cross-fitted proxy (SEL-CV), see the module doc")
     ap.add_argument("--soup", nargs="+", metavar="RUN", help="with --cv: instead of training, average the fold "
-                    "models of these --cv runs (engine.train.soup) into runs/NAME/foldF and score that")
+                    "models of these --cv runs (engine.training.train.soup) into runs/NAME/foldF and score that")
     ap.add_argument("--wise", metavar="RUN", help="with --cv: WiSE-FT, the weight mean of RUN's fold models and "
                     "their knowledge-initialised starts (rebuilt from RUN's configs), mixed by --alpha")
     ap.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT weight of the trained model")
@@ -72,14 +72,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if not args.skip_train:
-        subprocess.run([sys.executable, "-m", "engine.train", "--config", str(cfg_path), "--out", str(out)],
+        subprocess.run([sys.executable, "-m", "engine.training.train", "--config", str(cfg_path), "--out", str(out)],
                        check=True, cwd=ROOT)
     train_s = time.perf_counter() - t0
 
     import numpy as np
 
     import engine
-    from engine.knowledge import proxy_benchmark
+    from engine.training.knowledge import proxy_benchmark
 
     model = engine.load_model(out)
     res = {"name": args.name, "overrides": over, "train_s": round(train_s)}
@@ -128,7 +128,7 @@ def demo_figures(model) -> dict:
     from scipy.stats import spearmanr
 
     import engine
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     demo = sc.datasets.pbmc68k_reduced()
     ev = evaluate(demo, model, "bulk_labels")
@@ -148,8 +148,8 @@ def posthoc(args) -> None:
     """Write runs/NAME/fold{0,1} as soups of other runs' fold models (or WiSE-FT mixes with their starts)."""
     import shutil
 
-    from engine.checkpoint import save_model
-    from engine.train import _Trainer, load_config, soup
+    from engine.models.checkpoint import save_model
+    from engine.training.train import _Trainer, load_config, soup
 
     root = Path(args.out or f"runs/{args.name}").resolve()
     for fold in (0, 1):
@@ -173,7 +173,7 @@ def main_cv(args) -> None:
     import numpy as np
 
     import engine
-    from engine.knowledge import proxy_benchmark
+    from engine.training.knowledge import proxy_benchmark
 
     over = json.loads(args.overrides)
     root = Path(args.out or f"runs/{args.name}").resolve()
@@ -187,7 +187,7 @@ def main_cv(args) -> None:
             cfg_path.write_text(json.dumps(cfg, indent=1))
         t0 = time.perf_counter()
         if not args.skip_train:
-            subprocess.run([sys.executable, "-m", "engine.train", "--config", str(cfg_path), "--out", str(out)],
+            subprocess.run([sys.executable, "-m", "engine.training.train", "--config", str(cfg_path), "--out", str(out)],
                            check=True, cwd=ROOT)
         model = engine.load_model(out)
         f = {"fold": fold, "train_s": round(time.perf_counter() - t0)}

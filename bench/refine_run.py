@@ -1,15 +1,15 @@
 """Score label-free zero-shot refinements on the 2-fold proxy (the session-6 rule in DEVELOPERS.md).
 
 For each ``--cv`` run of ``bench/recipe_run.py`` (``runs/NAME/fold0``, ``fold1``), the fold models are scored by
-:func:`engine.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
-(``smooth``, :func:`engine.embed.smoothed`), distribution normalisation (``dn``, :func:`engine.score.centered`
+:func:`engine.training.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
+(``smooth``, :func:`engine.tools.embed.smoothed`), distribution normalisation (``dn``, :func:`engine.tools.score.centered`
 with weight 0.5), both (``smooth+dn``), and CSLS with k = 10 without and with smoothing (``csls``,
-``smooth+csls``, :func:`engine.score.csls_offsets`; session-6c rule). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
+``smooth+csls``, :func:`engine.tools.score.csls_offsets`; session-6c rule). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
 main / sub / panhuman x full / panel / shallow) per run and refinement, the gain over ``none``, and, for
 transparency only, the demo's per-cell ROC-AUC (fold mean) under each refinement. One JSON line per run is
 appended to ``--log``.
 
-``--long-list`` (session-6b rule) instead scores each refinement with :func:`engine.knowledge.proxy_long_list`
+``--long-list`` (session-6b rule) instead scores each refinement with :func:`engine.training.knowledge.proxy_long_list`
 against the app's 16-label "Immune / blood cell types" set: lineage accuracy and absent rate, means over the
 2 folds x full / panel / shallow, and the soup's predicted-label counts (fold 0, full genes).
 
@@ -44,8 +44,8 @@ def score_run(name: str) -> dict:
     import numpy as np
 
     import engine
-    from engine.evaluate import evaluate
-    from engine.knowledge import proxy_benchmark
+    from engine.training.evaluate import evaluate
+    from engine.training.knowledge import proxy_benchmark
 
     demo = engine.demo_dataset()
     aucs = {r: [] for r in REFINEMENTS}
@@ -76,7 +76,7 @@ def score_long_list(name: str) -> dict:
 
     import engine
     from app.label_sets import LABEL_SETS
-    from engine.knowledge import proxy_long_list
+    from engine.training.knowledge import proxy_long_list
 
     labels = LABEL_SETS["Immune / blood cell types"]["labels"]
     acc = {r: [] for r in REFINEMENTS}
@@ -103,8 +103,8 @@ def diagnose(name: str) -> None:
 
     import engine
     from app.label_sets import LABEL_SETS
-    from engine.knowledge import _proxy_cells, lineage, marker_set_terms
-    from engine.score import label_logits, label_texts
+    from engine.training.knowledge import _proxy_cells, lineage, marker_set_terms
+    from engine.tools.score import label_logits, label_texts
 
     labels = LABEL_SETS["Immune / blood cell types"]["labels"]
     names = np.array([n for n, _ in labels], dtype=object)

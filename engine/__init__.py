@@ -12,11 +12,16 @@ Everything the dashboard does is available here for notebooks::
 
 The engine never imports panel, holoviews, bokeh or datashader. Public names are
 imported lazily, so ``import engine`` is cheap.
+
+Layers (each a subpackage): :mod:`engine.io` (read, validate, gene IDs, orthologs, ontology, gene sets),
+:mod:`engine.models` (towers, heads, tokenizers, checkpoints, CellWhisperer and Geneformer loaders),
+:mod:`engine.tools` (embed, score, DE, enrichment, perturbation) and :mod:`engine.training` (pairs,
+knowledge, corpus, losses, train, evaluate, metrics, distill). Command-line entry points: ``python -m
+engine.train | evaluate | convert | distill | corpus``.
 """
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_exports
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _error_names
 
@@ -24,55 +29,42 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # data
-    "read": "data",
-    "validate": "data",
-    "expression_matrix": "data",
-    "demo_dataset": "data",
-    "DataReport": "data",
-    "to_human": "orthologs",
+    "read": "io.data",
+    "validate": "io.data",
+    "expression_matrix": "io.data",
+    "demo_dataset": "io.data",
+    "DataReport": "io.data",
+    "to_human": "io.orthologs",
     # model
-    "TranscriptomeTextModel": "model",
-    "RankTokenizer": "tokenizer",
-    "RankEncoding": "tokenizer",
-    "SparseRankTower": "towers",
-    "TextTower": "towers",
-    "load_model": "checkpoint",
-    "save_model": "checkpoint",
+    "TranscriptomeTextModel": "models.model",
+    "RankTokenizer": "models.tokenizer",
+    "RankEncoding": "models.tokenizer",
+    "SparseRankTower": "models.towers",
+    "TextTower": "models.towers",
+    "load_model": "models.checkpoint",
+    "save_model": "models.checkpoint",
     # embeddings and scoring
-    "embed_cells": "embed",
-    "umap": "embed",
-    "smooth_embeds": "embed",
-    "get_embeds": "embed",
-    "score_text": "score",
-    "zero_shot": "score",
-    "describe": "score",
-    "label_texts": "score",
-    "TEMPLATES": "score",
+    "embed_cells": "tools.embed",
+    "umap": "tools.embed",
+    "smooth_embeds": "tools.embed",
+    "get_embeds": "tools.embed",
+    "score_text": "tools.score",
+    "zero_shot": "tools.score",
+    "describe": "tools.score",
+    "label_texts": "tools.score",
+    "TEMPLATES": "tools.score",
     # analysis
-    "de_top_vs_bottom": "de",
-    "de_groups": "de",
-    "enrich": "enrichment",
-    "list_libraries": "genesets",
-    "load_library": "genesets",
-    "perturb": "perturbation",
-    "perturb_scan": "perturbation",
+    "de_top_vs_bottom": "tools.de",
+    "de_groups": "tools.de",
+    "enrich": "tools.enrichment",
+    "list_libraries": "io.genesets",
+    "load_library": "io.genesets",
+    "perturb": "tools.perturbation",
+    "perturb_scan": "tools.perturbation",
     # evaluation
-    "evaluate": "evaluate",
-    "load_cellwhisperer": "cellwhisperer",
-    "load_geneformer": "geneformer",
+    "evaluate": "training.evaluate",
+    "load_cellwhisperer": "models.cellwhisperer",
+    "load_geneformer": "models.geneformer",
 }
 
-__all__ = sorted([*_EXPORTS, *_error_names])
-
-
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, _error_names)

@@ -51,7 +51,7 @@ def tiny_text_dir(tmp_path_factory):
     """A tiny random BERT (2 layers, width 32) with a real WordPiece tokenizer, saved as a HF folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from engine.towers import default_text_model_path
+    from engine.models.towers import default_text_model_path
 
     path = tmp_path_factory.mktemp("tiny_bert")
     tok = AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True)
@@ -71,9 +71,9 @@ def build_tiny_model(text_dir, *, seed: int = 0, head: str = "linear", max_lengt
     """A random tiny :class:`TranscriptomeTextModel` over :data:`GENES`."""
     import torch
 
-    from engine.model import TranscriptomeTextModel
-    from engine.tokenizer import RankTokenizer
-    from engine.towers import SparseRankTower, TextTower
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.tokenizer import RankTokenizer
+    from engine.models.towers import SparseRankTower, TextTower
 
     torch.manual_seed(seed)
     medians = np.linspace(0.5, 3.0, len(GENES))

@@ -262,7 +262,7 @@ def golden_files(root: Path, *, genes: list[tuple[str, str, float]] | None = Non
 def tiny_cellwhisperer(root: Path, *, genes: list[tuple[str, str, float]] | None = None) -> Path:
     """:func:`golden_files` converted with ``python -m engine.convert cellwhisperer``: a native model folder
     (``root/cellwhisperer``) in exactly the layout a real CellWhisperer conversion has."""
-    from engine.convert import main
+    from engine.models.convert import main
 
     files = golden_files(root, genes=genes)
     out = Path(root) / "cellwhisperer"

@@ -174,7 +174,7 @@ def test_zero_shot_accept_and_evaluate(state):
 
 def test_label_sets_are_valid():
     from app.label_sets import LABEL_SETS
-    from engine.ontology import cell_ontology_table
+    from engine.io.ontology import cell_ontology_table
 
     table = cell_ontology_table()
     for name, info in LABEL_SETS.items():

@@ -26,10 +26,10 @@ import scipy.sparse as sp
 
 import engine
 from conftest import GENES, make_counts
-from engine.data import DataWarning
+from engine.io.data import DataWarning
 from engine.errors import (CheckpointError, ConfigError, DataError, EmptySelectionError, GeneIdentifierError,
                            LexicellError, MatrixKindError, QueryError, UnsafeCheckpointError)
-from engine.score import check_template, clean_labels, label_texts, split_contrast
+from engine.tools.score import check_template, clean_labels, label_texts, split_contrast
 
 
 def sha256(path: Path) -> str:
@@ -98,7 +98,7 @@ def test_zero_shot_and_evaluate_refuse_a_bad_template(embedded):
     adata, model = embedded
     with pytest.raises(QueryError, match="not allowed"):
         engine.zero_shot(adata, model, ["B cell", "T cell"], template="{label:>3000000000}")
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     with pytest.raises(QueryError, match="not allowed"):
         evaluate(adata, model, "group", template="{label!r}")
@@ -190,7 +190,7 @@ def test_labels_with_letters_and_emoji_are_fine_and_data_labels_without_letters_
     assert clean_labels(["🙂 B cell", "T-cell (CD4+)"]) == ["🙂 B cell", "T-cell (CD4+)"]
     a = adata.copy()
     a.obs["truth"] = pd.Categorical(["B"] * 90 + ["?"] * 10 + ["T"] * 100)
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     res = evaluate(a, model, "truth")
     assert res["labels"] == ["B", "T"] and any("'?'" in n for n in res["notes"])
@@ -297,7 +297,7 @@ def test_matrices_that_cannot_be_ranked(tmp_path):
 
 
 def test_one_negative_value_is_not_called_scaled(tiny_adata):
-    from engine.data import _matrix_stats
+    from engine.io.data import _matrix_stats
 
     X = tiny_adata.X.toarray()
     X[0, 0] = -1
@@ -351,7 +351,7 @@ def test_mouse_genes_warn_in_the_engine_and_in_the_page(tiny_model):
 
 # ====================================================================== models
 def _model_dir(tmp_path, tiny_model, name="m") -> Path:
-    from engine.checkpoint import save_model
+    from engine.models.checkpoint import save_model
 
     return save_model(tiny_model, tmp_path / name)
 
@@ -477,7 +477,7 @@ class _Evil:
 
 
 def test_hostile_pytorch_model_bin_in_a_text_model_folder(tmp_path, tiny_text_dir):
-    from engine.towers import TextTower
+    from engine.models.towers import TextTower
 
     d = _text_folder(tmp_path, tiny_text_dir, "evil_text")
     for w in d.glob("*.safetensors"):
@@ -494,7 +494,7 @@ def test_hostile_pytorch_model_bin_in_a_text_model_folder(tmp_path, tiny_text_di
 @pytest.mark.parametrize("key,value", [("hidden_size", 0), ("hidden_size", 10**6), ("num_hidden_layers", "x"),
                                        ("vocab_size", 10**9), ("intermediate_size", -1)])
 def test_oversized_text_model_config(tmp_path, tiny_text_dir, key, value):
-    from engine.towers import TextTower
+    from engine.models.towers import TextTower
 
     d = _text_folder(tmp_path, tiny_text_dir, "big_text")
     cfg = json.loads((d / "config.json").read_text())
@@ -515,7 +515,7 @@ def cli_inputs(tmp_path, tiny_adata, tiny_model):
 
 
 def _evaluate(data, model_dir, *extra):
-    from engine.evaluate import main
+    from engine.training.evaluate import main
 
     return main([str(data), "--label-key", "group", "--model", str(model_dir), "--json", "--device", "cpu", *extra])
 
@@ -545,7 +545,8 @@ def test_evaluate_confusion_overwrite_replaces_only_a_non_input(cli_inputs, tmp_
 
 
 def test_convert_and_distill_refuse_an_input_as_out(tmp_path, tiny_model, tiny_adata, capsys):
-    from engine import convert, distill
+    from engine.models import convert
+    from engine.training import distill
 
     teacher = _model_dir(tmp_path, tiny_model, "teacher")
     data = tmp_path / "cells.h5ad"

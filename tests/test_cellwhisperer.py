@@ -82,7 +82,7 @@ def make_cellwhisperer_ckpt(path: Path, text_dir: Path, *, hparams: str = "objec
     """Write a Lightning-style checkpoint; return the state dict (published key names)."""
     from transformers import BertConfig, BertModel
 
-    from engine.heads import MILinearBlock
+    from engine.models.heads import MILinearBlock
 
     gen = torch.Generator().manual_seed(7)
     img, txt = MILinearBlock(16, PROJ), MILinearBlock(32, PROJ)
@@ -186,7 +186,7 @@ def make_text_dir(path: Path) -> Path:
     """A tiny random BERT (with pooler) + a real uncased WordPiece tokenizer, as a BioBERT-like HF folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from engine.towers import default_text_model_path
+    from engine.models.towers import default_text_model_path
 
     tok = AutoTokenizer.from_pretrained(default_text_model_path(), local_files_only=True)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -209,7 +209,7 @@ def cw_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cw_model(cw_files):
-    from engine.cellwhisperer import load_cellwhisperer
+    from engine.models.cellwhisperer import load_cellwhisperer
 
     return load_cellwhisperer(cw_files["ckpt"], geneformer_dir=cw_files["gf"], text_model_dir=cw_files["text"], device="cpu")
 
@@ -240,8 +240,8 @@ def test_convert_then_load_model_gives_identical_logits(cw_files, cw_model, tmp_
     import pickle
 
     import engine
-    from engine.convert import main
-    from engine.geneformer import GeneformerTower
+    from engine.models.convert import main
+    from engine.models.geneformer import GeneformerTower
 
     out = tmp_path / "native"
     rc = main(["cellwhisperer", str(cw_files["ckpt"]), "--geneformer", str(cw_files["gf"]),
@@ -272,7 +272,7 @@ def test_convert_then_load_model_gives_identical_logits(cw_files, cw_model, tmp_
 
 
 def test_cli_usage_errors(tmp_path, capsys):
-    from engine.convert import main
+    from engine.models.convert import main
 
     with pytest.raises(SystemExit) as exc:
         main(["cellwhisperer", str(tmp_path / "missing.ckpt"), "--geneformer", str(tmp_path),
@@ -285,7 +285,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 def test_convert_geneformer_nice_to_have(cw_files, tmp_path, capsys):
     import engine
-    from engine.convert import main
+    from engine.models.convert import main
 
     out = tmp_path / "gf_native"
     assert main(["geneformer", str(cw_files["gf"]), "--text-model", str(cw_files["text"]), "--out", str(out),
@@ -296,7 +296,7 @@ def test_convert_geneformer_nice_to_have(cw_files, tmp_path, capsys):
 
 
 def test_plain_hyper_parameters_load_with_weights_only(cw_files, tmp_path):
-    from engine.cellwhisperer import load_cellwhisperer
+    from engine.models.cellwhisperer import load_cellwhisperer
 
     ckpt = tmp_path / "plain.ckpt"
     make_cellwhisperer_ckpt(ckpt, cw_files["text"], hparams="plain")
@@ -305,7 +305,7 @@ def test_plain_hyper_parameters_load_with_weights_only(cw_files, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_listed(cw_files, tmp_path):
-    from engine.cellwhisperer import load_cellwhisperer
+    from engine.models.cellwhisperer import load_cellwhisperer
 
     kw = dict(geneformer_dir=cw_files["gf"], text_model_dir=cw_files["text"], device="cpu")
     miss = tmp_path / "missing.ckpt"
@@ -324,7 +324,7 @@ def test_missing_and_unexpected_keys_are_listed(cw_files, tmp_path):
 
 @pytest.mark.parametrize("where", ["hyper_parameters", "inside_config_object"])
 def test_malicious_checkpoint_is_refused_and_nothing_runs(cw_files, tmp_path, where):
-    from engine.cellwhisperer import load_cellwhisperer
+    from engine.models.cellwhisperer import load_cellwhisperer
 
     target = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"

@@ -114,7 +114,7 @@ def test_the_file_is_a_real_lightning_checkpoint(golden):
 
 
 def test_restricted_load_matches_the_module(golden):
-    from engine.safe_pickle import PickledObjectStub, load_checkpoint
+    from engine.models.safe_pickle import PickledObjectStub, load_checkpoint
 
     obj, method = load_checkpoint(golden["ckpt"])
     assert method == "restricted"
@@ -132,7 +132,7 @@ def test_restricted_load_matches_the_module(golden):
 
 def test_converted_logits_match_the_independent_reference(golden, tmp_path, capsys):
     import engine
-    from engine.convert import main
+    from engine.models.convert import main
 
     out = tmp_path / "cellwhisperer"
     rc = main(["cellwhisperer", str(golden["ckpt"]), "--geneformer", str(golden["gf"]), "--text-model", str(golden["text"]),
@@ -172,7 +172,7 @@ def test_text_weights_come_from_the_checkpoint(golden):
 def test_hostile_object_in_callback_state_is_refused(golden, tmp_path):
     import os
 
-    from engine.cellwhisperer import load_cellwhisperer
+    from engine.models.cellwhisperer import load_cellwhisperer
     from engine.errors import UnsafeCheckpointError
 
     target = tmp_path / "pwned"

@@ -7,7 +7,7 @@ def test_saved_model_files_follow_the_umask(tmp_path, tiny_model):
     import os
     import stat
 
-    from engine.checkpoint import load_model, save_model
+    from engine.models.checkpoint import load_model, save_model
 
     old = os.umask(0o022)
     try:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine.corpus import (
+from engine.training.corpus import (
     ChecksumError,
     ReservedDataError,
     build_corpus,
@@ -22,7 +22,7 @@ from engine.corpus import (
     sha256_of,
 )
 from engine.errors import ConfigError, DataError, GeneIdentifierError
-from engine.orthologs import mouse_to_human_symbols, to_human
+from engine.io.orthologs import mouse_to_human_symbols, to_human
 
 HUMAN_GENES = ["CD3D", "CD3E", "CD2", "IL7R", "MS4A1", "CD79A", "CD79B", "CD19", "LYZ", "CD14", "S100A8", "S100A9",
                "NKG7", "GNLY", "ACTB", "GAPDH", "B2M", "PTPRC", "HBB", "ALB"]
@@ -102,7 +102,7 @@ def test_bundled_manifest_is_valid_and_free_of_reserved_data():
     terms = {e["cell_type_ontology_term_id"] for d in man["datasets"] for e in d["labels"].values() if e}
     tissues = {e.get("tissue", d["tissue"]) for d in man["datasets"] for e in d["labels"].values() if e}
     assert len(terms) >= 100 and len(tissues) >= 10
-    from engine.ontology import cell_ontology_table
+    from engine.io.ontology import cell_ontology_table
 
     assert terms <= set(cell_ontology_table().index)
     # reserved evaluation data never appears, also not under another name
@@ -223,7 +223,7 @@ def test_profile_texts_are_langcell_style():
 
 
 def test_pairs_and_heldout_cells(corpus_files, tmp_path):
-    from engine.tokenizer import RankTokenizer
+    from engine.models.tokenizer import RankTokenizer
 
     fetch(tmp_path / "f", manifest=corpus_files, progress=False)
     path = tmp_path / "corpus.h5ad"
@@ -246,7 +246,7 @@ def test_pairs_and_heldout_cells(corpus_files, tmp_path):
 
 
 def test_cli_build_refuses_to_overwrite(corpus_files, tmp_path, capsys):
-    from engine.corpus.__main__ import main
+    from engine.training.corpus.__main__ import main
 
     assert main(["fetch", "--to", str(tmp_path / "f"), "--manifest", str(corpus_files), "--quiet"]) == 0
     out = tmp_path / "c.h5ad"

@@ -1,4 +1,4 @@
-"""engine.data: reading every format, validation verdicts, gene mapping, expression matrices, errors."""
+"""engine.io.data: reading every format, validation verdicts, gene mapping, expression matrices, errors."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import scipy.io
 import scipy.sparse as sp
 from conftest import GENES, make_counts
 
-from engine import data
+from engine.io import data
 from engine.errors import ConfigError, DataError, GeneIdentifierError, LexicellError, MatrixKindError
 
 # Independent ground truth (HGNC / MGI, Ensembl gene IDs).
@@ -485,7 +485,7 @@ def test_partition_rank_kernel_equals_full_stable_sort():
     """The numba kernel sorts only each cell's top genes; ties must come out as the full stable sort does."""
     import scipy.sparse as sp
 
-    from engine import tokenizer as T
+    from engine.models import tokenizer as T
 
     assert T._HAVE_NUMBA, "numba is a dependency (pyproject); the fast kernel must be importable"
     rng = np.random.default_rng(0)
@@ -506,8 +506,8 @@ def test_partition_rank_kernel_equals_full_stable_sort():
 
 def test_gene_vocabulary_save_load_save_is_byte_identical(tmp_path):
     """genes.tsv survives load -> save unchanged (medians read back exactly, no 16th-digit drift)."""
-    from engine.checkpoint import default_model_path
-    from engine.tokenizer import RankTokenizer
+    from engine.models.checkpoint import default_model_path
+    from engine.models.tokenizer import RankTokenizer
 
     src = default_model_path() / "genes.tsv"
     tok = RankTokenizer.load(src)

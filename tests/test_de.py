@@ -1,4 +1,4 @@
-"""Tests of engine.de: top-vs-bottom and two-group differential expression."""
+"""Tests of engine.tools.de: top-vs-bottom and two-group differential expression."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from engine.de import de_groups, de_top_vs_bottom
+from engine.tools.de import de_groups, de_top_vs_bottom
 from engine.errors import AnalysisError, DataError, EmptySelectionError, MatrixKindError, MissingKeyError
 
 N_CELLS, N_GENES = 40, 30
@@ -97,7 +97,7 @@ def test_within_restricts_the_ranking():
 
 def test_reduction_of_n_is_reported(caplog):
     a = _counts_adata()
-    with caplog.at_level(logging.WARNING, logger="engine.de"):
+    with caplog.at_level(logging.WARNING, logger="engine.tools.de"):
         res = de_top_vs_bottom(a, "qscore", n=30)
     assert res.attrs["n_used"] == N_CELLS // 2 and res.attrs["reduced_from"] == 30
     assert any("instead" in r.getMessage() for r in caplog.records)

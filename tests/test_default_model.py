@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import spearmanr
 
 import engine
-from engine.checkpoint import default_model_path
+from engine.models.checkpoint import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_embeddings_are_normalised_and_cached(default_model, demo):
 
 
 def test_zero_shot_beats_chance_on_bulk_labels(default_model, demo):
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     res = evaluate(demo, default_model, "bulk_labels")
     # The model card's table (lexicell-default 0.4, 2026-12-02: 0.875 / accuracy 0.624 per cell, 0.856 per class);
@@ -90,7 +90,7 @@ def test_evaluate_cli_on_a_slice(tmp_path):
     path = tmp_path / "slice.h5ad"
     adata[keep].copy().write_h5ad(path)
     out = subprocess.run(
-        [sys.executable, "-m", "engine.evaluate", str(path), "--label-key", "bulk_labels", "--json"],
+        [sys.executable, "-m", "engine.training.evaluate", str(path), "--label-key", "bulk_labels", "--json"],
         capture_output=True, text=True, cwd=ROOT, check=True,
     )
     res = json.loads(out.stdout)
@@ -99,7 +99,7 @@ def test_evaluate_cli_on_a_slice(tmp_path):
 
 @pytest.mark.slow
 def test_proxy_benchmark_on_held_out_reference_cells(default_model):
-    from engine.knowledge import proxy_benchmark
+    from engine.training.knowledge import proxy_benchmark
 
     res = proxy_benchmark(default_model, holdout_fraction=0.2)
     assert res["n_cells"] >= 20 and len(res["labels"]) >= 4 and res["level"] == "main"
@@ -110,7 +110,7 @@ def test_proxy_benchmark_on_held_out_reference_cells(default_model):
 def test_smoothing_helps_the_default_model_on_the_demo(default_model, demo):
     """Neighbour smoothing does not hurt on the demo (model card: 0.875 -> 0.880 per cell for lexicell-default 0.4;
     0.777 -> 0.788 for the knowledge-only 0.3)."""
-    from engine.evaluate import evaluate
+    from engine.training.evaluate import evaluate
 
     res = evaluate(demo, default_model, "bulk_labels", smooth=True)
     assert res["refined"]["roc_auc"] >= res["per_cell"]["roc_auc"]
@@ -119,7 +119,7 @@ def test_smoothing_helps_the_default_model_on_the_demo(default_model, demo):
 @pytest.mark.slow
 def test_long_list_proxy_lineages_and_rates(default_model):
     """The long-list proxy judges predictions by lineage; the model (trained on all cells) beats chance."""
-    from engine.knowledge import lineage, proxy_long_list
+    from engine.training.knowledge import lineage, proxy_long_list
 
     assert lineage("CL:0000913") == "T cell" and lineage("CL:0000860") == "monocyte"
     assert lineage("CL:0000784") == "dendritic cell" and lineage("CL:0000786") == "plasma cell" and lineage(None) == ""

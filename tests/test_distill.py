@@ -48,7 +48,7 @@ def make_cells(n: int = 300, seed: int = 1) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from engine.data import expression_matrix
+    from engine.io.data import expression_matrix
 
     _, var = expression_matrix(make_cells(4), kind="counts")
     medians = np.random.default_rng(0).lognormal(0, 0.5, len(GENES))
@@ -65,7 +65,7 @@ def cells_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def distilled(teacher, cells_file, tmp_path_factory):
-    from engine.distill import main
+    from engine.training.distill import main
 
     out = tmp_path_factory.mktemp("student") / "cellwhisperer-fast"
     rc = main(["--teacher", str(teacher), "--data", str(cells_file), "--out", str(out), "--device", "auto", *FAST])
@@ -89,7 +89,7 @@ def test_student_reproduces_the_teacher(distilled, teacher, capsys):
     # the tiny teacher's cells differ little (baseline 0.99): the cell-to-cell differences must be learnt too
     assert report["heldout_cosine_mean"] > report["baseline_cosine_mean"]
     assert report["heldout_centred_cosine_mean"] >= 0.6
-    assert report["query_spearman_mean"] >= 0.8 and set(report["query_spearman"]) == set(engine.distill.DEFAULT_QUERIES)
+    assert report["query_spearman_mean"] >= 0.8 and set(report["query_spearman"]) == set(engine.training.distill.DEFAULT_QUERIES)
     assert report["label_agreement"] >= 0.9
     assert report["speed"]["teacher_cells_per_s"] > 0 and report["speed"]["student_cells_per_s"] > 0
     assert report["teacher_chunks"] == {**report["teacher_chunks"], "computed": 1, "reused": 0}
@@ -122,7 +122,7 @@ def test_student_is_a_normal_model_with_the_teachers_text_side(distilled, teache
 
 
 def test_resume_skips_finished_chunks(teacher, cells_file, tmp_path):
-    from engine.distill import distill
+    from engine.training.distill import distill
 
     out = tmp_path / "fast"
     calls = []
@@ -153,7 +153,7 @@ def test_resume_skips_finished_chunks(teacher, cells_file, tmp_path):
 
 
 def test_bad_inputs_raise_typed_errors(teacher, cells_file, tmp_path, capsys):
-    from engine.distill import distill, main
+    from engine.training.distill import distill, main
 
     kw = dict(epochs=1, progress=False, verbose=False)
     (tmp_path / "not_a_model").mkdir()
@@ -188,7 +188,7 @@ def test_bad_inputs_raise_typed_errors(teacher, cells_file, tmp_path, capsys):
 def test_device_choice(monkeypatch):
     import torch
 
-    from engine.model import resolve_device
+    from engine.models.model import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,4 +1,4 @@
-"""Tests of engine.enrichment (offline/online over-representation) and engine.genesets (shipped libraries)."""
+"""Tests of engine.tools.enrichment (offline/online over-representation) and engine.io.genesets (shipped libraries)."""
 from __future__ import annotations
 
 import re
@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from scipy.stats import hypergeom
 
-import engine.enrichment as enrich_mod
-from engine.enrichment import COLUMNS, enrich
+import engine.tools.enrichment as enrich_mod
+from engine.tools.enrichment import COLUMNS, enrich
 from engine.errors import DataError, EmptySelectionError, MissingKeyError
-from engine.genesets import DEFAULT_LIBRARIES, GENESETS_DIR, list_libraries, load_library
+from engine.io.genesets import DEFAULT_LIBRARIES, GENESETS_DIR, list_libraries, load_library
 
 BACKGROUND = [f"G{i}" for i in range(1, 101)]  # 100 genes
 SETS = {
@@ -179,7 +179,7 @@ def test_pbmc_b_cell_enrichment():
     """Biology smoke test: top 50 up genes of MS4A1+CD79A-high vs -low cells enrich B-cell terms offline."""
     import scanpy as sc
 
-    from engine.de import de_top_vs_bottom
+    from engine.tools.de import de_top_vs_bottom
 
     a = sc.datasets.pbmc68k_reduced()
     score = np.asarray(a.raw[:, ["MS4A1", "CD79A"]].X.sum(axis=1)).ravel()

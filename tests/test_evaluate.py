@@ -1,4 +1,4 @@
-"""Zero-shot evaluation and paired retrieval (engine.evaluate)."""
+"""Zero-shot evaluation and paired retrieval (engine.training.evaluate)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from engine.errors import MissingKeyError, QueryError
-from engine.evaluate import evaluate, main, retrieval
+from engine.training.evaluate import evaluate, main, retrieval
 
 METRICS = {"roc_auc", "accuracy", "f1_macro", "recall@1", "recall@5", "recall@10"}
 
@@ -35,7 +35,7 @@ def test_evaluate_keys_and_values(tiny_adata, tiny_model):
 
 
 def test_evaluate_reuses_embeddings_and_is_consistent(tiny_adata, tiny_model):
-    from engine.embed import embed_cells
+    from engine.tools.embed import embed_cells
 
     a = evaluate(tiny_adata, tiny_model, "group", template="plain")
     embed_cells(tiny_adata, tiny_model, progress=False)
@@ -69,7 +69,7 @@ def test_evaluate_errors(tiny_adata, tiny_model):
 
 
 def test_retrieval_on_paired_data(tiny_adata, tiny_model):
-    from engine.pairs import from_anndata
+    from engine.training.pairs import from_anndata
 
     pairs = from_anndata(tiny_adata, template="{group} cells")
     res = retrieval(pairs, tiny_model)
@@ -82,7 +82,7 @@ def test_retrieval_on_paired_data(tiny_adata, tiny_model):
 
 
 def test_cli_json_and_confusion(tmp_path, tiny_adata, tiny_model, capsys):
-    from engine.checkpoint import save_model
+    from engine.models.checkpoint import save_model
 
     model_dir = save_model(tiny_model, tmp_path / "model")
     f = tmp_path / "cells.h5ad"
@@ -104,7 +104,7 @@ def test_cli_json_and_confusion(tmp_path, tiny_adata, tiny_model, capsys):
 
 
 def test_cli_demo(tmp_path, tiny_model, capsys):
-    from engine.checkpoint import save_model
+    from engine.models.checkpoint import save_model
 
     model_dir = save_model(tiny_model, tmp_path / "model")
     rc = main(["demo", "--model", str(model_dir), "--json", "--max-cells-per-class", "5", "--device", "cpu"])
@@ -115,7 +115,7 @@ def test_cli_demo(tmp_path, tiny_model, capsys):
 
 def test_engine_evaluate_is_callable_whatever_the_import_order(tiny_adata, tiny_model):
     import engine
-    import engine.evaluate  # noqa: F401 - binds the module as engine.evaluate
+    import engine.training.evaluate  # noqa: F401 - binds the module as engine.training.evaluate
 
     res = engine.evaluate(tiny_adata, tiny_model, "group", max_cells_per_class=5)
     assert res["n_cells"] == 10

@@ -1,6 +1,6 @@
 """Geneformer tower: tiny random models in the real folder formats, written by the tests themselves.
 
-The reference computations below are written independently of ``engine.geneformer`` from the published
+The reference computations below are written independently of ``engine.models.geneformer`` from the published
 behaviour (Geneformer ``TranscriptomeTokenizer`` / ``EmbExtractor``; CellWhisperer seed 000 §3.2).
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def _one_thread():
 
 # --------------------------------------------------------------------------- tokenization
 def test_v1_tokens_match_hand_computed(gf_v1):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tower = load_geneformer(gf_v1)
     tok = tower.tokenizer
@@ -183,7 +183,7 @@ def test_v1_tokens_match_hand_computed(gf_v1):
 
 
 def test_v2_tokens_match_hand_computed(gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tower = load_geneformer(gf_v2)
     tok = tower.tokenizer
@@ -194,7 +194,7 @@ def test_v2_tokens_match_hand_computed(gf_v2):
 
 
 def test_symbols_aliases_versions_and_duplicates(gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tok = load_geneformer(gf_v2).tokenizer
     symbols = [s for _, s, _ in GF_GENES]
@@ -246,7 +246,7 @@ DUP_X = np.array(
 
 
 def test_duplicate_columns_sum_or_stay_separate(gf_v1, gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     t = V1_TOKENS
     sep = load_geneformer(gf_v1, duplicates="separate").tokenizer
@@ -266,7 +266,7 @@ def test_duplicate_columns_sum_or_stay_separate(gf_v1, gf_v2):
 
 
 def test_empty_cells_get_the_placeholder_token(gf_v1, gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tower = load_geneformer(gf_v1, duplicates="separate", empty_cell_token_id=4)
     enc = tower.tokenizer.encode_matrix(DUP_X, DUP_IDS)
@@ -287,10 +287,10 @@ def test_empty_cells_get_the_placeholder_token(gf_v1, gf_v2):
 
 
 def test_tokenization_settings_survive_the_native_format(tmp_path, gf_v1, tiny_text_dir):
-    from engine.checkpoint import load_model, save_model
-    from engine.geneformer import load_geneformer
-    from engine.model import TranscriptomeTextModel
-    from engine.towers import TextTower
+    from engine.models.checkpoint import load_model, save_model
+    from engine.models.geneformer import load_geneformer
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.towers import TextTower
 
     tower = load_geneformer(gf_v1, duplicates="separate", empty_cell_token_id=4)
     model = TranscriptomeTextModel(tower, TextTower(tiny_text_dir, pooling="mean"), projection_dim=8).eval()
@@ -302,7 +302,7 @@ def test_tokenization_settings_survive_the_native_format(tmp_path, gf_v1, tiny_t
 
 
 def test_truncation_v1_and_v2(tmp_path):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     v1 = load_geneformer(make_geneformer_dir(tmp_path / "v1", "V1", max_position=4)).tokenizer
     v2 = load_geneformer(make_geneformer_dir(tmp_path / "v2", "V2", max_position=4)).tokenizer
@@ -314,7 +314,7 @@ def test_truncation_v1_and_v2(tmp_path):
 # --------------------------------------------------------------------------- embeddings
 @pytest.mark.parametrize("which", ["v1", "v2"])
 def test_features_equal_independent_bert(which, gf_v1, gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     folder, expected, specials = (gf_v1, V1_EXPECTED, False) if which == "v1" else (gf_v2, V2_EXPECTED, True)
     tower = load_geneformer(folder)
@@ -332,7 +332,7 @@ def test_features_equal_independent_bert(which, gf_v1, gf_v2):
 
 
 def test_cls_mode_and_last_layer(gf_v1, gf_v2):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tower = load_geneformer(gf_v2, emb_mode="cls", emb_layer=0)
     enc = tower.tokenizer.encode_matrix(COUNTS, [e for e, _, _ in GF_GENES])
@@ -348,7 +348,7 @@ def test_cls_mode_and_last_layer(gf_v1, gf_v2):
 
 
 def test_empty_cells_get_zero_features(gf_v1):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     tower = load_geneformer(gf_v1)
     X = np.vstack([COUNTS[:1], np.zeros((1, 6), np.float32)])
@@ -361,7 +361,7 @@ def test_empty_cells_get_zero_features(gf_v1):
 # --------------------------------------------------------------------------- loading rules
 def test_dictionaries_found_in_repository_layout(tmp_path):
     """Geneformer repository layout: model folders beside geneformer/ (V2 dicts) and gene_dictionaries_30m/ (V1)."""
-    from engine.geneformer import find_dictionaries, load_geneformer
+    from engine.models.geneformer import find_dictionaries, load_geneformer
 
     root = tmp_path / "Geneformer"
     make_geneformer_dir(root / "gf-12L-30M-i2048", "V1", dict_dir=root / "geneformer" / "gene_dictionaries_30m")
@@ -376,7 +376,7 @@ def test_dictionaries_found_in_repository_layout(tmp_path):
 
 
 def test_missing_files_and_mismatched_weights(tmp_path, gf_v1):
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     with pytest.raises(CheckpointError, match="config.json"):
         load_geneformer(tmp_path)
@@ -397,7 +397,7 @@ def test_missing_files_and_mismatched_weights(tmp_path, gf_v1):
 def test_malicious_weights_and_dictionaries_are_refused(tmp_path):
     import os
 
-    from engine.geneformer import load_geneformer
+    from engine.models.geneformer import load_geneformer
 
     class Evil:
         def __reduce__(self):
@@ -420,10 +420,10 @@ def test_malicious_weights_and_dictionaries_are_refused(tmp_path):
 
 # --------------------------------------------------------------------------- native format round trip
 def test_native_round_trip(tmp_path, gf_v2, tiny_text_dir):
-    from engine.checkpoint import load_model, save_model
-    from engine.geneformer import GeneformerTower, load_geneformer
-    from engine.model import TranscriptomeTextModel
-    from engine.towers import TextTower
+    from engine.models.checkpoint import load_model, save_model
+    from engine.models.geneformer import GeneformerTower, load_geneformer
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.towers import TextTower
 
     tower = load_geneformer(gf_v2)
     torch.manual_seed(0)
@@ -446,14 +446,14 @@ def test_native_round_trip(tmp_path, gf_v2, tiny_text_dir):
 
 
 def test_embed_cells_requires_counts(tiny_text_dir, gf_v1):
-    pytest.importorskip("engine.data")
+    pytest.importorskip("engine.io.data")
     import anndata as ad
 
-    from engine.embed import embed_cells
+    from engine.tools.embed import embed_cells
     from engine.errors import DataError
-    from engine.geneformer import load_geneformer
-    from engine.model import TranscriptomeTextModel
-    from engine.towers import TextTower
+    from engine.models.geneformer import load_geneformer
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.towers import TextTower
 
     model = TranscriptomeTextModel(load_geneformer(gf_v1), TextTower(tiny_text_dir, pooling="mean"), projection_dim=8).eval()
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import knowledge
+from engine.training import knowledge
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_cd_style_names():
 
 
 def test_marker_set_cell_ontology_map_is_valid():
-    from engine.ontology import cell_ontology_table, find_cell_type
+    from engine.io.ontology import cell_ontology_table, find_cell_type
 
     table = cell_ontology_table()
     gmt = knowledge._read_gmt(knowledge.GENESET_DIR / knowledge.CELLTYPE_GMT)
@@ -126,7 +126,7 @@ def test_reference_depth_fraction_resamples_only_reference_cell_pairs(tmp_path):
 
 def test_holdout_folds_are_disjoint_halves_covering_every_cell():
     from engine.errors import AnalysisError
-    from engine.knowledge import holdout_cells, reference_expression
+    from engine.training.knowledge import holdout_cells, reference_expression
 
     n = reference_expression()[0].shape[0]
     a, b = holdout_cells(0.5, 0), holdout_cells(0.5, 1)
@@ -138,7 +138,7 @@ def test_holdout_folds_are_disjoint_halves_covering_every_cell():
 
 
 def test_panhuman_names_come_from_the_cell_ontology():
-    from engine.knowledge import panhuman_name, panhuman_names
+    from engine.training.knowledge import panhuman_name, panhuman_names
 
     names = panhuman_names()
     assert names["CL:0000084"] == "T cell" and len(names) > 150
@@ -149,7 +149,7 @@ def test_panhuman_names_come_from_the_cell_ontology():
 
 
 def test_build_pairs_holdout_fold_leaves_out_that_half(tmp_path):
-    from engine.knowledge import build_pairs, holdout_cells
+    from engine.training.knowledge import build_pairs, holdout_cells
 
     held = holdout_cells(0.5, 1)
     d = build_pairs(n_per_celltype=1, n_per_geneset=0, n_per_gene=0, n_per_reference_cell=1, include_go=False,
@@ -158,14 +158,14 @@ def test_build_pairs_holdout_fold_leaves_out_that_half(tmp_path):
                      holdout_fraction=0.5, holdout_fold=0)
     # one pair per weakly labelled training cell: the two halves give different pair counts unless equal by chance,
     # and neither includes the other half's labelled cells
-    from engine.knowledge import weak_labels
+    from engine.training.knowledge import weak_labels
 
     lab = np.flatnonzero(weak_labels()["main"].to_numpy() != "")
     assert len(d) - len(d0) == (np.setdiff1d(lab, held).size - np.intersect1d(lab, held).size)
 
 
 def test_ontology_ancestors():
-    from engine.ontology import ancestors
+    from engine.io.ontology import ancestors
 
     anc = ancestors("CL:0000913")  # effector memory CD8-positive, alpha-beta T cell
     assert anc["CL:0000084"] >= 2 and min(anc.values()) == 1  # T cell, some steps up

@@ -1,4 +1,4 @@
-"""Loss values on hand-computed cases (engine.losses)."""
+"""Loss values on hand-computed cases (engine.training.losses)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.losses import clip_loss, combined_loss, jsd_loss, jsd_loss_from_logits, positive_mask
+from engine.training.losses import clip_loss, combined_loss, jsd_loss, jsd_loss_from_logits, positive_mask
 
 
 def _np_ce(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

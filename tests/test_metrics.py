@@ -1,10 +1,10 @@
-"""Metrics on hand-built score matrices (engine.metrics)."""
+"""Metrics on hand-built score matrices (engine.training.metrics)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.metrics import (
+from engine.training.metrics import (
     accuracy,
     classification_metrics,
     confusion_matrix,

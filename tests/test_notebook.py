@@ -16,7 +16,7 @@ nbclient = pytest.importorskip("nbclient")
 def model_env(monkeypatch, tmp_path, tiny_text_dir):
     """Use the bundled default model when it exists, else a tiny one saved to disk (LEXICELL_MODEL)."""
     import engine
-    from engine.checkpoint import default_model_path
+    from engine.models.checkpoint import default_model_path
 
     if not default_model_path().is_dir():
         from conftest import build_tiny_model

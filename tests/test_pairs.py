@@ -1,4 +1,4 @@
-"""Paired data container and its readers (engine.pairs)."""
+"""Paired data container and its readers (engine.training.pairs)."""
 from __future__ import annotations
 
 import anndata as ad
@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from engine.errors import ConfigError, DataError, MissingKeyError
-from engine.pairs import PairedData, clean_text, from_anndata, from_archs4, load_source, write_tiny_archs4
+from engine.training.pairs import PairedData, clean_text, from_anndata, from_archs4, load_source, write_tiny_archs4
 
 from conftest import GENES, make_counts
 
@@ -182,9 +182,9 @@ def test_load_source_python_and_errors(tmp_path):
     with pytest.raises(ConfigError):
         load_source({"type": "nope"})
     with pytest.raises(ConfigError):
-        load_source({"type": "python", "callable": "engine.pairs"})
+        load_source({"type": "python", "callable": "engine.training.pairs"})
     with pytest.raises(ConfigError):
-        load_source({"type": "python", "callable": "engine.pairs:nothing_here"})
+        load_source({"type": "python", "callable": "engine.training.pairs:nothing_here"})
     with pytest.raises(ConfigError):
         load_source({"type": "python", "callable": "tests.test_pairs:_not_pairs"})
 
@@ -202,7 +202,7 @@ def test_obs_template_refuses_format_specs():
     import anndata as ad
 
     from engine.errors import ConfigError
-    from engine.pairs import from_anndata
+    from engine.training.pairs import from_anndata
 
     a = ad.AnnData(X=np.ones((2, 3), dtype=np.float32), obs=pd.DataFrame({"cell_type": ["B cell", "T cell"]}, index=["a", "b"]),
                    var=pd.DataFrame(index=["CD3D", "MS4A1", "CD14"]))

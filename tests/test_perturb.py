@@ -10,9 +10,9 @@ import torch
 import engine
 from engine import perturb, perturb_scan  # the functions
 from engine.errors import AnalysisError, CancelledError, EmptySelectionError, GeneIdentifierError, QueryError
-from engine.perturbation import _compact, _overexpress_rows, delete_tokens, overexpress_tokens
-from engine.tokenizer import RankEncoding, RankTokenizer
-from engine.towers import TranscriptomeTower
+from engine.tools.perturbation import _compact, _overexpress_rows, delete_tokens, overexpress_tokens
+from engine.models.tokenizer import RankEncoding, RankTokenizer
+from engine.models.towers import TranscriptomeTower
 
 from conftest import GENES, build_tiny_model
 
@@ -32,8 +32,8 @@ def as_lists(enc):
 
 
 def test_engine_perturb_is_the_function():
-    # The functions live in engine.perturbation, so importing it never shadows engine.perturb.
-    import engine.perturbation  # noqa: F401
+    # The functions live in engine.tools.perturbation, so importing it never shadows engine.perturb.
+    import engine.tools.perturbation  # noqa: F401
 
     assert callable(engine.perturb) and engine.perturb is perturb and callable(engine.perturb_scan)
 
@@ -158,8 +158,8 @@ class BagTower(TranscriptomeTower):
 
 
 def bag_model(text_dir, n_genes=40, max_length=64):
-    from engine.model import TranscriptomeTextModel
-    from engine.towers import TextTower
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.towers import TextTower
 
     ens = [f"ENSG{i:011d}" for i in range(n_genes)]
     sym = [f"GENE{i}" for i in range(n_genes)]
@@ -251,8 +251,8 @@ def test_perturb_writes_obs_and_uns(tiny_model, tiny_adata):
 
 
 def test_baseline_matches_embed_cells_and_score_text(tiny_model, tiny_adata):
-    from engine.embed import embed_cells
-    from engine.score import score_text
+    from engine.tools.embed import embed_cells
+    from engine.tools.score import score_text
 
     goal = (tiny_adata.obs["group"] == "B").to_numpy()
     # goal cells without obsm: re-embedded from the same expression
@@ -272,7 +272,7 @@ def test_baseline_matches_embed_cells_and_score_text(tiny_model, tiny_adata):
 @pytest.mark.parametrize("mode", ["delete", "overexpress"])
 def test_edit_equals_editing_the_data(tiny_text_dir, tiny_adata, mode):
     """Without truncation, deleting a gene = zeroing it; overexpressing = making it the top-ranked gene."""
-    from engine.embed import embed_cells
+    from engine.tools.embed import embed_cells
 
     model = build_tiny_model(tiny_text_dir, max_length=64)
     # irregular medians: no exact rank ties that per-cell renormalisation could break differently
@@ -380,14 +380,14 @@ def test_geneformer_v2_tower_edit_equals_editing_counts(tmp_path, tiny_text_dir,
     """Any rank-encoding tower works: a tiny Geneformer V2 (<cls>/<eos>, raw counts). Deleting a gene equals
     zeroing its counts (no truncation); overexpressing equals making it the top gene, also when the cell is cut
     at max_length (6 tokens: <cls> + 4 genes + <eos>)."""
-    pytest.importorskip("engine.geneformer")
+    pytest.importorskip("engine.models.geneformer")
     import anndata as ad
     from test_geneformer import GF_GENES, make_geneformer_dir
 
-    from engine.embed import embed_cells
-    from engine.geneformer import load_geneformer
-    from engine.model import TranscriptomeTextModel
-    from engine.towers import TextTower
+    from engine.tools.embed import embed_cells
+    from engine.models.geneformer import load_geneformer
+    from engine.models.model import TranscriptomeTextModel
+    from engine.models.towers import TextTower
 
     folder = make_geneformer_dir(tmp_path / "gf", "V2", "safetensors", max_position=max_position, seed=1)
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from engine.embed import SMOOTH_KEY, embed_cells, get_embeds, smooth_embeds, smoothed, umap
+from engine.tools.embed import SMOOTH_KEY, embed_cells, get_embeds, smooth_embeds, smoothed, umap
 from engine.errors import AnalysisError, MissingEmbeddingError, ModelMismatchError, QueryError
-from engine.evaluate import evaluate, format_report, main
-from engine.score import centered, zero_shot
+from engine.training.evaluate import evaluate, format_report, main
+from engine.tools.score import centered, zero_shot
 
 
 def test_smoothed_hand_computed():
@@ -87,11 +87,11 @@ def test_evaluate_reports_refined_beside_the_protocol(tiny_adata, tiny_model, ca
     r = res["refined"]
     assert r["smooth"] is True and r["center"] == 0.5 and 0.0 <= r["roc_auc"] <= 1.0 and r["n_items"] == 200
     # the refined scores equal zero-shot on smoothed embeddings of the same graph
-    from engine.evaluate import _knn_graph
+    from engine.training.evaluate import _knn_graph
 
     emb = embed_cells(tiny_adata.copy(), tiny_model, progress=False)
     e = centered(smoothed(emb, _knn_graph(emb), 0.5), 0.5)
-    from engine.metrics import roc_auc_ovr
+    from engine.training.metrics import roc_auc_ovr
 
     t = tiny_model.embed_texts(res["label_texts"])
     y = (tiny_adata.obs["group"].to_numpy() == "T").astype(int)
@@ -104,7 +104,7 @@ def test_evaluate_reports_refined_beside_the_protocol(tiny_adata, tiny_model, ca
 def test_evaluate_cli_smooth_flag(tmp_path, tiny_adata, tiny_model, capsys):
     import json
 
-    from engine.checkpoint import save_model
+    from engine.models.checkpoint import save_model
 
     path = tmp_path / "cells.h5ad"
     tiny_adata.write_h5ad(path)
@@ -116,7 +116,7 @@ def test_evaluate_cli_smooth_flag(tmp_path, tiny_adata, tiny_model, capsys):
 
 
 def test_csls_offsets_and_label_logits_hand_computed():
-    from engine.score import csls_offsets, label_logits
+    from engine.tools.score import csls_offsets, label_logits
 
     cells = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     texts = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -136,7 +136,7 @@ def test_neighbour_graph_on_a_large_dataset():
     (``getnnz``); the engine's graph (UMAP, smoothing) must work there too."""
     import anndata as ad
 
-    from engine.embed import APPROXIMATE_KNN_FROM
+    from engine.tools.embed import APPROXIMATE_KNN_FROM
 
     rng = np.random.default_rng(0)
     n = APPROXIMATE_KNN_FROM + 8

@@ -1,4 +1,4 @@
-"""engine.safe_pickle: allow-listed unpickling of dictionaries and torch zip checkpoints; nothing ever runs."""
+"""engine.models.safe_pickle: allow-listed unpickling of dictionaries and torch zip checkpoints; nothing ever runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.errors import CheckpointError, UnsafeCheckpointError
-from engine.safe_pickle import PickledObjectStub, load_checkpoint, load_pickle, load_torch_zip, loads_pickle, to_plain
+from engine.models.safe_pickle import PickledObjectStub, load_checkpoint, load_pickle, load_torch_zip, loads_pickle, to_plain
 
 
 class Evil:
@@ -315,7 +315,7 @@ def _call_args(text: str, start: int) -> str:
 
 
 def test_no_unsafe_torch_load_in_engine():
-    """No engine module calls torch.load without weights_only=True or unpickles outside engine.safe_pickle."""
+    """No engine module calls torch.load without weights_only=True or unpickles outside engine.models.safe_pickle."""
     import re
     from pathlib import Path
 

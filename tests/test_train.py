@@ -1,4 +1,4 @@
-"""CLIP training on a tiny synthetic paired set (engine.train)."""
+"""CLIP training on a tiny synthetic paired set (engine.training.train)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from engine.errors import CheckpointError, ConfigError
-from engine.pairs import PairedData, write_tiny_archs4
+from engine.training.pairs import PairedData, write_tiny_archs4
 
 from conftest import GENES
 
@@ -40,7 +40,7 @@ def synthetic_pairs(n: int = 300, seed: int = 0) -> PairedData:
 
 @pytest.fixture(scope="module")
 def vocab_file(tmp_path_factory):
-    from engine.tokenizer import RankTokenizer
+    from engine.models.tokenizer import RankTokenizer
 
     path = tmp_path_factory.mktemp("vocab") / "genes.tsv"
     RankTokenizer(GENES, gene_medians=np.linspace(0.5, 3.0, len(GENES)), symbols=GENES).save(path)
@@ -58,7 +58,7 @@ def text_dir(tiny_text_dir, tmp_path_factory):
     import torch
     from transformers import AutoConfig, AutoTokenizer, BertModel
 
-    from engine.towers import default_text_model_path
+    from engine.models.towers import default_text_model_path
 
     if AutoTokenizer.from_pretrained(str(tiny_text_dir)).vocab_size > 1000:
         return tiny_text_dir
@@ -97,8 +97,8 @@ def make_config(vocab_file, text_dir, out, **train):
 
 @pytest.mark.parametrize("lock_text", [True, False])
 def test_training_learns_and_writes_checkpoint(tmp_path, vocab_file, text_dir, lock_text):
-    from engine.checkpoint import load_model
-    from engine.train import train
+    from engine.models.checkpoint import load_model
+    from engine.training.train import train
 
     cfg = make_config(vocab_file, text_dir, tmp_path / "run", lock_text=lock_text, epochs=5, lr=1e-2 if lock_text else 3e-3)
     out = train(cfg, device="cpu")
@@ -133,7 +133,7 @@ def test_training_learns_and_writes_checkpoint(tmp_path, vocab_file, text_dir, l
 def test_resume_reproduces_uninterrupted_run(tmp_path, vocab_file, text_dir):
     from safetensors.torch import load_file
 
-    from engine.train import train
+    from engine.training.train import train
 
     full = train(make_config(vocab_file, text_dir, tmp_path / "full", epochs=2), device="cpu")
     cfg = make_config(vocab_file, text_dir, tmp_path / "parts", epochs=2)
@@ -156,8 +156,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, vocab_file, text_dir):
 
 
 def test_cli_locked_transcriptome_jsd_archs4_and_vocab_from_data(tmp_path, text_dir):
-    from engine.checkpoint import load_model
-    from engine.train import main
+    from engine.models.checkpoint import load_model
+    from engine.training.train import main
 
     write_tiny_archs4(tmp_path / "tiny_archs4.h5", n_samples=60)
     cfg = {
@@ -198,7 +198,7 @@ def _init_hook(model, data, value: float = 1.0):
 
 
 def test_config_errors(tmp_path, vocab_file, text_dir):
-    from engine.train import load_config, train
+    from engine.training.train import load_config, train
 
     base = make_config(vocab_file, text_dir, tmp_path / "x")
     with pytest.raises(ConfigError, match="Unknown keys"):
@@ -218,7 +218,7 @@ def test_config_errors(tmp_path, vocab_file, text_dir):
 
 def test_yaml_config(tmp_path, vocab_file, text_dir):
     yaml = pytest.importorskip("yaml")
-    from engine.train import load_config
+    from engine.training.train import load_config
 
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump(make_config(vocab_file, text_dir, tmp_path / "y")))
@@ -231,10 +231,10 @@ def test_init_seed_shares_the_start_and_soup_averages_weights(tmp_path, vocab_fi
     """Runs with one init_seed start from the same weights; soup() writes their weight mean (model soups)."""
     from safetensors.torch import load_file
 
-    from engine.checkpoint import load_model
+    from engine.models.checkpoint import load_model
     import torch
 
-    from engine.train import _Trainer, load_config, main, soup, train
+    from engine.training.train import _Trainer, load_config, main, soup, train
 
     a = train(make_config(vocab_file, text_dir, tmp_path / "a", epochs=1, seed=0, init_seed=7), device="cpu")
     b = train(make_config(vocab_file, text_dir, tmp_path / "b", epochs=1, seed=1, init_seed=7), device="cpu")
@@ -271,8 +271,8 @@ def test_init_seed_shares_the_start_and_soup_averages_weights(tmp_path, vocab_fi
 
 
 def test_soup_config_trains_members_from_one_start_and_averages(tmp_path, vocab_file, text_dir):
-    from engine.checkpoint import load_model
-    from engine.train import load_config, train
+    from engine.models.checkpoint import load_model
+    from engine.training.train import load_config, train
 
     cfg = make_config(vocab_file, text_dir, tmp_path / "souped", epochs=1)
     cfg["soup"] = {"seeds": [0, 1], "members": str(tmp_path / "members")}
@@ -294,7 +294,7 @@ def test_text_tower_split_forward_equals_full_forward(text_dir):
     """Cached lower blocks + trainable top blocks compute exactly the tower's features."""
     import torch
 
-    from engine.towers import TextTower
+    from engine.models.towers import TextTower
 
     tower = TextTower(text_dir, pooling="mean", max_length=32).eval()
     enc = tower.tokenize(["B cell from blood", "a much longer text about classical monocytes in the spleen", "T"])
@@ -308,9 +308,9 @@ def test_text_tower_split_forward_equals_full_forward(text_dir):
 def test_text_finetune_phase_trains_top_block_stores_it_and_resumes(tmp_path, vocab_file, text_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    from engine.checkpoint import load_model
-    from engine.towers import TextTower
-    from engine.train import train
+    from engine.models.checkpoint import load_model
+    from engine.models.towers import TextTower
+    from engine.training.train import train
 
     ft = {"epochs": 2, "layers": 1, "lr": 5e-3, "text_lr": 5e-3, "warmup_steps": 1}
     cfg = make_config(vocab_file, text_dir, tmp_path / "full", epochs=2, text_finetune=ft, select_metric="R@5")
@@ -356,8 +356,8 @@ def torch_equal(a, b) -> bool:
 def test_init_from_continues_a_trained_model_and_locked_control(tmp_path, vocab_file, text_dir):
     from safetensors.torch import load_file
 
-    from engine.checkpoint import load_model
-    from engine.train import train
+    from engine.models.checkpoint import load_model
+    from engine.training.train import train
 
     base = train(make_config(vocab_file, text_dir, tmp_path / "base", epochs=2, select_metric="R@5"), device="cpu")
     base_model = load_model(base, device="cpu")
@@ -393,7 +393,7 @@ def _spoil_init(model, data=None):
 
 
 def test_text_finetune_config_errors(tmp_path, vocab_file, text_dir):
-    from engine.train import load_config
+    from engine.training.train import load_config
 
     with pytest.raises(ConfigError, match="second phase"):
         load_config(make_config(vocab_file, text_dir, tmp_path, lock_text=False, text_finetune={"epochs": 1}))
@@ -408,13 +408,13 @@ def test_text_finetune_config_errors(tmp_path, vocab_file, text_dir):
 
 
 def test_training_on_the_corpus_source(tmp_path, text_dir):
-    """The real-data corpus is a python data source of engine.train (tiny corpus, tiny model)."""
+    """The real-data corpus is a python data source of engine.training.train (tiny corpus, tiny model)."""
     import sys
 
-    from engine.checkpoint import load_model
-    from engine.corpus import build_corpus, fetch
-    from engine.tokenizer import RankTokenizer
-    from engine.train import train
+    from engine.models.checkpoint import load_model
+    from engine.training.corpus import build_corpus, fetch
+    from engine.models.tokenizer import RankTokenizer
+    from engine.training.train import train
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_corpus import make_tiny_corpus_files
@@ -425,7 +425,7 @@ def test_training_on_the_corpus_source(tmp_path, text_dir):
     vocab = tmp_path / "genes.tsv"
     RankTokenizer(list(corpus.var_names), gene_medians=np.ones(corpus.n_vars), symbols=list(corpus.var["gene_symbol"])).save(vocab)
     cfg = make_config(vocab, text_dir, tmp_path / "run", epochs=2, lr=1e-2)
-    cfg["data"] = [{"type": "python", "callable": "engine.corpus:build_pairs",
+    cfg["data"] = [{"type": "python", "callable": "engine.training.corpus:build_pairs",
                     "kwargs": {"path": str(tmp_path / "corpus.h5ad"), "vocabulary": str(vocab), "n_per_label": 30,
                                "panel_fraction": 0.0, "seed": 0}}]
     out = train(cfg, device="cpu")

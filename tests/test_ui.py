@@ -36,7 +36,7 @@ def served(tmp_path_factory, tiny_text_dir):
 
     import engine
     from app.layout import Explorer
-    from engine.checkpoint import default_model_path
+    from engine.models.checkpoint import default_model_path
 
     mp = pytest.MonkeyPatch()
     mp.setenv("LEXICELL_CACHE", str(tmp_path_factory.mktemp("ui_cache")))

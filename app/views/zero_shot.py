@@ -7,7 +7,7 @@ import panel as pn
 
 import engine
 from engine.errors import QueryError
-from engine.score import check_template
+from engine.tools.score import check_template
 
 from .. import plots
 from ..cache import SMOOTH_KEY
@@ -26,7 +26,7 @@ def _definitions(set_name: str) -> pd.DataFrame:
     rows = []
     table = None
     try:
-        from engine.ontology import cell_ontology_table
+        from engine.io.ontology import cell_ontology_table
 
         table = cell_ontology_table()
     except Exception:  # noqa: BLE001 - definitions are a nicety
