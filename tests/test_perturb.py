@@ -10,7 +10,7 @@ import torch
 import engine
 from engine import perturb, perturb_scan  # the functions
 from engine.errors import AnalysisError, CancelledError, EmptySelectionError, GeneIdentifierError, QueryError
-from engine.tools.perturbation import _compact, _overexpress_rows, delete_tokens, overexpress_tokens
+from engine.tools._perturb_common import _compact, _overexpress_rows, delete_tokens, overexpress_tokens
 from engine.models.tokenizer import RankEncoding, RankTokenizer
 from engine.models.towers import TranscriptomeTower
 
