@@ -53,7 +53,8 @@ import torch
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from .safe_pickle import load_pickle
 from .tokenizer import RankTokenizer
-from .towers import TranscriptomeTower, register_transcriptome_tower
+from .registry import register_transcriptome_tower
+from .towers import TranscriptomeTower
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BertConfig
@@ -450,7 +451,7 @@ class GeneformerTower(TranscriptomeTower):
             raise CheckpointError("The Geneformer tower config lacks its BERT config", found=sorted(config), expected="a 'bert_config' entry")
         aliases = None
         if folder is not None:
-            from .checkpoint import GENES_FILE
+            from .configuration import GENES_FILE
 
             aliases = GeneformerTokenizer.read_aliases(Path(folder) / (Path(GENES_FILE).stem + ALIASES_SUFFIX))
         tok = GeneformerTokenizer.from_rank_tokenizer(tokenizer, aliases=aliases or {}, **dict(config.get("tokenization") or {}))

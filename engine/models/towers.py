@@ -13,13 +13,14 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from .configuration import check_hf_config
+from .registry import TRANSCRIPTOME_TOWERS, register_transcriptome_tower
 from .tokenizer import RankTokenizer
 
 __all__ = [
@@ -32,20 +33,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-TRANSCRIPTOME_TOWERS: dict[str, type["TranscriptomeTower"]] = {}
-
-
-def register_transcriptome_tower(name: str) -> Callable:
-    """Class decorator registering a transcriptome tower under ``name`` (the ``type`` in ``config.json``)."""
-
-    def deco(cls):
-        cls.tower_type = name
-        TRANSCRIPTOME_TOWERS[name] = cls
-        return cls
-
-    return deco
-
 
 class TranscriptomeTower(nn.Module):
     """Interface of transcriptome towers.
@@ -218,8 +205,6 @@ def resolve_text_source(source: str, folder: Path | None = None) -> Path:
 
 def _check_text_config(path: Path) -> None:
     """Read a text model's ``config.json`` and check its sizes before transformers allocates anything."""
-    from .checkpoint import check_hf_config
-
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return  # transformers reports the missing file
