@@ -1,0 +1,39 @@
+"""Pure plotting functions: arrays and tables in, HoloViews elements or PNG bytes out.
+
+The cell map follows peers.md §6.1: one ``hv.Points`` of float32 x/y plus the colour
+value, ``rasterize`` (continuous, client-side colour map and colour bar) or
+``datashade`` with ``count_cat`` (categorical, with a legend overlay), ``dynspread``
+so that isolated cells stay visible, and ``selector=ds.first(...)`` so that hovering
+shows the cell under the pointer. Nothing here reads application state.
+"""
+from __future__ import annotations
+
+from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
+from .charts import category_bars, confusion_heatmap, enrichment_bars, histogram, volcano
+from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
+                      SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, symmetric_clim)
+from .png import map_png
+
+__all__ = [
+    "ColorSpec",
+    "MapStyle",
+    "BACKGROUND_COLOR",
+    "LEGEND_OPTS",
+    "MAX_CATEGORIES",
+    "CATEGORY_COLORS",
+    "DIVERGING_CMAP",
+    "SEQUENTIAL_CMAP",
+    "category_colors",
+    "symmetric_clim",
+    "cell_frame",
+    "cell_map",
+    "cell_map_layers",
+    "aggregate",
+    "histogram",
+    "category_bars",
+    "volcano",
+    "enrichment_bars",
+    "confusion_heatmap",
+    "map_png",
+    "warm_up",
+]

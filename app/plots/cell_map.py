@@ -1,0 +1,228 @@
+"""The datashaded cell map (peers.md §6.1): the table behind it, the HoloViews layers and raw aggregates."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import colorcet as cc
+import datashader as ds
+import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 - registers the backend so .opts() works without hv.extension
+import numpy as np
+import pandas as pd
+import param
+from holoviews.operation.datashader import datashade, dynspread, rasterize
+
+from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
+                      _short)
+
+__all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "warm_up"]
+
+
+def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] | None = None,
+               extra: dict | None = None) -> pd.DataFrame:
+    """The table behind the map: ``x``, ``y`` (float32), ``color`` (the colour value), ``cell`` and extras.
+
+    Parameters
+    ----------
+    coords
+        ``(n_cells, 2)`` layout coordinates.
+    spec
+        The colouring; its ``values`` become the ``color`` column.
+    cell_ids
+        Cell names for the hover (``obs_names``).
+    extra
+        More hover columns, name -> ``(n_cells,)`` values.
+    """
+    coords = np.asarray(coords)
+    df = pd.DataFrame({"x": coords[:, 0].astype(np.float32, copy=False), "y": coords[:, 1].astype(np.float32, copy=False)})
+    if spec.kind == "categorical":
+        vals = pd.Categorical(spec.values)
+        df["color"] = vals.rename_categories([str(c) for c in vals.categories])
+    elif spec.kind != "none":
+        df["color"] = np.asarray(spec.values, dtype=np.float32)
+    if cell_ids is not None:
+        df["cell"] = np.asarray(cell_ids, dtype=object)
+    for k, v in (extra or {}).items():
+        df[k] = v
+    df["index"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
+def _hover_dims(df: pd.DataFrame, spec: ColorSpec) -> list:
+    dims = []
+    if "cell" in df:
+        dims.append(hv.Dimension("cell", label="cell"))
+    if "color" in df:
+        dims.append(hv.Dimension("color", label=spec.name or "value"))
+    dims += [hv.Dimension(c) for c in df.columns if c not in ("x", "y", "cell", "color", "index")]
+    dims.append(hv.Dimension("index"))
+    return dims
+
+
+def cell_map(df: pd.DataFrame, spec: ColorSpec, **kw):
+    """Datashaded map of cells coloured by ``spec`` (see :func:`cell_map_layers`, which also returns the layer
+    that selection streams attach to)."""
+    return cell_map_layers(df, spec, **kw)[0]
+
+
+def cell_map_layers(
+    df: pd.DataFrame,
+    spec: ColorSpec,
+    *,
+    width: int = 640,
+    height: int = 560,
+    title: str = "",
+    xlim: tuple[float, float] | None = None,
+    ylim: tuple[float, float] | None = None,
+    dynamic: bool = True,
+    hover: bool = True,
+    spread: str = "auto",
+    max_px: int = 2,
+    threshold: float = 0.5,
+    pipe: "hv.streams.Pipe | None" = None,
+    style: "param.Parameterized | None" = None,
+):
+    """Datashaded map of cells coloured by ``spec``.
+
+    Parameters
+    ----------
+    df
+        From :func:`cell_frame`.
+    spec
+        Colouring.
+    dynamic
+        Re-aggregate on zoom (server-side); False returns a static element (tests, export).
+    hover
+        Use ``selector=ds.first('index')`` so the hover shows one cell's row.
+    spread
+        How isolated cells stay visible: ``"dynspread"`` (datashader's density-dependent spreading),
+        ``"pixels"`` (aggregate at a coarser resolution, so each cell covers 2-3 screen pixels; no extra
+        numba kernels to compile, which keeps the first paint fast), ``"none"``, or ``"auto"``: pixels up to
+        50,000 cells, dynspread above.
+    pipe, style
+        For in-place updates of continuous colourings: the points come from ``pipe`` (send a new frame to
+        recolour without rebuilding the plot), and ``clim``/``cmap``/``clabel`` follow the parameters of
+        ``style`` (:class:`MapStyle`).
+
+    Returns
+    -------
+    (overlay, main)
+        ``overlay``: grey density of all cells (when some values are NaN or the kind is ``"none"``), the
+        coloured layer, and a legend for categorical colourings. ``main``: the datashaded layer that holds
+        the plot's tools; attach ``BoundsXY``/``Lasso``/``RangeXY`` streams to it (streams on the overlay
+        itself are not connected by HoloViews).
+    """
+    vdims = _hover_dims(df, spec)
+    if pipe is not None:
+        points = hv.DynamicMap(lambda data: hv.Points(data, kdims=["x", "y"], vdims=vdims), streams=[pipe])
+    else:
+        points = hv.Points(df, kdims=["x", "y"], vdims=vdims)
+    selector = ds.first("index") if hover else None
+    n = len(df)
+    if spread == "auto":
+        spread = "pixels" if n <= 50_000 else "dynspread"
+    pixel_ratio = (1 / 3 if n <= 5_000 else 1 / 2) if spread == "pixels" else 1.0
+    common = dict(dynamic=dynamic, width=width, height=height, pixel_ratio=pixel_ratio)
+
+    def spread_op(el):
+        return dynspread(el, threshold=threshold, max_px=max_px) if spread == "dynspread" else el
+
+    plot_opts = dict(
+        width=width, height=height, tools=["box_select", "lasso_select"] + (["hover"] if hover else []),
+        xaxis=None, yaxis=None, title=title, default_tools=["pan", "wheel_zoom", "reset", "save"],
+        active_tools=["pan", "wheel_zoom"], padding=0.04,
+    )
+    if xlim is not None:
+        plot_opts["xlim"] = xlim
+    if ylim is not None:
+        plot_opts["ylim"] = ylim
+    layers = []
+    needs_background = spec.kind == "none" or (
+        spec.kind != "categorical" and not np.isfinite(np.asarray(df["color"], dtype=np.float64)).all()
+    )
+    if needs_background:
+        bg = rasterize(points, aggregator=ds.count(), selector=None if spec.kind != "none" else selector, **common)
+        bg = spread_op(bg).opts(
+            cmap=[BACKGROUND_COLOR, BACKGROUND_COLOR] if spec.kind != "none" else list(cc.kbc)[::-1][40:],
+            cnorm="eq_hist", colorbar=spec.kind == "none", **plot_opts,
+        )
+        layers.append(bg)
+    main = layers[0] if layers else None
+    if spec.kind == "categorical":
+        cats = list(df["color"].cat.categories)
+        colors = {c: spec.colors.get(c, CATEGORY_COLORS[i % len(CATEGORY_COLORS)]) for i, c in enumerate(cats)}
+        shaded = datashade(points, aggregator=ds.count_cat("color"), color_key=colors, selector=selector,
+                           min_alpha=180, **common)
+        shaded = spread_op(shaded).opts(show_legend=False, **plot_opts)
+        present = [c for c in cats if c in set(df["color"].dropna().unique())][:40]
+        legend = hv.Overlay([hv.Points([(np.nan, np.nan)], label=_short(str(c), 30)).opts(
+            color=colors[c], size=8, show_legend=True) for c in present])
+        layers += [shaded, legend]
+        main = shaded
+        overlay = _combine(layers).opts(legend_position="right", show_legend=True, legend_opts=LEGEND_OPTS)
+    elif spec.kind in ("continuous", "diverging"):
+        cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
+        img = rasterize(points, aggregator=ds.mean("color"), selector=selector, **common)
+        opts = dict(cmap=cmap, colorbar=True, clabel=spec.name, **plot_opts)
+        if spec.clim is not None:
+            opts["clim"] = tuple(float(c) for c in spec.clim)
+        img = spread_op(img).opts(**opts)
+        if style is not None:
+            img = img.apply.opts(clim=style.param.clim, cmap=style.param.cmap, clabel=style.param.clabel)
+        layers.append(img)
+        main = img
+        overlay = _combine(layers)
+    else:
+        overlay = _combine(layers)
+    return overlay.opts(width=width, height=height, title=title, toolbar="above"), main
+
+
+def _combine(layers):
+    """Overlay layers with ``*`` (keeps DynamicMaps dynamic; few layers keep the callback chain shallow)."""
+    out = layers[0]
+    for layer in layers[1:]:
+        out = out * layer
+    return out
+
+
+def aggregate(df: pd.DataFrame, spec: ColorSpec, *, width: int = 640, height: int = 560,
+              x_range=None, y_range=None):
+    """The raw datashader aggregate of the map (benchmarks, tests, PNG export).
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(height, width)`` mean of the colour value (continuous kinds), ``(height, width, n_categories)``
+        counts (categorical) or ``(height, width)`` counts (``"none"``).
+    """
+    x_range = x_range or _padded_range(df["x"])
+    y_range = y_range or _padded_range(df["y"])
+    cvs = ds.Canvas(plot_width=width, plot_height=height, x_range=x_range, y_range=y_range)
+    if spec.kind == "categorical":
+        return cvs.points(df, "x", "y", agg=ds.count_cat("color"))
+    if spec.kind == "none":
+        return cvs.points(df, "x", "y", agg=ds.count())
+    return cvs.points(df, "x", "y", agg=ds.mean("color"))
+
+
+def _padded_range(v) -> tuple[float, float]:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(v.min()), float(v.max())
+    pad = (hi - lo) * 0.03 or 1.0
+    return (lo - pad, hi + pad)
+
+
+
+def warm_up() -> None:
+    """Compile datashader's aggregation kernels (numba) for the map's column types, so the first map is fast."""
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(64, 2)).astype(np.float32)
+    cont = ColorSpec("continuous", rng.normal(size=64).astype(np.float32), name="v", clim=(-1.0, 1.0))
+    cat = ColorSpec("categorical", pd.Categorical(rng.choice(["a", "b"], 64)), name="c")
+    for spec in (cat, cont, ColorSpec("none")):  # the first paint is usually categorical
+        df = cell_frame(xy, spec, cell_ids=[str(i) for i in range(64)])
+        el = cell_map(df, spec, width=64, height=64, dynamic=False)
+        hv.render(el, backend="bokeh")

@@ -1,0 +1,94 @@
+"""Colours of the map: the colour specification, palettes, stable category colours and symmetric limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import colorcet as cc
+import numpy as np
+import param
+from bokeh.palettes import Viridis256
+
+__all__ = ["ColorSpec", "MapStyle", "CATEGORY_COLORS", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "BACKGROUND_COLOR",
+           "LEGEND_OPTS", "MAX_CATEGORIES", "category_colors", "symmetric_clim"]
+
+CATEGORY_COLORS: list[str] = list(cc.b_glasbey_category10)
+DIVERGING_CMAP: list[str] = list(cc.coolwarm)
+SEQUENTIAL_CMAP: list[str] = list(Viridis256)
+BACKGROUND_COLOR = "#d4d4d4"
+LEGEND_OPTS = {"label_text_font_size": "8pt", "glyph_height": 14, "glyph_width": 14, "spacing": 0,
+               "padding": 4, "margin": 4}
+MAX_CATEGORIES = 200
+
+Kind = Literal["categorical", "continuous", "diverging", "none"]
+
+
+@dataclass
+class ColorSpec:
+    """How to colour the cells.
+
+    Attributes
+    ----------
+    kind
+        ``"categorical"`` (legend), ``"continuous"`` (sequential colour map + colour bar), ``"diverging"``
+        (diverging colour map, symmetric ``clim`` around ``center``) or ``"none"`` (cell density).
+    values
+        ``(n_cells,)``: a ``pandas.Categorical`` for categorical, float32 otherwise (NaN = not coloured, drawn
+        grey underneath), None for ``"none"``.
+    name
+        Label shown in the legend, colour bar and hover.
+    clim
+        ``(low, high)`` colour limits for continuous and diverging kinds.
+    colors
+        Category -> hex colour for the categorical kind.
+    """
+
+    kind: Kind
+    values: object = None
+    name: str = ""
+    clim: tuple[float, float] | None = None
+    center: float = 0.0
+    colors: dict = field(default_factory=dict)
+
+
+class MapStyle(param.Parameterized):
+    """Colour options of a continuous map that change without rebuilding the plot."""
+
+    clim = param.NumericTuple(default=(0.0, 1.0), length=2)
+    cmap = param.List(default=SEQUENTIAL_CMAP)
+    clabel = param.String(default="")
+
+    def set_from(self, spec: ColorSpec) -> None:
+        self.param.update(clim=tuple(float(c) for c in (spec.clim or (0.0, 1.0))),
+                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP, clabel=spec.name)
+
+
+def category_colors(categories: Sequence) -> dict:
+    """Stable colours for categories: Glasbey/category10, in category order."""
+    return {str(c): CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(categories)}
+
+
+def symmetric_clim(values: np.ndarray, *, center: float = 0.0, quantile: float = 0.99) -> tuple[float, float]:
+    """Colour limits symmetric around ``center``: ``center ± q``-quantile of ``|values - center|``.
+
+    Parameters
+    ----------
+    values
+        ``(n,)`` float; NaN ignored.
+    center
+        The value shown in the neutral colour (0 for differences, e.g. the median for raw logits).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (center - 1.0, center + 1.0)
+    m = float(np.quantile(np.abs(v - center), quantile))
+    if not np.isfinite(m) or m <= 0:
+        m = float(np.abs(v - center).max()) or 1.0
+    return (center - m, center + m)
+
+
+
+def _short(text: str, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
