@@ -29,11 +29,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # data
-    "read": "io.data",
-    "validate": "io.data",
-    "expression_matrix": "io.data",
-    "demo_dataset": "io.data",
-    "DataReport": "io.data",
+    "read": "io.readers",
+    "validate": "io.validation",
+    "expression_matrix": "io.expression",
+    "iter_expression": "io.expression",
+    "selection_matrix": "io.expression",
+    "gene_values": "io.expression",
+    "is_backed": "io.matrix",
+    "demo_dataset": "io.readers",
+    "DataReport": "io.report",
     "to_human": "io.orthologs",
     # model
     "TranscriptomeTextModel": "models.model",
