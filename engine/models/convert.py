@@ -99,6 +99,18 @@ def _report(out: Path, model, diff: float | None) -> None:
     print(f"load it with: engine.load_model({str(out)!r})")
 
 
+def _save_verified(model, out: Path, verify: bool, note: str | None = None) -> Path:
+    """Save ``model`` in ``out``, reload it and compare logits (``verify``), print the report; return ``out``."""
+    from .checkpoint import save_model
+
+    save_model(model, out)
+    diff = _verify(model, out) if verify else None
+    if note:
+        print(f"note: {note}")
+    _report(out, model, diff)
+    return out
+
+
 def convert_cellwhisperer(
     ckpt, *, geneformer_dir, text_model_dir, out, dictionaries=None, name=None, overwrite=False, verify=True
 ) -> Path:
@@ -110,7 +122,6 @@ def convert_cellwhisperer(
         The written folder.
     """
     from .cellwhisperer import load_cellwhisperer
-    from .checkpoint import save_model
 
     out = Path(out)
     _check_out(out, overwrite, (ckpt, geneformer_dir, text_model_dir, dictionaries))
@@ -118,10 +129,7 @@ def convert_cellwhisperer(
         ckpt, geneformer_dir=geneformer_dir, text_model_dir=text_model_dir, device="cpu",
         geneformer_dictionaries=dictionaries, name=name,
     )
-    save_model(model, out)
-    diff = _verify(model, out) if verify else None
-    _report(out, model, diff)
-    return out
+    return _save_verified(model, out, verify)
 
 
 def convert_geneformer(
@@ -137,7 +145,6 @@ def convert_geneformer(
     """
     import torch
 
-    from .checkpoint import save_model
     from .geneformer import load_geneformer
     from .model import TranscriptomeTextModel
     from .towers import PACKAGE_SOURCE, TextTower, default_text_model_path
@@ -162,11 +169,7 @@ def convert_geneformer(
         "text_tower": {"source": text.source, "hidden_size": text.hidden_size, "pooling": text.pooling},
         "projection": {"type": head, "dim": int(projection_dim), "trained": False},
     }
-    save_model(model, out)
-    diff = _verify(model, out) if verify else None
-    print("note: the projection heads are untrained (random); train them before scoring text")
-    _report(out, model, diff)
-    return out
+    return _save_verified(model, out, verify, note="the projection heads are untrained (random); train them before scoring text")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict]:
