@@ -132,7 +132,7 @@ def test_holdout_folds_are_disjoint_halves_covering_every_cell():
     a, b = holdout_cells(0.5, 0), holdout_cells(0.5, 1)
     assert np.intersect1d(a, b).size == 0 and np.union1d(a, b).size == n
     assert np.array_equal(a, holdout_cells(0.5, 0))  # fixed
-    assert np.array_equal(holdout_cells(0.2), holdout_cells(0.2, None))  # the session-3 split is unchanged
+    assert np.array_equal(holdout_cells(0.2), holdout_cells(0.2, None))  # the single fixed hold-out (fold None) is unchanged
     with pytest.raises(AnalysisError, match="fold"):
         holdout_cells(0.5, 2)
 
