@@ -46,7 +46,7 @@ def _raw_table() -> pd.DataFrame:
 
 @lru_cache(maxsize=1)
 def _human_symbols() -> frozenset:
-    from ..training.knowledge import gene_table
+    from .hgnc import gene_table
 
     return frozenset(gene_table()["symbol"].astype(str).str.upper())
 
@@ -221,7 +221,7 @@ def human_var(var: pd.DataFrame) -> pd.DataFrame:
     The symbol is taken from ``var["gene_symbol"]`` when present, else from the index; ``mouse_gene`` keeps
     the original. Used by :func:`engine.tools.embed.embed_cells` when a human model meets mouse data.
     """
-    from ..training.knowledge import to_ensembl
+    from .hgnc import to_ensembl
 
     src = var["gene_symbol"].astype(object).where(var["gene_symbol"].notna(), pd.Series(var.index, index=var.index)) \
         if "gene_symbol" in var.columns else pd.Series(var.index, index=var.index)

