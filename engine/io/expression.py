@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, DataError, MatrixKindError
-from .matrix import _chunk_rows, _get_matrix, _get_var, _is_backed_matrix, _iter_chunks, _take_rows
+from .matrix import _chunk_rows, _get_matrix, _get_var, _is_backed_matrix, _iter_chunks, _materialise, _take_rows
 from .report import _KINDS, TARGET_SUM, DataReport
 from .validation import _analyse
 
@@ -272,6 +272,53 @@ def selection_matrix(
     report, source, skind, mat, src_var = _prepare(adata, kind, report)
     block = _normalise_block(_take_rows(mat, rows), kind, source, skind, 0)
     return block, _var_table(src_var, report)
+
+
+def selection_adata(adata: AnnData, cells) -> AnnData:
+    """The selected cells as an in-memory AnnData (only their rows are read from a backed file).
+
+    For analyses that need an in-memory matrix of a selection, e.g. DE on selected cells of a backed atlas:
+    ``engine.de_top_vs_bottom(engine.selection_adata(adata, sel), "score_b_cells")`` equals
+    ``engine.de_top_vs_bottom(adata_in_memory, "score_b_cells", within=sel)``. Uses anndata's
+    ``adata[rows].to_memory()``.
+
+    Parameters
+    ----------
+    adata
+        ``(n_cells, n_genes)`` AnnData, in memory or backed.
+    cells
+        Integer positions, a boolean mask ``(n_cells,)`` or obs names; taken in dataset order, each cell once.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``(n_selected, n_genes)``, not backed: ``X``, ``layers`` and ``raw.X`` as scipy CSR (sparse) or ndarrays,
+        ``obs``/``obsm`` rows of the selection, ``var`` and ``uns`` copied.
+
+    Raises
+    ------
+    DataError
+        Positions out of range or unknown obs names.
+    """
+    rows = np.unique(_positions(adata, cells))
+    view = adata[rows]
+    sub = view.to_memory() if getattr(adata, "isbacked", False) or _is_backed_matrix(adata.X) else view.copy()
+
+    def plain(m):
+        if m is None or isinstance(m, np.ndarray):
+            return m
+        if sp.issparse(m):
+            return sp.csr_matrix(m) if m.format == "csr" else sp.csc_matrix(m)
+        return _materialise(m)
+
+    sub.X = plain(sub.X)
+    for k in list(sub.layers.keys()):
+        sub.layers[k] = plain(sub.layers[k])
+    if sub.raw is not None and not isinstance(sub.raw.X, (np.ndarray, sp.csr_matrix, sp.csc_matrix)):
+        import anndata as ad
+
+        sub.raw = ad.AnnData(X=plain(sub.raw.X), var=sub.raw.var.copy(), obs=sub.obs[[]])
+    return sub
 
 
 def gene_values(

@@ -172,7 +172,7 @@ def _read_zarr(p: Path, *, backed: bool) -> AnnData:
 
         return da.from_zarr(elem)
 
-    keys = set(g.keys())
+    keys = {k for k in g.keys() if dict(g[k].attrs).get("encoding-type") != "null"}  # anndata writes None as null
     adata = ad.AnnData(
         X=lazy(g["X"]) if "X" in keys else None,
         obs=read_elem(g["obs"]),

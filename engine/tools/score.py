@@ -8,20 +8,31 @@ z-scored across terms). LangCell's ontology label texts (seed 001) are a templat
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import re
-import string
-import unicodedata
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .embed import cache_dir, get_embeds
 from ..errors import EmptySelectionError, QueryError
+from .describe import _pretty_term, _term_embeds, describe, term_libraries  # noqa: F401 - re-exported
+from .embed import embeds_source
+from .queries import (  # noqa: F401 - re-exported (they lived here before 0.1's split)
+    MAX_LABEL_CHARS,
+    MAX_LABEL_TEXT_CHARS,
+    MAX_QUERY_CHARS,
+    MAX_TEMPLATE_CHARS,
+    TEMPLATE_FIELDS,
+    TEMPLATES,
+    _clean_query,
+    _fill,
+    _refuse_unstorable,
+    _slug,
+    check_template,
+    clean_labels,
+    label_texts,
+    split_contrast,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -42,184 +53,12 @@ __all__ = [
     "describe",
     "term_libraries",
     "softmax",
+    "row_blocks",
+    "mean_embedding",
+    "SCORE_CHUNK",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Label templates. ``{label}`` is the label, ``{definition}`` its Cell Ontology definition.
-TEMPLATES: dict[str, str] = {
-    "cellwhisperer": "A sample of {label} from a healthy individual",
-    "langcell": "cell type: {label}. {definition}",
-    "plain": "{label}",
-}
-MAX_QUERY_CHARS = 2000
-#: Longest custom template accepted by :func:`label_texts` (characters).
-MAX_TEMPLATE_CHARS = 500
-#: Longest label accepted by :func:`zero_shot` (characters).
-MAX_LABEL_CHARS = 500
-#: Longest label text a template may produce (characters; a Cell Ontology definition is at most ~1,000).
-MAX_LABEL_TEXT_CHARS = 4000
-#: The only template fields: the label and its Cell Ontology definition.
-TEMPLATE_FIELDS = ("label", "definition")
-
-
-def _refuse_unstorable(text: str, what: str) -> None:
-    """Raise QueryError for NUL, other control characters (except whitespace) and lone surrogates.
-
-    Such characters cannot be written to an .h5ad file (h5py refuses lone surrogates and truncates at NUL),
-    so they are refused where the text enters rather than when the results are saved.
-    """
-    for i, ch in enumerate(text):
-        code = ord(ch)
-        if 0xD800 <= code <= 0xDFFF:
-            raise QueryError(f"The {what} holds a lone surrogate character", found=f"U+{code:04X} at position {i}",
-                             expected="text of valid Unicode characters", fix="retype the text without it")
-        if unicodedata.category(ch) == "Cc" and not ch.isspace():
-            raise QueryError(f"The {what} holds a control character", found=f"U+{code:04X} at position {i}",
-                             expected="printable text (tabs and line breaks count as spaces)",
-                             fix="retype the text without it")
-
-
-def _clean_query(text: str) -> str:
-    if not isinstance(text, str):
-        raise QueryError("A query must be text", found=type(text).__name__, expected="a string such as 'B cells'")
-    _refuse_unstorable(text, "query")
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = " ".join(text.split())
-    if not text:
-        raise QueryError("The query is empty", found="an empty or whitespace-only text", expected="a description such as 'B cells'")
-    if len(text) > MAX_QUERY_CHARS:
-        raise QueryError("The query is too long", found=f"{len(text)} characters", expected=f"at most {MAX_QUERY_CHARS}")
-    return text
-
-
-def clean_labels(labels: Sequence[str], what: str = "label") -> list[str]:
-    """Check and normalise label names for zero-shot labelling (whitespace collapsed).
-
-    Parameters
-    ----------
-    labels
-        Label names.
-    what
-        Word used in error messages (``"label"``, ``"candidate label"``).
-
-    Returns
-    -------
-    list of str
-        The labels with runs of whitespace collapsed to one space.
-
-    Raises
-    ------
-    QueryError
-        A label is not text, is empty, longer than :data:`MAX_LABEL_CHARS`, holds a control character or a lone
-        surrogate, or has no letter or digit (an emoji- or punctuation-only label would be scored like any
-        other text and can win the softmax for many cells).
-    """
-    if isinstance(labels, str):
-        raise QueryError(f"The {what}s must be a list of names", found=repr(labels[:80]),
-                         expected="a list such as ['B cell', 'T cell']")
-    out = []
-    for lab in labels:
-        if not isinstance(lab, str):
-            lab = str(lab)
-        _refuse_unstorable(lab, what)
-        lab = " ".join(lab.split())
-        if not lab:
-            raise QueryError(f"A {what} is empty", found=repr(lab), expected="non-empty label names")
-        if len(lab) > MAX_LABEL_CHARS:
-            raise QueryError(f"A {what} is too long", found=f"{len(lab)} characters ({lab[:40]!r}...)",
-                             expected=f"at most {MAX_LABEL_CHARS} characters")
-        if not any(ch.isalnum() for ch in lab):
-            raise QueryError(f"A {what} has no letters or digits", found=repr(lab),
-                             expected="a name such as 'B cell' (emoji or punctuation alone carry no meaning for the model)",
-                             fix="remove that label or spell it out")
-        out.append(lab)
-    return out
-
-
-def check_template(template: str) -> str:
-    """Resolve and check a label template; return the format string.
-
-    Parameters
-    ----------
-    template
-        A key of :data:`TEMPLATES` or a custom template holding the fields ``{label}`` (``{}`` means
-        ``{label}``) and optionally ``{definition}``. Fields take no format spec (``{label:>30}``), conversion
-        (``{label!r}``), attribute or index; ``{{`` and ``}}`` are literal braces.
-
-    Returns
-    -------
-    str
-        The format string (``{}`` replaced by ``{label}``).
-
-    Raises
-    ------
-    QueryError
-        Not text, longer than :data:`MAX_TEMPLATE_CHARS`, unbalanced braces, no field, or a field other than
-        ``{label}`` / ``{definition}`` (the message names what was found and what is allowed).
-    """
-    if not isinstance(template, str):
-        raise QueryError("A template must be text", found=type(template).__name__, expected="e.g. 'A sample of {label}'")
-    fmt = TEMPLATES.get(template, template)
-    if len(fmt) > MAX_TEMPLATE_CHARS:
-        raise QueryError("The template is too long", found=f"{len(fmt)} characters",
-                         expected=f"at most {MAX_TEMPLATE_CHARS} characters with {{label}}")
-    _refuse_unstorable(fmt, "template")
-    allowed = "the fields {label} and {definition} only, with no format spec, conversion or attribute"
-    try:
-        parts = list(string.Formatter().parse(fmt))
-    except ValueError as err:
-        raise QueryError("The template cannot be read", found=f"{fmt!r}: {err}", expected=allowed,
-                         fix="write literal braces as {{ and }}") from err
-    n_fields = 0
-    for _, field, spec, conv in parts:
-        if field is None:
-            continue
-        n_fields += 1
-        shown = "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-        if field not in ("",) + TEMPLATE_FIELDS or spec or conv:
-            raise QueryError("The template holds a field that is not allowed", found=shown, expected=allowed)
-    if n_fields == 0:
-        raise QueryError("The template has no placeholder", found=repr(fmt), expected="a text with {label}, e.g. 'A sample of {label}'")
-    pieces = []
-    for lit, field, _, _ in parts:
-        pieces.append(lit.replace("{", "{{").replace("}", "}}"))
-        if field is not None:
-            pieces.append("{" + (field or "label") + "}")
-    return "".join(pieces)
-
-
-def _fill(fmt: str, values: dict[str, str]) -> str:
-    """Fill a template checked by :func:`check_template` without ``str.format`` (no widths, no attributes)."""
-    return "".join(lit + ("" if field is None else values[field or "label"])
-                   for lit, field, _, _ in string.Formatter().parse(fmt))
-
-
-def split_contrast(query: str) -> tuple[str, str | None]:
-    """Split CellWhisperer's ``"A MINUS B"`` form into ``(A, B)``; ``B`` is None for a plain query.
-
-    Raises
-    ------
-    QueryError
-        If a side is empty or ``MINUS`` appears more than once.
-    """
-    query = _clean_query(query)
-    parts = re.split(r"\s+MINUS\s+|^MINUS\s+|\s+MINUS$", query)
-    if len(parts) == 1:
-        return parts[0], None
-    if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-        raise QueryError(
-            "A contrast query needs text on both sides of one MINUS",
-            found=repr(query),
-            expected="'A MINUS B', e.g. 'T cells MINUS regulatory T cells'",
-        )
-    return parts[0].strip(), parts[1].strip()
-
-
-def _slug(text: str, n: int = 40) -> str:
-    s = re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_").lower()
-    return s[:n] or "query"
-
 
 def score_text(
     adata: "AnnData",
@@ -245,6 +84,9 @@ def score_text(
     write
         False returns the scores without touching ``adata``.
 
+    Embeddings are read in row blocks of :data:`SCORE_CHUNK` cells, so ``obsm[obsm_key]`` may also be a
+    memory map or a dask/zarr array (large datasets); the result is the same.
+
     Returns
     -------
     numpy.ndarray
@@ -260,13 +102,14 @@ def score_text(
         Without embeddings, or embeddings of another model.
     """
     pos, neg = split_contrast(query)
-    emb = get_embeds(adata, model, key=obsm_key)
+    emb = embeds_source(adata, model, key=obsm_key)
     texts = [pos] if neg is None else [pos, neg]
     text_embeds = model.embed_texts(texts)
     scale = float(model.logit_scale.detach().exp().cpu())
-    logits = emb @ text_embeds.T * scale
-    scores = logits[:, 0] if neg is None else logits[:, 0] - logits[:, 1]
-    scores = scores.astype(np.float32)
+    scores = np.empty(emb.shape[0], dtype=np.float32)
+    for start, block in row_blocks(emb):
+        logits = block @ text_embeds.T * scale
+        scores[start : start + block.shape[0]] = logits[:, 0] if neg is None else logits[:, 0] - logits[:, 1]
     if write:
         key = key_added or f"score_{_slug(query)}"
         adata.obs[key] = scores
@@ -275,49 +118,41 @@ def score_text(
         adata.uns["lexicell_queries"] = hist
     return scores
 
+#: Cells per block in :func:`score_text` and :func:`zero_shot` (float64 temporaries of ``block x d``).
+SCORE_CHUNK = 65_536
 
-def label_texts(labels: Sequence[str], template: str = "cellwhisperer", *, definitions: dict | None = None) -> list[str]:
-    """Turn labels into texts through a template.
 
-    Parameters
-    ----------
-    labels
-        Label names (e.g. cell types).
-    template
-        A key of :data:`TEMPLATES` or a format string with ``{label}`` (or ``{}``) and optionally
-        ``{definition}``.
-    definitions
-        Label -> definition; missing ones come from the Cell Ontology (empty when not found; the text then
-        ends after the label).
+def row_blocks(emb, chunk: int | None = None):
+    """Yield ``(start, (rows, d) float32 block)`` of an ndarray, memory map, zarr, h5py or dask array."""
+    step = int(chunk or SCORE_CHUNK)
+    for start in range(0, emb.shape[0], step):
+        block = emb[start : start + step]
+        if hasattr(block, "compute"):
+            block = block.compute()
+        yield start, np.asarray(block, dtype=np.float32)
 
-    Returns
-    -------
-    list of str
-        One text per label, whitespace collapsed, without a trailing full stop.
 
-    Raises
-    ------
-    QueryError
-        A bad template (see :func:`check_template`) or a produced text longer than
-        :data:`MAX_LABEL_TEXT_CHARS`.
-    """
-    fmt = check_template(template)
-    fields = {f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None}
-    out = []
-    for lab in labels:
-        d = ""
-        if "definition" in fields:
-            d = (definitions or {}).get(lab)
-            if d is None:
-                from ..io.ontology import definition
+def mean_embedding(emb) -> np.ndarray:
+    """``(d,)`` float32 mean of the rows of ``emb`` (any array :func:`row_blocks` reads), in one pass."""
+    total = np.zeros(emb.shape[1], dtype=np.float64)
+    for _, block in row_blocks(emb):
+        total += block.sum(0, dtype=np.float64)
+    return (total / max(emb.shape[0], 1)).astype(np.float32)
 
-                d = definition(lab)
-        text = _fill(fmt, {"label": str(lab), "definition": str(d or "")})
-        if len(text) > MAX_LABEL_TEXT_CHARS:
-            raise QueryError("A label text is too long", found=f"{len(text)} characters for label {str(lab)[:40]!r}",
-                             expected=f"at most {MAX_LABEL_TEXT_CHARS} characters", fix="use a shorter template or label")
-        out.append(" ".join(text.split()).rstrip(" ."))
-    return out
+
+def _csls_offsets_blocks(emb, text_embeds: np.ndarray, k: int) -> np.ndarray:
+    """:func:`csls_offsets` over all cells of ``emb`` in row blocks (a running top-k per label)."""
+    if emb.shape[0] <= SCORE_CHUNK:
+        return csls_offsets(next(row_blocks(emb))[1] if emb.shape[0] else np.zeros((0, text_embeds.shape[1])),
+                            text_embeds, k)
+    k = min(int(k), emb.shape[0])
+    top = None
+    t = np.asarray(text_embeds, dtype=np.float32).T
+    for _, block in row_blocks(emb):
+        sims = block @ t
+        cand = sims if top is None else np.concatenate([top, sims], axis=0)
+        top = np.partition(cand, cand.shape[0] - k, axis=0)[cand.shape[0] - k:] if cand.shape[0] > k else cand
+    return top.mean(0).astype(np.float32)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -327,7 +162,7 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def centered(embeds: np.ndarray, center: float = 0.0) -> np.ndarray:
+def centered(embeds: np.ndarray, center: float = 0.0, *, mean: np.ndarray | None = None) -> np.ndarray:
     """Subtract ``center`` times the mean embedding of the cells: distribution normalisation (DN).
 
     Zhou et al., "Test-time distribution normalization for contrastively learned vision-language models"
@@ -341,6 +176,9 @@ def centered(embeds: np.ndarray, center: float = 0.0) -> np.ndarray:
         ``(n_cells, d)`` embeddings.
     center
         Weight of the mean, ``0`` (no change) to ``1`` (fully centred); DN uses 0.5.
+    mean
+        ``(d,)`` mean embedding to use (default: the mean of ``embeds``; chunked scoring passes the mean of all
+        cells, :func:`mean_embedding`).
 
     Returns
     -------
@@ -357,7 +195,8 @@ def centered(embeds: np.ndarray, center: float = 0.0) -> np.ndarray:
     emb = np.asarray(embeds, dtype=np.float32)
     if center == 0 or emb.shape[0] == 0:
         return emb
-    return (emb - np.float32(center) * emb.mean(0, keepdims=True)).astype(np.float32)
+    mu = emb.mean(0, keepdims=True) if mean is None else np.asarray(mean, dtype=np.float32).reshape(1, -1)
+    return (emb - np.float32(center) * mu).astype(np.float32)
 
 
 def csls_offsets(embeds: np.ndarray, text_embeds: np.ndarray, k: int = 10) -> np.ndarray:
@@ -397,23 +236,27 @@ def csls_offsets(embeds: np.ndarray, text_embeds: np.ndarray, k: int = 10) -> np
 
 
 def label_logits(embeds: np.ndarray, text_embeds: np.ndarray, scale: float, *, center: float = 0.0,
-                 csls: int = 0) -> np.ndarray:
+                 csls: int = 0, mean: np.ndarray | None = None, offsets: np.ndarray | None = None) -> np.ndarray:
     """Cell x label logits of zero-shot labelling, optionally corrected for hub labels.
 
     ``cos(x, t) x scale`` (the seed's protocol); with ``center`` the cells are first centred
     (:func:`centered`, DN); with ``csls`` = k, ``(cos(x, t) - 0.5 r_k(t)) x scale`` (:func:`csls_offsets`,
     CSLS halved so the temperature stays that of the model).
 
+    ``mean`` and ``offsets`` (``(d,)`` and ``(n_labels,)``) replace the mean embedding and the CSLS offsets
+    computed from ``embeds``; :func:`zero_shot` passes those of all cells when it scores a block of them.
+
     Returns
     -------
     numpy.ndarray
         ``(n_cells, n_labels)`` float64.
     """
-    e = centered(embeds, center).astype(np.float64)
+    e = centered(embeds, center, mean=mean).astype(np.float64)
     t = np.asarray(text_embeds, dtype=np.float64)
     logits = e @ t.T
     if csls:
-        logits = logits - 0.5 * csls_offsets(embeds, text_embeds, csls)[None, :].astype(np.float64)
+        off = csls_offsets(embeds, text_embeds, csls) if offsets is None else np.asarray(offsets)
+        logits = logits - 0.5 * off[None, :].astype(np.float64)
     return logits * float(scale)
 
 
@@ -451,6 +294,10 @@ def zero_shot(
     csls
         CSLS hubness correction with this many cells per label (:func:`csls_offsets`; 0 = off).
 
+    Cells are scored in row blocks of :data:`SCORE_CHUNK` (the mean and the CSLS offsets in a first pass over
+    all cells), so ``obsm[obsm_key]`` may be a memory map or a dask/zarr array and the temporaries stay
+    bounded; the result is the same as scoring all cells at once.
+
     Returns
     -------
     pandas.DataFrame
@@ -472,11 +319,19 @@ def zero_shot(
         raise QueryError("Labels must be distinct", found=f"duplicates {dup}", expected="each label once")
     if len(labels) < 2:
         raise QueryError("Zero-shot labelling needs at least two labels", found=labels, expected="two or more labels")
-    emb = get_embeds(adata, model, key=obsm_key)
+    emb = embeds_source(adata, model, key=obsm_key)
     texts = label_texts(labels, template, definitions=definitions)
     text_embeds = model.embed_texts(texts)
     scale = float(model.logit_scale.detach().exp().cpu())
-    probs = softmax(label_logits(emb, text_embeds, scale, center=center, csls=csls), axis=1).astype(np.float32)
+    centered(np.zeros((0, 1)), center)  # checks the weight before any pass over the cells
+    if int(csls) < 0:
+        csls_offsets(np.zeros((0, 1)), np.zeros((0, 1)), csls)
+    mean = mean_embedding(emb) if center else None
+    offsets = _csls_offsets_blocks(emb, text_embeds, int(csls)) if csls else None
+    probs = np.empty((emb.shape[0], len(labels)), dtype=np.float32)
+    for start, block in row_blocks(emb):
+        logits = label_logits(block, text_embeds, scale, center=center, csls=csls, mean=mean, offsets=offsets)
+        probs[start : start + block.shape[0]] = softmax(logits, axis=1)
     df = pd.DataFrame(probs, index=adata.obs_names.copy(), columns=labels)
     if write:
         best = probs.argmax(axis=1)
@@ -487,112 +342,6 @@ def zero_shot(
                                 "model": model.name, "obsm_key": obsm_key, "center": float(center),
                                 "csls": int(csls)}
     return df
-
-
-# --------------------------------------------------------------------------- term libraries
-def _pretty_term(term: str) -> str:
-    """Make gene-set names readable for the text tower (``HALLMARK_G2M_CHECKPOINT`` -> ``g2m checkpoint``)."""
-    t = re.sub(r"^(HALLMARK|REACTOME|KEGG|WP|BIOCARTA|PID|GOBP|GOMF|GOCC|GO)_", "", term)
-    if t.isupper() or "_" in t:
-        t = t.replace("_", " ").lower()
-    return t
-
-
-def term_libraries(names: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Term libraries for :func:`describe`: gene-set names of the shipped libraries plus Cell Ontology labels.
-
-    Returns
-    -------
-    dict
-        Library name -> list of term names (the gene-set names, as CellWhisperer uses Enrichr term names).
-    """
-    from ..io import genesets
-    from ..io.ontology import cell_ontology_table
-
-    libs: dict[str, list[str]] = {}
-    wanted = list(names) if names is not None else None
-    for name in genesets.list_libraries():
-        if wanted is None or name in wanted:
-            libs[name] = list(genesets.load_library(name).keys())
-    if wanted is None or "Cell_Ontology" in wanted:
-        libs["Cell_Ontology"] = sorted(set(cell_ontology_table()["label"]) - {""})
-    return libs
-
-
-def _term_embeds(model: "TranscriptomeTextModel", terms: list[str]) -> np.ndarray:
-    """Text embeddings of many terms, cached on disk per model fingerprint and term list."""
-    texts = [_pretty_term(t) for t in terms]
-    h = hashlib.blake2b(("\x1f".join(texts) + model.fingerprint()).encode(), digest_size=16).hexdigest()
-    f = Path(cache_dir()) / "terms" / f"{h}.npy"
-    if f.is_file():
-        try:
-            arr = np.load(f, allow_pickle=False)
-            if arr.shape == (len(texts), model.projection_dim):
-                return arr
-        except (OSError, ValueError):
-            pass
-    arr = model.embed_texts(texts, cache=False, batch_size=256)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, f)
-    return arr
-
-
-def describe(
-    adata: "AnnData",
-    model: "TranscriptomeTextModel",
-    cells=None,
-    *,
-    libraries: Sequence[str] | dict[str, Sequence[str]] | None = None,
-    top_n: int = 5,
-    obsm_key: str = "transcriptome_embeds",
-) -> pd.DataFrame:
-    """Describe a set of cells with keywords, as CellWhisperer's "describe selection".
-
-    The mean ``transcriptome_embeds`` of the cells (not re-normalised) is scored against every term of every
-    library; scores are z-scored across all terms, negative ones dropped, and the ``top_n`` terms per
-    library kept; libraries are ordered by their best z-score.
-
-    Parameters
-    ----------
-    cells
-        Boolean mask ``(n_cells,)``, integer positions or obs names; None means all cells.
-    libraries
-        Library names (see :func:`term_libraries`) or a dict name -> terms.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``library``, ``term``, ``zscore``, ``logit``.
-
-    Raises
-    ------
-    EmptySelectionError
-        If no cell is selected.
-    """
-    emb = get_embeds(adata, model, key=obsm_key)
-    idx = _cell_positions(adata, cells)
-    if idx.size == 0:
-        raise EmptySelectionError("No cells are selected", found="an empty selection", expected="at least one cell", fix="select cells on the map first")
-    mean = emb[idx].mean(axis=0)
-    libs = libraries if isinstance(libraries, dict) else term_libraries(libraries)
-    all_terms = [(lib, t) for lib, terms in libs.items() for t in terms]
-    if not all_terms:
-        raise QueryError("No terms to describe with", found="empty libraries", expected="at least one term")
-    text_embeds = _term_embeds(model, [t for _, t in all_terms])
-    scale = float(model.logit_scale.detach().exp().cpu())
-    logits = text_embeds @ mean * scale
-    z = (logits - logits.mean()) / (logits.std() + 1e-12)
-    df = pd.DataFrame({"library": [lib for lib, _ in all_terms], "term": [t for _, t in all_terms], "zscore": z, "logit": logits})
-    df = df[df["zscore"] > 0].sort_values("zscore", ascending=False)
-    df = df.groupby("library", sort=False).head(top_n)
-    order = df.groupby("library", sort=False)["zscore"].max().sort_values(ascending=False).index
-    df["library"] = pd.Categorical(df["library"], categories=list(order))
-    out = df.sort_values(["library", "zscore"], ascending=[True, False]).reset_index(drop=True)
-    out["library"] = out["library"].astype(str)
-    return out
-
 
 def _cell_positions(adata: "AnnData", cells) -> np.ndarray:
     """Integer positions from a mask, positions, obs names or None (all cells)."""
