@@ -15,7 +15,7 @@ Usage::
 
     python bench/card_figures.py [MODEL_DIR] [--cycle] [--smooth]
 
-``--smooth`` adds the session-6 refinement (neighbour-smoothed embeddings, ``engine.smooth_embeds``): the demo's
+``--smooth`` adds the 2026-12-01 refinement (neighbour-smoothed embeddings, ``engine.smooth_embeds``): the demo's
 per-cell ROC-AUC on smoothed embeddings beside the seed's protocol, the per-class ROC-AUCs with and without, and
 how the app's 16-label "Immune / blood
 cell types" set labels the 700 demo cells with and without smoothing (label counts only; no labels are used).

@@ -12,7 +12,7 @@ made: it overrides parts of ``assets/train_default.json``, trains into ``--out``
 
 Each run appends one JSON line to ``--log``.
 
-``--cv`` (session 4): 2-fold cross-fitting instead of one 20 % hold-out. Two models are trained, each with one
+``--cv`` (the rule since 2026-11-22): 2-fold cross-fitting instead of one 20 % hold-out. Two models are trained, each with one
 half of the reference cells held out (``holdout_fraction`` 0.5, ``holdout_fold`` 0 / 1), and each is scored on
 the half it did not see, at three label levels: ``main``, ``sub`` and ``panhuman`` (the same cells named in the
 Azimuth pan-human scheme that no recipe trains on). ``SEL-CV`` is the mean of the 18 per-cell ROC-AUCs

@@ -1,21 +1,21 @@
-"""Score label-free zero-shot refinements on the 2-fold proxy (the session-6 rule in DEVELOPERS.md).
+"""Score label-free zero-shot refinements on the 2-fold proxy (the neighbour-smoothing rule of 2026-12-01 in DEVELOPERS.md).
 
 For each ``--cv`` run of ``bench/recipe_run.py`` (``runs/NAME/fold0``, ``fold1``), the fold models are scored by
 :func:`engine.training.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
 (``smooth``, :func:`engine.tools.embed.smoothed`), distribution normalisation (``dn``, :func:`engine.tools.score.centered`
 with weight 0.5), both (``smooth+dn``), and CSLS with k = 10 without and with smoothing (``csls``,
-``smooth+csls``, :func:`engine.tools.score.csls_offsets`; session-6c rule). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
+``smooth+csls``, :func:`engine.tools.score.csls_offsets`; the CSLS rule of 2026-12-01). It prints SEL-CV (mean of the 18 per-cell ROC-AUCs: 2 folds x
 main / sub / panhuman x full / panel / shallow) per run and refinement, the gain over ``none``, and, for
 transparency only, the demo's per-cell ROC-AUC (fold mean) under each refinement. One JSON line per run is
 appended to ``--log``.
 
-``--long-list`` (session-6b rule) instead scores each refinement with :func:`engine.training.knowledge.proxy_long_list`
+``--long-list`` (the long-list rule of 2026-12-01) instead scores each refinement with :func:`engine.training.knowledge.proxy_long_list`
 against the app's 16-label "Immune / blood cell types" set: lineage accuracy and absent rate, means over the
 2 folds x full / panel / shallow, and the soup's predicted-label counts (fold 0, full genes).
 
 ``--diagnose`` (with ``--long-list``) adds, for fold 0 of each run (full genes, unsmoothed), the weak main types
 of the cells given an absent-lineage label and how often those cells express platelet genes (PPBP, PF4)
-compared with the other cells (model card, session 6).
+compared with the other cells (model card, the 2026-12-01 long-list measurement).
 
 Usage::
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="names of --cv runs under runs/")
     ap.add_argument("--log", default="runs/refine.jsonl")
-    ap.add_argument("--long-list", action="store_true", help="the session-6b long-label-list proxy instead")
+    ap.add_argument("--long-list", action="store_true", help="the long-label-list proxy (long-list rule) instead")
     ap.add_argument("--diagnose", action="store_true", help="with --long-list: who gets the absent-lineage labels")
     args = ap.parse_args()
     for name in args.runs:

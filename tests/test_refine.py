@@ -1,4 +1,4 @@
-"""Label-free zero-shot refinements: neighbour smoothing and distribution normalisation (session-6 rule)."""
+"""Label-free zero-shot refinements: neighbour smoothing and distribution normalisation (the 2026-12-01 smoothing rule)."""
 from __future__ import annotations
 
 import numpy as np
