@@ -149,7 +149,9 @@ def posthoc(args) -> None:
     import shutil
 
     from engine.models.checkpoint import save_model
-    from engine.training.train import _Trainer, load_config, soup
+    from engine.training.config import load_config
+    from engine.training.soup import soup
+    from engine.training.trainer import _Trainer
 
     root = Path(args.out or f"runs/{args.name}").resolve()
     for fold in (0, 1):

