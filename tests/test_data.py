@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import warnings
 
 import anndata as ad
 import h5py
@@ -517,7 +518,9 @@ def test_gene_vocabulary_save_load_save_is_byte_identical(tmp_path):
 
 
 def test_zarr_read_in_memory_and_backed(tmp_path, tiny_adata):
-    tiny_adata.write_zarr(tmp_path / "cells.zarr")
+    with warnings.catch_warnings():  # anndata 0.12: zarr v2 is still its default format
+        warnings.simplefilter("ignore", UserWarning)
+        tiny_adata.write_zarr(tmp_path / "cells.zarr")
     mem = data.read(tmp_path / "cells.zarr")
     lazy = data.read(tmp_path / "cells.zarr", backed=True)
     assert not data.is_backed(mem) and data.is_backed(lazy)
