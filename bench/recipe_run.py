@@ -1,7 +1,7 @@
 """Train one default-model recipe variant and print the figures the model card's run tables list.
 
 The default model's recipe is chosen by :func:`engine.training.knowledge.proxy_benchmark` (held-out reference cells),
-never by the demo's labels (DEVELOPERS.md, "Default-model recipes"). This script is how the card's runs were
+never by the demo's labels (CONTRIBUTING.md, "The default model"; docs/model-development.md). This script is how the card's runs were
 made: it overrides parts of ``assets/train_default.json``, trains into ``--out``, and prints
 
 - ``SEL``: the mean of the six proxy ROC-AUCs (main / sub labels x full / HVG panel / shallow panel), what

@@ -1,4 +1,4 @@
-"""Score label-free zero-shot refinements on the 2-fold proxy (the neighbour-smoothing rule of 2026-12-01 in DEVELOPERS.md).
+"""Score label-free zero-shot refinements on the 2-fold proxy (the smoothing rule of 2026-12-01 in docs/model-development.md).
 
 For each ``--cv`` run of ``bench/recipe_run.py`` (``runs/NAME/fold0``, ``fold1``), the fold models are scored by
 :func:`engine.training.knowledge.proxy_benchmark` four ways: the seed's protocol (``none``), neighbour-smoothed embeddings
