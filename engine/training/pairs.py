@@ -25,14 +25,9 @@ import scipy.sparse as sp
 
 from ..errors import ConfigError, DataError
 
-__all__ = [
-    "PairedData",
-    "from_anndata",
-    "from_archs4",
-    "write_tiny_archs4",
-    "load_source",
-    "clean_text",
-]
+#: Public names of the reader and config-source modules, re-exported here (see ``__getattr__`` at the end).
+_READERS = ("from_anndata", "from_archs4", "write_tiny_archs4", "load_source")
+__all__ = ["PairedData", "clean_text", *_READERS]
 
 log = logging.getLogger(__name__)
 
