@@ -51,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     auth.add_argument("--oauth-redirect-uri", help="OAuth redirect URI")
     auth.add_argument("--oauth-encryption-key", help="key to encrypt OAuth user data in cookies")
     auth.add_argument("--oauth-extra-params", metavar="JSON", help="extra OAuth parameters as a JSON object")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per operation (default 1: a served app runs many short operations at "
+                        "once, one per session, and more threads per operation make them contend for the cores; "
+                        "a single user embedding a large dataset may gain from 2-4)")
     p.add_argument("--verbose", action="store_true", help="log what the engine does")
     return p.parse_args(argv)
 
@@ -104,11 +107,19 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def set_threads(n: int | None) -> None:
+    """Torch's threads per operation (``--threads``)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
 def warm_up(args: argparse.Namespace) -> None:
     """Prepare in background threads while the server starts.
 
     First the dataset and the plotting kernels (datashader's numba compilation), which the first paint
-    needs; then the model and the embeddings.
+    needs; then the model, the embeddings and the neighbour-smoothed embeddings of zero-shot labelling.
     """
     import threading
 
@@ -133,6 +144,9 @@ def warm_up(args: argparse.Namespace) -> None:
             job = cache.embedding_job(adata, model)
             if job is not None:
                 job.future.result()
+            # the neighbour graph behind smoothed zero-shot labels (compiles numba kernels: ~15 s once per
+            # process, holding the interpreter), so no user's first zero-shot run freezes every page
+            cache.smoothed_key(adata, None, model)
         except Exception as err:  # noqa: BLE001 - the page shows errors to the user
             log.warning("warm-up: %s", err)
 
@@ -145,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if os.environ.get("LEXICELL_DEBUG"):
         logging.getLogger("app").setLevel(logging.DEBUG)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     import panel as pn
 
     from app.files import clean_stale_partials, ensure_dir
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__.startswith("bokeh"):
     # `panel serve run_app.py --args ...`: this module runs once per session.
     _args = parse_args(sys.argv[1:])
+    set_threads(_args.threads)
     make_app_factory(_args)().servable(title="Lexicell")
 elif __name__ == "__main__":
     sys.exit(main())

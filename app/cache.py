@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 DEMO = "demo"
 
 _lock = threading.RLock()
+#: Smoothing takes seconds (numba compiles the neighbour graph's kernels on first use): its own lock, so that
+#: new sessions (which take ``_lock`` on the event loop) never wait for it.
+_smooth_lock = threading.Lock()
 _models: dict[str, Future] = {}
 _datasets: dict[str, Future] = {}
 _jobs: dict[tuple, "EmbeddingJob"] = {}
@@ -258,7 +261,7 @@ def smoothed_key(session: ad.AnnData, base: ad.AnnData | None, model) -> str:
     UMAP's neighbour graph when there is one) and then shared with every session like the embeddings.
     """
     base = session if base is None else base
-    with _lock:
+    with _smooth_lock:
         params = base.uns.get(SMOOTH_KEY, {}).get("params", {}) if isinstance(base.uns.get(SMOOTH_KEY), dict) else {}
         if SMOOTH_KEY not in base.obsm or params.get("model_fingerprint") != model.fingerprint():
             engine.smooth_embeds(base)

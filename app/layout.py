@@ -16,7 +16,7 @@ from engine.errors import CancelledError, LexicellError
 from . import cache, files
 from .state import AppState
 from .views.analysis import DEView, DescribeView
-from .views.common import plain
+from .views.common import batched, plain
 from .views.export import AboutView, ExportView
 from .views.map import MapView
 from .views.perturb import PerturbView
@@ -281,7 +281,8 @@ class Explorer(pn.viewable.Viewer):
 
     def _on_message(self, *_):
         st = self.state
-        self.message.param.update(object=plain(st.message), alert_type=st.message_kind, visible=bool(st.message))
+        with batched():
+            self.message.param.update(object=plain(st.message), alert_type=st.message_kind, visible=bool(st.message))
 
     def sidebar(self) -> list:
         self._update_info()

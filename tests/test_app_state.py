@@ -145,7 +145,8 @@ def test_map_view_shows_count_and_redraws(state):
     assert "<b>700</b> of 700 cells selected" in view.count.object
     state.run_query("T cells")
     assert "score: T cells" in view.colour_note.object
-    assert view.plot.object is not None and view.side.object is not None
+    assert view.plot.object is not None and view.hist_pane.visible and not view.side_box.visible
+    assert int(np.sum(view.histogram.source.data["top"])) == 700  # the side histogram: every cell once
     from bokeh.models import HoverTool
 
     fig = hv.render(view.plot.object)
@@ -153,6 +154,18 @@ def test_map_view_shows_count_and_redraws(state):
     pipe = view._data_pipe
     state.run_query("B cells")  # same kind of colouring: recoloured in place, same plot
     assert view._data_pipe is pipe and np.array_equal(pipe.data["color"], state.scores)
+    continuous = view.plot
+    state.set_color("bulk_labels")  # categories: the other map pane, the continuous one kept (hidden)
+    assert view.plot is not continuous and not view._slots["continuous"].box.visible
+    cat_pipe, cat_obj = view._slots["other"].pipe, view.plot.object
+    state.set_color("louvain")  # other categories: a new legend, so a new plot
+    assert view.plot.object is not cat_obj
+    cat_obj = view.plot.object
+    state.set_color("louvain")  # the same categories again: recoloured in place
+    assert view.plot.object is cat_obj
+    state.run_query("NK cells")  # back to a query: the kept continuous plot, recoloured in place
+    assert view.plot is continuous and view._slots["continuous"].box.visible and view._data_pipe is pipe
+    assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
 
 
 # ---------------------------------------------------------------------- zero-shot, describe

@@ -9,7 +9,7 @@ shows the cell under the pointer. Nothing here reads application state.
 from __future__ import annotations
 
 from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
-from .charts import category_bars, confusion_heatmap, enrichment_bars, histogram, volcano
+from .charts import ScoreHistogram, category_bars, confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
                       SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, symmetric_clim)
 from .png import map_png
@@ -30,6 +30,8 @@ __all__ = [
     "cell_map_layers",
     "aggregate",
     "histogram",
+    "histogram_data",
+    "ScoreHistogram",
     "category_bars",
     "volcano",
     "enrichment_bars",

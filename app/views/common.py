@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import numpy as np
@@ -20,12 +21,16 @@ from engine.errors import CancelledError, LexicellError
 
 from ..state import AppState
 
-__all__ = ["Job", "StateView", "csv_download", "display_table", "plain", "show_table", "table_widget", "EXECUTOR"]
+__all__ = ["Job", "StateView", "batched", "csv_download", "display_table", "plain", "show_table", "table_widget", "EXECUTOR", "QUICK_EXECUTOR"]
 
 log = logging.getLogger(__name__)
 
-#: Worker threads for long work of all sessions (embedding has its own pool in app.cache).
-EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lexicell-job")
+#: Worker threads for long work of all sessions (DE, zero-shot, perturbation, describe, file writes); embedding
+#: has its own pool in app.cache.
+EXECUTOR = ThreadPoolExecutor(max_workers=3, thread_name_prefix="lexicell-job")
+#: Worker threads for quick work (queries: tens of milliseconds), so that they never wait behind another
+#: session's perturbation scan or DE.
+QUICK_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lexicell-quick")
 
 _MARKDOWN_ACTIVE = re.compile(r"([\\`*_{}\[\]()#+\-.!|~:=$^])")
 
@@ -39,6 +44,24 @@ def plain(text) -> str:
     backslash-escaped (no bold, links or headings), so the page shows exactly what was typed.
     """
     return _MARKDOWN_ACTIVE.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+@contextmanager
+def batched():
+    """Group the page updates made inside into one recount of the page's Bokeh models.
+
+    Bokeh walks every model of a page after each change of a property that refers to models (Panel
+    re-sends a pane's style sheets with every new text), about 50 ms for this dashboard; a query changes a
+    dozen such properties. Inside this block the walk happens once, at the end. Outside a served page
+    (notebooks, tests) it does nothing.
+    """
+    doc = pn.state.curdoc
+    models = getattr(doc, "models", None) if doc is not None else None
+    if models is None or not hasattr(models, "freeze"):
+        yield
+        return
+    with models.freeze():
+        yield
 
 
 class StateView(pn.viewable.Viewer):
@@ -55,13 +78,15 @@ class Job(pn.viewable.Viewer):
 
     Engine errors appear as an alert in the page (``str(err)`` is written for users); unexpected errors are
     logged with their traceback and shown as one line. ``cancel_requested`` is the ``cancel=`` callable for
-    engine functions that loop; each poll counts as one batch of progress.
+    engine functions that loop; each poll counts as one batch of progress. ``quick`` jobs (queries) run on
+    their own worker threads (:data:`QUICK_EXECUTOR`), so one user's long analysis never delays another's query.
     """
 
     running = param.Boolean(default=False)
 
-    def __init__(self, *, cancellable: bool = False, **params):
+    def __init__(self, *, cancellable: bool = False, quick: bool = False, **params):
         super().__init__(**params)
+        self.executor = QUICK_EXECUTOR if quick else EXECUTOR
         self._cancel = threading.Event()
         self.polls = 0
         self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
@@ -97,15 +122,16 @@ class Job(pn.viewable.Viewer):
         self.running = True
         self._cancel.clear()
         self.polls = 0
-        self.clear()
-        for w in disable:
-            w.disabled = True
-        self.progress.param.update(visible=True, active=True, value=-1)
-        self.label.param.update(object=f"{plain(label)}…", visible=True)
-        self.cancel_button.visible = self.cancellable
+        with batched():
+            self.clear()
+            for w in disable:
+                w.disabled = True
+            self.progress.param.update(visible=True, active=True, value=-1)
+            self.label.param.update(object=f"{plain(label)}…", visible=True)
+            self.cancel_button.visible = self.cancellable
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(EXECUTOR, compute)
+        fut = loop.run_in_executor(self.executor, compute)
         ok = False
         try:
             while True:
@@ -113,10 +139,12 @@ class Job(pn.viewable.Viewer):
                 if done:
                     break
                 extra = f", {self.polls} batches" if self.polls else ""
-                self.label.object = f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}"
+                with batched():
+                    self.label.object = f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}"
             result = fut.result()
             t1 = time.perf_counter()
-            apply(result)
+            with batched():
+                apply(result)
             ok = True
             log.debug("%s: compute %.3f s, apply %.3f s", label, t1 - t0, time.perf_counter() - t1)
         except CancelledError:
@@ -127,11 +155,12 @@ class Job(pn.viewable.Viewer):
             log.exception("%s failed", label)
             self.show(f"Unexpected error ({type(err).__name__}): {err}", "danger")
         finally:
-            for w in disable:
-                w.disabled = False
-            self.progress.param.update(visible=False, active=False)
-            self.label.visible = False
-            self.cancel_button.visible = False
+            with batched():
+                for w in disable:
+                    w.disabled = False
+                self.progress.param.update(visible=False, active=False)
+                self.label.visible = False
+                self.cancel_button.visible = False
             self.running = False
         return ok
 
@@ -139,7 +168,8 @@ class Job(pn.viewable.Viewer):
         """Run a quick synchronous action, showing engine errors in the page."""
         self.clear()
         try:
-            fn()
+            with batched():
+                fn()
         except LexicellError as err:
             self.show(str(err), "danger")
             return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import holoviews as hv
 import numpy as np
@@ -12,7 +13,7 @@ import param
 
 from .. import plots
 from ..state import GENE, AppState
-from .common import Job, StateView
+from .common import Job, StateView, batched
 
 __all__ = ["MapView"]
 
@@ -54,19 +55,26 @@ class MapView(StateView):
                                                       sizing_mode="stretch_width", visible=False)
         self.clear_button = pn.widgets.Button(name="Clear selection", button_type="default", width=130)
         self.count = pn.pane.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
-        self.plot = pn.pane.HoloViews(None, width=self.width + 10, height=self.height + 40, linked_axes=False)
+        # two map panes, one for continuous colourings (queries, genes, perturbation) and one for the others
+        # (categories, density): switching between a query and zero-shot labels shows the other pane instead
+        # of rebuilding the plot, and each is recoloured in place while its kind of colouring stays the same
+        # (each pane in its own Column, whose visibility is toggled: Panel fails to pass ``visible`` through a
+        # rendered HoloViews pane to its inner Bokeh pane)
+        self._slots = {}
+        for kind in ("continuous", "other"):
+            pane = pn.pane.HoloViews(None, width=self.width + 10, height=self.height + 40, linked_axes=False)
+            self._slots[kind] = _Slot(pane, pn.Column(pane, margin=0, visible=False))
+        self._active = "other"
         self.placeholder = pn.pane.Alert("", alert_type="info", visible=False)
         self.side = pn.pane.HoloViews(None, width=330, height=320, linked_axes=False)
+        self.side_box = pn.Column(self.side, margin=0, visible=False)
+        self.histogram = plots.ScoreHistogram(width=330, height=300)
+        self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, visible=False)
         self.side_note = pn.pane.Markdown("", margin=(0, 10), width=320)
         self.colour_note = pn.pane.HTML("", margin=(0, 10), css_classes=["colour-note"])
-        self._outline_pipe = hv.streams.Pipe(data=None)
         self._ranges = None
-        self._streams = []
         self._redraw_pending = False
         self._syncing = False
-        self._data_pipe = None
-        self._side_pipe = None
-        self._key = None
         self._style = plots.MapStyle()
 
         self.layout_select.param.watch(self._on_layout_widget, "value")
@@ -87,8 +95,18 @@ class MapView(StateView):
                          pn.Row(self.clear_button, self.count), self.job, sizing_mode="stretch_width")
 
     def __panel__(self):
-        return pn.Row(pn.Column(self.placeholder, self.plot, self.colour_note),
-                      pn.Column(self.side, self.side_note, margin=(10, 0)), sizing_mode="stretch_width")
+        return pn.Row(pn.Column(self.placeholder, *(slot.box for slot in self._slots.values()), self.colour_note),
+                      pn.Column(self.side_box, self.hist_pane, self.side_note, margin=(10, 0)), sizing_mode="stretch_width")
+
+    @property
+    def plot(self) -> pn.pane.HoloViews:
+        """The map pane shown now."""
+        return self._slots[self._active].pane
+
+    @property
+    def _data_pipe(self):
+        """The pipe that recolours the continuous map in place."""
+        return self._slots["continuous"].pipe
 
     # ------------------------------------------------------------------ reactions
     def _on_layout_widget(self, event):
@@ -160,9 +178,12 @@ class MapView(StateView):
         pn.state.execute(_do, schedule=True)
 
     def _on_selection(self, *_):
-        self.count.object = self._count_html()
-        self._outline_pipe.send(self.state.selection_geometry)
-        self._update_side()
+        with batched():
+            self.count.object = self._count_html()
+            slot = self._slots[self._active]
+            if slot.outline is not None:
+                slot.outline.send(self.state.selection_geometry)
+            self._update_side()
 
     def _count_html(self) -> str:
         n = self.state.n_selected
@@ -194,65 +215,96 @@ class MapView(StateView):
             self._ranges = (tuple(x_range), tuple(y_range))
 
     def figure(self):
-        """The HoloViews object of the map (the coloured cells, legend and selection outline)."""
-        fig = self._figure()
-        return None if fig is None else fig[0]
+        """The HoloViews object of the map shown now (the coloured cells, legend and selection outline)."""
+        return self.plot.object
 
     def _mode_key(self, df, spec) -> tuple:
-        """Plots with the same key can be recoloured in place (same element types, columns and layout)."""
+        """Plots with the same key can be recoloured in place (same element types, columns, layout, legend)."""
         has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
-        return (spec.kind in ("continuous", "diverging"), has_nan, tuple(df.columns), self.state.layout_key,
-                len(df))
+        legend = ()
+        if spec.kind == "categorical":
+            cats = tuple(str(c) for c in df["color"].cat.categories)
+            present = tuple(sorted(map(str, df["color"].dropna().unique())))
+            legend = (cats, present, tuple(spec.colors.get(c) for c in cats))
+        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", has_nan, legend, tuple(df.columns),
+                self.state.layout_key, len(df))
 
-    def _figure(self, frame=None):
+    def _figure(self, frame=None, slot: "_Slot | None" = None):
         frame = frame or self.state.map_frame()
         if frame is None:
             return None
         df, spec = frame
+        slot = slot or self._slots[_slot_kind(spec)]
         xlim, ylim = self._ranges if self._zoomed(df) else (None, None)
         title = f"{self.state.dataset_name} ({self.state.layout_key})"
-        inplace = spec.kind in ("continuous", "diverging")
-        self._data_pipe = hv.streams.Pipe(data=df) if inplace else None
-        if inplace:
+        continuous = spec.kind in ("continuous", "diverging")
+        slot.pipe = hv.streams.Pipe(data=df) if spec.kind != "none" else None
+        if continuous:
             self._style.set_from(spec)
         el, main = plots.cell_map_layers(df, spec, width=self.width, height=self.height, title=title, xlim=xlim,
-                                         ylim=ylim, pipe=self._data_pipe, style=self._style if inplace else None)
+                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else None)
         # a fresh pipe per figure: streams shared between figures keep old plots alive
-        self._outline_pipe = hv.streams.Pipe(data=self.state.selection_geometry)
-        outline = hv.DynamicMap(_outline, streams=[self._outline_pipe])
-        self._key = self._mode_key(df, spec)
+        slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
+        outline = hv.DynamicMap(_outline, streams=[slot.outline])
+        slot.key = self._mode_key(df, spec)
         return (el * outline).opts(legend_position="right", toolbar="above", title=title,
                                    legend_opts=plots.LEGEND_OPTS), main
 
     def redraw(self) -> None:
         """Redraw the map for the current colouring and layout (in place when only the values change)."""
         t0 = time.perf_counter()
-        self._redraw()
+        with batched():
+            self._redraw()
         log.debug("map redrawn in %.3f s", time.perf_counter() - t0)
+
+    def _show(self, kind: str) -> None:
+        """Show the map pane of ``kind`` and hide the other (cheap: no plot is rebuilt)."""
+        if kind != self._active:
+            self._slots[kind].box.visible = True
+            self._slots[self._active].box.visible = False
+            self._active = kind
+            slot = self._slots[kind]
+            if slot.outline is not None:
+                slot.outline.send(self.state.selection_geometry)
+        elif not self._slots[kind].box.visible:
+            self._slots[kind].box.visible = True
 
     def _redraw(self) -> None:
         frame = self.state.map_frame()
-        if frame is not None and self._data_pipe is not None and self.plot.object is not None:
+        if frame is not None:
             df, spec = frame
-            if spec.kind in ("continuous", "diverging") and self._mode_key(df, spec) == self._key:
-                # one update, not two: store the data silently, then change the style (which re-renders);
-                # if the style is unchanged, trigger the data stream instead
-                before = (self._style.clim, self._style.clabel, self._style.cmap[0])
-                self._data_pipe.update(data=df)
-                self._style.set_from(spec)
-                if (self._style.clim, self._style.clabel, self._style.cmap[0]) == before:
-                    hv.streams.Stream.trigger([self._data_pipe])
+            kind = _slot_kind(spec)
+            slot = self._slots[kind]
+            if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
+                if kind == "continuous":
+                    # one update, not two: store the data silently, then change the style (which re-renders);
+                    # if the style is unchanged, trigger the data stream instead
+                    before = (self._style.clim, self._style.clabel, self._style.cmap[0])
+                    slot.pipe.update(data=df)
+                    self._style.set_from(spec)
+                    if (self._style.clim, self._style.clabel, self._style.cmap[0]) == before:
+                        hv.streams.Stream.trigger([slot.pipe])
+                else:
+                    slot.pipe.send(df)
+                self._show(kind)
+                self._set_categories(spec)
                 self._after_draw(spec)
                 return
-        for s in self._streams:
+        else:
+            kind = self._active
+            slot = self._slots[kind]
+        for s in slot.streams:
             s.clear()
             s.source = None
-        fig = self._figure(frame)
+        fig = self._figure(frame, slot)
         if fig is None:
             self.placeholder.param.update(
                 object="This dataset has no 2-D layout yet: it appears when the embeddings and UMAP are ready.",
                 visible=True)
-            self.plot.object = None
+            for sl in self._slots.values():
+                sl.pane.object = None
+                sl.box.visible = False
+                sl.key = sl.pipe = None
             self._update_side()
             return
         obj, main = fig
@@ -263,18 +315,20 @@ class MapView(StateView):
         bounds.add_subscriber(self._on_bounds)
         lasso.add_subscriber(self._on_lasso)
         rng.add_subscriber(self._on_range)
-        self._streams = [bounds, lasso, rng]
-        spec = frame[1] if frame is not None else self.state.color_spec()
-        if spec.kind == "categorical":
-            cats = [str(c) for c in spec.values.categories]
-            with self._sync():
-                self.category_select.param.update(options=cats, value=[], visible=True)
-        else:
-            with self._sync():
-                self.category_select.param.update(options=[], value=[], visible=False)
-        self.plot.object = obj
-        self._outline_pipe.send(self.state.selection_geometry)
+        slot.streams = [bounds, lasso, rng]
+        spec = frame[1]
+        self._set_categories(spec)
+        slot.pane.object = obj
+        self._show(kind)
+        slot.outline.send(self.state.selection_geometry)
         self._after_draw(spec)
+
+    def _set_categories(self, spec) -> None:
+        """The "select cells of category" menu follows a categorical colouring."""
+        cats = [str(c) for c in spec.values.categories] if spec.kind == "categorical" else []
+        if cats != list(self.category_select.options) or self.category_select.visible != bool(cats):
+            with self._sync():
+                self.category_select.param.update(options=cats, value=[], visible=bool(cats))
 
     def _after_draw(self, spec) -> None:
         self.colour_note.object = self._colour_text(spec)
@@ -317,15 +371,33 @@ class MapView(StateView):
                 hist = dict(values=np.asarray(spec.values), selected=sel, name=spec.name, title=spec.name,
                             diverging_center=spec.center if spec.kind == "diverging" else None)
             elif spec.kind == "categorical":
-                self._side_pipe = None
                 self.side.object = plots.category_bars(spec.values, selected=sel, name=spec.name, colors=spec.colors)
+                self.side_box.visible = True
+                self.hist_pane.visible = False
             else:
-                self._side_pipe = None
                 self.side.object = None
+                self.side_box.visible = False
+                self.hist_pane.visible = False
         if hist is not None:
-            if self._side_pipe is not None and self.side.object is not None:
-                self._side_pipe.send(hist)  # same plot, new data
-            else:
-                self._side_pipe = hv.streams.Pipe(data=hist)
-                self.side.object = hv.DynamicMap(lambda data: plots.histogram(**data), streams=[self._side_pipe])
+            self.histogram.update(**hist)  # same Bokeh figure, new bins
+            if self.side_box.visible:
+                self.side.object = None
+                self.side_box.visible = False
+            self.hist_pane.visible = True
         self.side_note.object = note
+
+
+@dataclass
+class _Slot:
+    """One map pane and what recolours it in place: its data pipe, outline pipe, selection streams and key."""
+
+    pane: pn.pane.HoloViews
+    box: pn.Column
+    pipe: object = None
+    outline: object = None
+    key: tuple | None = None
+    streams: list = field(default_factory=list)
+
+
+def _slot_kind(spec) -> str:
+    return "continuous" if spec.kind in ("continuous", "diverging") else "other"

@@ -17,7 +17,7 @@ class QueryView(StateView):
 
     def __init__(self, state: AppState, **params):
         super().__init__(state, **params)
-        self.job = Job()
+        self.job = Job(quick=True)
         self.text = pn.widgets.TextInput(
             name="Describe the cells you are looking for",
             placeholder='e.g. "B cells", "T cells MINUS regulatory T cells"', sizing_mode="stretch_width")
