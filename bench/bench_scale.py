@@ -115,7 +115,9 @@ def stage_embed(path: str, store: str, workers: int, chunk: int | None) -> dict:
     t0 = time.perf_counter()
     emb = engine.embed_cells(adata, model, store=store, scheduler=client, chunk_size=chunk, progress=True)
     dt = time.perf_counter() - t0
+    params = adata.uns["transcriptome_embeds"]["params"]
     out = {"seconds": dt, "cells_per_s": adata.n_obs / dt, "peak_rss_gb": peak_rss_gb(),
+           "chunk_seconds_mean": params.get("chunk_seconds_mean"), "n_chunks": params.get("n_chunks"),
            "rss_after_model_gb": rss_before, "shape": list(emb.shape)}
     if client is not None:
         import resource
@@ -201,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== bench_scale: {n:,} cells x {a.genes:,} genes, backed .h5ad ({path.stat().st_size / 1e9:.1f} GB), "
           f"{os.cpu_count()} cores")
     print(f"embedding in process     : {local['cells_per_s']:,.0f} cells/s ({local['seconds']:.0f} s), "
-          f"peak RSS {local['peak_rss_gb']:.2f} GB (model loaded: {local['rss_after_model_gb']:.2f} GB)")
+          f"peak RSS {local['peak_rss_gb']:.2f} GB (model loaded: {local['rss_after_model_gb']:.2f} GB); "
+          f"{local['chunk_seconds_mean']:.2f} s per chunk task")
     wk = dist.get("worker_peak_rss_gb", [])
     print(f"embedding on dask ({a.workers} wk) : {dist['cells_per_s']:,.0f} cells/s ({dist['seconds']:.0f} s), "
           f"peak RSS client {dist['peak_rss_gb']:.2f} GB, workers {', '.join(f'{w:.2f}' for w in wk)} GB "
-          f"(sum {dist['peak_rss_gb'] + sum(wk):.2f} GB)")
+          f"(sum {dist['peak_rss_gb'] + sum(wk):.2f} GB); {dist['chunk_seconds_mean']:.2f} s per chunk task")
     print(f"throughput ratio dask / in process: {dist['cells_per_s'] / local['cells_per_s']:.2f} (target >= 0.8)")
     if "layout_s" in rest:
         lay = rest["layout"]

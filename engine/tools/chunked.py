@@ -62,6 +62,7 @@ class EmbedPlan:
     chunk_size: int
     batch_size: int
     store: str | None
+    client_pid: int = 0
 
 
 # --------------------------------------------------------------------------- data identity and store
@@ -123,7 +124,9 @@ def _open_store(path: str, *, key: str, n_obs: int, dim: int, chunk_size: int, m
             )
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     g = zarr.open_group(str(p), mode="w")
-    g.create_array(EMBED_KEY, shape=(n_obs, dim), chunks=(chunk_size, dim), dtype="float32", fill_value=np.nan)
+    # uncompressed: L2-normalised float32 barely compresses, and writing/reading it is then only I/O
+    g.create_array(EMBED_KEY, shape=(n_obs, dim), chunks=(chunk_size, dim), dtype="float32", fill_value=np.nan,
+                   compressors=None)
     g.create_array("done", shape=(max(1, -(-n_obs // chunk_size)),), chunks=(1,), dtype="uint8", fill_value=0)
     g.attrs["lexicell_embeds"] = {
         "format": STORE_FORMAT, "key": key, "n_obs": int(n_obs), "dim": int(dim), "chunk_size": int(chunk_size),
@@ -148,20 +151,36 @@ def _worker_adata(source) -> "AnnData":
     return source
 
 
-def embed_chunk(model, plan: EmbedPlan, source, k: int) -> tuple[int, np.ndarray | None, float]:
+def _pin_threads(n: int) -> None:
+    """Use ``n`` torch threads in this process (a Dask worker runs one task per thread). Numba's OpenMP start-up
+    raises the process-wide thread count once, so this is called before each forward pass; it only acts
+    when the count differs."""
+    import torch
+
+    n = max(1, int(n))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def embed_chunk(model, plan: EmbedPlan, source, k: int, threads: int | None = None) -> tuple[int, np.ndarray | None, float]:
     """Embed chunk ``k`` (rows ``k * chunk_size`` ...); write it to ``plan.store`` when set.
 
-    Returns ``(k, embeds or None when written to the store, seconds)``.
+    ``threads`` pins torch/numba threads first (Dask workers: their thread count, so workers do not
+    oversubscribe the cores). Returns ``(k, embeds or None when written to the store, seconds)``.
     """
     from ..io.expression import iter_expression
 
     t0 = time.perf_counter()
+    if threads and os.getpid() != plan.client_pid:  # a worker process of its own (never the caller's process)
+        _pin_threads(threads)
     adata = _worker_adata(source)
     start = k * plan.chunk_size
     stop = min(start + plan.chunk_size, plan.n_obs)
     _, block = next(iter_expression(adata, kind=plan.kind, report=plan.report, chunk_size=stop - start,
                                     start=start, stop=stop))
     encoding = model.tokenizer.encode_matrix(block, plan.var)
+    if threads and os.getpid() != plan.client_pid:
+        _pin_threads(threads)  # again: numba's OpenMP start-up can raise the process-wide thread count
     emb = model.embed_encoding(encoding, batch_size=plan.batch_size)
     if plan.store is None:
         return k, emb, time.perf_counter() - t0
@@ -199,12 +218,16 @@ def _run_dask(todo, model, plan, source, *, client, progress, cancel, out):
     model_f = client.scatter(model, broadcast=True, hash=False)
     plan_f = client.scatter(plan, broadcast=True, hash=False)
     src_f = source if isinstance(source, str) else client.scatter(source, broadcast=True, hash=False)
-    futures = [client.submit(embed_chunk, model_f, plan_f, src_f, int(k), pure=False, key=f"lexicell-embed-{k}-{time.time_ns()}")
-               for k in todo]
+    nthreads = client.nthreads()
+    threads = max(1, min(nthreads.values())) if nthreads else 1
+    futures = [client.submit(embed_chunk, model_f, plan_f, src_f, int(k), threads, pure=False,
+                             key=f"lexicell-embed-{k}-{time.time_ns()}") for k in todo]
+    task_s = []
     try:
         for fut in tqdm(as_completed(futures), total=len(futures), desc="Embedding chunks (dask)", unit="chunk",
                         disable=not progress):
-            k, emb, _ = fut.result()
+            k, emb, sec = fut.result()
+            task_s.append(sec)
             if emb is not None:
                 _write(out, plan, k, emb)
             fut.release()
@@ -213,18 +236,22 @@ def _run_dask(todo, model, plan, source, *, client, progress, cancel, out):
                                      fix="run it again with the same store: finished chunks are kept")
     finally:
         client.cancel([f for f in futures if not f.done()])
+    return task_s
 
 
 def _run_local(todo, model, plan, source, *, progress, cancel, out):
     from tqdm.auto import tqdm
 
+    task_s = []
     for k in tqdm(todo, desc="Embedding chunks", unit="chunk", disable=not progress):
         if cancel is not None and cancel():
             raise CancelledError("Embedding was cancelled", found=f"chunk {k} of {len(todo)} to do",
                                  fix="run it again with the same store: finished chunks are kept")
-        _, emb, _ = embed_chunk(model, plan, source, int(k))
+        _, emb, sec = embed_chunk(model, plan, source, int(k))
+        task_s.append(sec)
         if emb is not None:
             _write(out, plan, k, emb)
+    return task_s
 
 
 def _write(out: np.ndarray, plan: EmbedPlan, k: int, emb: np.ndarray) -> None:
@@ -279,7 +306,7 @@ def embed_chunked(
     (numpy.ndarray, dict)
         ``(n_cells, projection_dim)`` float32 L2-normalised embeddings (read back from the store) and run
         information: ``store``, ``chunk_size``, ``n_chunks``, ``chunks_computed``, ``chunks_skipped``,
-        ``scheduler``, ``cache_key``, ``seconds``.
+        ``scheduler``, ``cache_key``, ``seconds``, ``chunk_seconds_mean`` (mean time of one chunk task).
 
     Raises
     ------
@@ -293,7 +320,7 @@ def embed_chunked(
     t0 = time.perf_counter()
     n = int(adata.n_obs)
     plan = EmbedPlan(kind=kind, report=report, var=var, n_obs=n, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE),
-                     batch_size=int(batch_size), store=None)
+                     batch_size=int(batch_size), store=None, client_pid=os.getpid())
     key = store_key(adata, model, plan)
     tmp_dir = None
     if store is None and (use_cache or scheduler is not None):
@@ -316,12 +343,13 @@ def embed_chunked(
     out = np.empty((n, model.projection_dim), dtype=np.float32) if g is None else None
     source = data_source_path(adata) or adata
     label = "in process"
+    task_s: list[float] = []
     try:
         if todo and scheduler is not None:
             client, owned = _client(scheduler, n_workers, threads_per_worker, processes)
             label = f"dask {client.scheduler.address if hasattr(client, 'scheduler') and client.scheduler else scheduler}"
             try:
-                _run_dask(todo, model, plan, source, client=client, progress=progress, cancel=cancel, out=out)
+                task_s = _run_dask(todo, model, plan, source, client=client, progress=progress, cancel=cancel, out=out)
             finally:
                 if owned:
                     cluster = getattr(client, "cluster", None)
@@ -329,7 +357,7 @@ def embed_chunked(
                     if cluster is not None:
                         cluster.close()
         elif todo:
-            _run_local(todo, model, plan, source, progress=progress, cancel=cancel, out=out)
+            task_s = _run_local(todo, model, plan, source, progress=progress, cancel=cancel, out=out)
         if g is not None:
             embeds = np.asarray(g[EMBED_KEY][:], dtype=np.float32)
         else:
@@ -339,7 +367,8 @@ def embed_chunked(
             shutil.rmtree(tmp_dir, ignore_errors=True)
     info = {"store": "" if tmp_dir is not None or store is None else str(store), "chunk_size": plan.chunk_size,
             "n_chunks": n_chunks, "chunks_computed": len(todo), "chunks_skipped": n_chunks - len(todo),
-            "scheduler": label, "cache_key": key, "seconds": round(time.perf_counter() - t0, 3)}
+            "scheduler": label, "cache_key": key, "seconds": round(time.perf_counter() - t0, 3),
+            "chunk_seconds_mean": round(float(np.mean(task_s)), 3) if task_s else 0.0}
     log.info("embedded %d cells in %d chunks (%d skipped) %s in %.1f s", n, n_chunks, n_chunks - len(todo), label,
              info["seconds"])
     return embeds, info

@@ -151,7 +151,7 @@ def embed_cells(
         _set_embeds(adata, model, embeds, key_added, kind=kind, n_matched=n_matched, n_genes=var.shape[0],
                     key=info["cache_key"], from_cache=info["chunks_computed"] == 0, orthologs=orthologs, notes=notes,
                     extra={k: info[k] for k in ("store", "chunk_size", "n_chunks", "chunks_computed",
-                                                "chunks_skipped", "scheduler")})
+                                                "chunks_skipped", "scheduler", "seconds", "chunk_seconds_mean")})
         return embeds
     X, var = expression_matrix(adata, kind=kind)
     var, n_matched, orthologs, notes = _model_genes(model, var)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,7 +136,9 @@ def _sampled_umap(emb: np.ndarray, *, n_neighbors: int, random_state: int, fit_c
     model = UMAP(n_neighbors=n_neighbors, random_state=random_state, min_dist=0.5, verbose=False)
     out = np.empty((n, 2), dtype=np.float32)
     log.info("umap: fitting on %d of %d cells", n_fit, n)
-    out[fit_idx] = model.fit_transform(np.asarray(emb[fit_idx], dtype=np.float32))
+    with warnings.catch_warnings():  # "n_jobs overridden by setting random_state": seeded layouts are wanted
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        out[fit_idx] = model.fit_transform(np.asarray(emb[fit_idx], dtype=np.float32))
     rest = np.setdiff1d(np.arange(n), fit_idx, assume_unique=True)
     for start in tqdm(range(0, rest.size, chunk_size), desc="Placing cells on the layout", unit="chunk",
                       disable=not progress):
