@@ -10,6 +10,7 @@ module                     what it holds
 :mod:`.score`              ``score_text``, ``zero_shot`` (in row blocks: memory-mapped embeddings work too)
 :mod:`.queries`            query, label and template checks; ``label_texts``, ``TEMPLATES``
 :mod:`.describe`           ``describe`` (keywords for a selection), term libraries
+:mod:`.selection`          cell selections (mask, positions, obs names) as positions
 :mod:`.de`                 ``de_top_vs_bottom``, ``de_groups`` (scanpy ``rank_genes_groups``)
 :mod:`.enrichment`         ``enrich`` (gseapy's Enrichr test on bundled libraries)
 :mod:`.perturbation`       ``perturb``, ``perturb_scan`` (in-silico deletion / over-expression)

@@ -292,7 +292,8 @@ def embed_chunked(
         Expression kind, validation report and the (ortholog-mapped) var table from :func:`engine.embed_cells`.
     store
         zarr store to write (created, or resumed when it holds the same data and model). None: with
-        ``use_cache``, a store in the cache folder named by the data/model key; else (in process) no store.
+        ``use_cache``, a store in ``cache_path/embeddings/`` named by the data/model key; else (in process) no
+        store.
     chunk_size
         Cells per chunk (default :data:`DEFAULT_CHUNK_SIZE`; a resumed store keeps its own).
     scheduler
@@ -325,9 +326,10 @@ def embed_chunked(
     tmp_dir = None
     if store is None and (use_cache or scheduler is not None):
         if use_cache:
-            from .embed import cache_dir
-
-            store = Path(cache_path or cache_dir()) / "embeddings" / f"{key}.zarr"
+            if cache_path is None:
+                raise ConfigError("No cache folder given for the embedding store", found="cache_path=None",
+                                  expected="engine.tools.embed.cache_dir() (embed_cells passes it)")
+            store = Path(cache_path) / "embeddings" / f"{key}.zarr"
             Path(store).parent.mkdir(parents=True, exist_ok=True)
         else:  # workers need somewhere to write
             tmp_dir = tempfile.mkdtemp(prefix="lexicell-embeds-")

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..errors import EmptySelectionError, QueryError
 from .embed import cache_dir, get_embeds
+from .selection import _cell_positions
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -104,8 +105,6 @@ def describe(
         If no cell is selected.
     """
     emb = get_embeds(adata, model, key=obsm_key)
-    from .score import _cell_positions
-
     idx = _cell_positions(adata, cells)
     if idx.size == 0:
         raise EmptySelectionError("No cells are selected", found="an empty selection", expected="at least one cell", fix="select cells on the map first")

@@ -145,7 +145,8 @@ def embed_cells(
         report = _analyse(adata, species=None, min_frac_mapped=None, full_scan=False)
         var, n_matched, orthologs, notes = _model_genes(model, expression_var(adata, report=report))
         embeds, info = embed_chunked(adata, model, kind=kind, report=report, var=var, store=store,
-                                     use_cache=use_cache, cache_path=cache_path, chunk_size=chunk_size,
+                                     use_cache=use_cache, cache_path=cache_path or cache_dir(),
+                                     chunk_size=chunk_size,
                                      batch_size=batch_size, scheduler=scheduler, n_workers=n_workers,
                                      overwrite=overwrite, progress=progress, cancel=cancel)
         _set_embeds(adata, model, embeds, key_added, kind=kind, n_matched=n_matched, n_genes=var.shape[0],

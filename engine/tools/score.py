@@ -17,6 +17,7 @@ import pandas as pd
 from ..errors import EmptySelectionError, QueryError
 from .describe import _pretty_term, _term_embeds, describe, term_libraries  # noqa: F401 - re-exported
 from .embed import embeds_source
+from .selection import _cell_positions  # noqa: F401 - re-exported (perturbation imports it from here)
 from .queries import (  # noqa: F401 - re-exported (they lived here before 0.1's split)
     MAX_LABEL_CHARS,
     MAX_LABEL_TEXT_CHARS,
@@ -342,24 +343,3 @@ def zero_shot(
                                 "model": model.name, "obsm_key": obsm_key, "center": float(center),
                                 "csls": int(csls)}
     return df
-
-def _cell_positions(adata: "AnnData", cells) -> np.ndarray:
-    """Integer positions from a mask, positions, obs names or None (all cells)."""
-    n = adata.n_obs
-    if cells is None:
-        return np.arange(n)
-    arr = np.asarray(cells)
-    if arr.dtype == bool:
-        if arr.shape != (n,):
-            raise EmptySelectionError("The selection mask has the wrong length", found=arr.shape, expected=f"({n},)")
-        return np.flatnonzero(arr)
-    if arr.size == 0:
-        return np.array([], dtype=int)
-    if np.issubdtype(arr.dtype, np.integer):
-        if arr.min() < 0 or arr.max() >= n:
-            raise EmptySelectionError("Cell positions are out of range", found=f"{arr.min()}..{arr.max()}", expected=f"0..{n - 1}")
-        return arr.astype(int)
-    pos = adata.obs_names.get_indexer(arr.astype(str))
-    if (pos < 0).any():
-        raise EmptySelectionError("Some selected cells are not in the dataset", found=list(arr[pos < 0][:5]), expected="obs names of this dataset")
-    return pos
