@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +63,11 @@ def bench_browser(model: str | None, queries: list[str]) -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 1200})
             page.set_default_timeout(180_000)
-            while True:
+            while True:  # a real condition: the server answers the page with HTTP 200 (a listening port may not yet)
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                        if resp.status == 200:
+                            break
                 except OSError:
                     if proc.poll() is not None:
                         raise RuntimeError("run_app.py exited")
@@ -73,7 +75,9 @@ def bench_browser(model: str | None, queries: list[str]) -> None:
             report("server listening", time.perf_counter() - t0)
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator(".colour-note-text").first.wait_for(state="visible")
-            page.locator(".bk-Canvas").first.wait_for(state="visible")
+            # first paint: a visible map canvas that bokeh has sized (it may replace the element while it draws)
+            page.wait_for_function("() => [...document.querySelectorAll('.bk-Canvas')].some("
+                                   "c => c.offsetParent !== null && c.getBoundingClientRect().width > 100)")
             report("python run_app.py -> map canvas visible (first paint)", time.perf_counter() - t0, "target < 15 s")
             page.get_by_role("button", name="Search cells").wait_for()
             page.get_by_text("embeddings ready for").first.wait_for()
@@ -84,7 +88,7 @@ def bench_browser(model: str | None, queries: list[str]) -> None:
                 # bokeh may replace the canvas element while it repaints: retry on a detached element
                 for _ in range(20):
                     try:
-                        return page.locator(".bk-Canvas").first.screenshot(timeout=5_000)
+                        return page.locator(".bk-Canvas:visible").first.screenshot(timeout=5_000)
                     except PlaywrightError:
                         time.sleep(0.02)
                 return b""

@@ -413,6 +413,63 @@ def test_login_cookies_stay_out_of_the_page(auth_server):
         assert not {k.lower() for k in payload.get("headers", {})} & {"cookie", "authorization"}
 
 
+def _raw_upgrade(url: str, path: str, cookie: str | None = None) -> str:
+    """Send a raw websocket upgrade for ``path``; returns the HTTP status line the server answers."""
+    import base64
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: {u.netloc}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", f"Origin: {url}"]
+    if cookie:
+        lines.append(f"Cookie: {cookie}")
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return sock.recv(4096).decode("latin-1").split("\r\n", 1)[0]
+
+
+def test_every_route_refuses_clients_without_the_login_cookie(auth_server):
+    """Issue 18 item 3: without a login (and after a wrong password) the page, the websocket (also with a
+    session token copied from a logged-in page), autoload.js, metadata and component resources are refused;
+    only Bokeh/Panel's public JavaScript and CSS and the login page answer. Downloads travel through the
+    websocket (no HTTP route serves the save folder), so the websocket refusal covers them."""
+    import re
+
+    import requests
+
+    url, provider = auth_server
+    provider.throttle.success("127.0.0.1")
+    logged, r = _login(url, "right-password", user="carol")
+    assert r.status_code == 302
+    page = logged.get(url + "/", timeout=10).text
+    assert "SECRET PAGE" in page or "bokeh" in page.lower()
+    token = (re.findall(r'"token"\s*:\s*"([A-Za-z0-9_.\-]+)"', page) + re.findall(r"token=([A-Za-z0-9_.\-]+)", page))[0]
+    cookie = "; ".join(f"{k}={v}" for k, v in logged.cookies.items())
+    # the websocket: refused without the cookie, even with a valid session token; accepted with it
+    for path in ("/ws", f"/ws?bokeh-session-id=x&token={token}"):
+        status = _raw_upgrade(url, path)
+        assert " 101 " not in status + " " and status.split()[1] in ("302", "401", "403"), (path, status)
+    assert " 101 " in _raw_upgrade(url, "/ws", cookie) + " "
+    wrong, r = _login(url, "wrong-password", user="carol")  # a wrong password gets no cookie
+    assert r.status_code == 302 and "user" not in wrong.cookies
+    provider.throttle.success("127.0.0.1")
+    for client in (requests.Session(), wrong):
+        for path in ("/", "/?x=1", "/autoload.js?bokeh-autoload-element=1&bokeh-absolute-url=" + url, "/metadata",
+                     "/components/panel/models/tabulator/tabulator.min.js", "/lexicell-exports/",
+                     "/static/../../run_app.py", "/favicon.ico/../"):
+            resp = client.get(url + path, allow_redirects=False, timeout=10)
+            assert resp.status_code in (302, 401, 403, 404), (path, resp.status_code)
+            assert "SECRET PAGE" not in resp.text and token not in resp.text
+            if resp.status_code == 302:
+                assert "login" in resp.headers["Location"], (path, resp.headers["Location"])
+    # public: the login page and Bokeh's own JavaScript (no data)
+    assert requests.get(url + "/login", timeout=10).status_code == 200
+    js = requests.get(url + "/static/js/bokeh.min.js", timeout=10)
+    assert js.status_code == 200 and "SECRET PAGE" not in js.text
+
+
 # ====================================================================== closed sessions (issue 20 item 8)
 def test_closed_sessions_free_their_state(demo, tmp_path):
     """Sessions opened on a real server, used, then closed: the registry empties and their state is freed."""
