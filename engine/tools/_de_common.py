@@ -11,6 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import AnalysisError, DataError, MatrixKindError, MissingKeyError
+from ..io.matrix import _is_backed_matrix, _iter_chunks, _take_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,8 @@ def _matrix_kind(X, max_values: int = 200_000) -> str:
     raw counts; anything else is taken as log-normalised. Looks at the stored values
     of the first rows only (at most ``max_values`` of them), so it is cheap.
     """
-    rows = min(X.shape[0], 500)
-    if sp.issparse(X):
-        vals = sp.csr_matrix(X[:rows]).data[:max_values]
-    else:
-        vals = np.asarray(X[:rows]).ravel()[:max_values]
+    block = _take_rows(X, np.arange(min(X.shape[0], 500)))  # in memory, backed (on disk) or dask alike
+    vals = block.data[:max_values] if sp.issparse(block) else np.asarray(block).ravel()[:max_values]
     vals = vals[np.isfinite(vals)]
     if vals.size == 0:
         return "log"
@@ -87,8 +85,11 @@ def _source_matrix(adata, layer: str | None):
 
 
 def _log_rows(M, rows: np.ndarray, kind: str):
-    """Log-normalised float32 copy of the given rows (CSR when sparse); never a view of ``M``."""
-    sub = M[rows]
+    """Log-normalised float32 copy of the given rows (CSR when sparse); never a view of ``M``.
+
+    Only these rows are read, also from a backed (on-disk) matrix.
+    """
+    sub = _take_rows(M, np.asarray(rows))
     if sp.issparse(sub):
         sub = sp.csr_matrix(sub, dtype=np.float32, copy=True)
         sub.eliminate_zeros()
@@ -122,10 +123,20 @@ def _gene_vector(adata, gene: str, layer: str | None) -> np.ndarray | None:
             hits = np.flatnonzero(np.asarray(names).astype(str) == gene)
     if hits.size == 0:
         return None
-    col = M[:, int(hits[0])]
-    col = np.asarray(col.toarray() if sp.issparse(col) else col, dtype=np.float64).ravel()
+    j = int(hits[0])
+    if _is_backed_matrix(M):  # on disk: one pass over row chunks for the column and the totals together
+        col = np.zeros(M.shape[0], dtype=np.float64)
+        totals = np.zeros(M.shape[0], dtype=np.float64)
+        for start, block in _iter_chunks(M, M.shape[0], M.shape[1]):
+            stop = start + block.shape[0]
+            c = block[:, j]
+            col[start:stop] = np.asarray(c.toarray() if sp.issparse(c) else c, dtype=np.float64).ravel()
+            totals[start:stop] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    else:
+        col = M[:, j]
+        col = np.asarray(col.toarray() if sp.issparse(col) else col, dtype=np.float64).ravel()
+        totals = np.asarray(M.sum(axis=1), dtype=np.float64).ravel() if kind == "counts" else None
     if kind == "counts":
-        totals = np.asarray(M.sum(axis=1), dtype=np.float64).ravel()
         col = np.log1p(np.divide(col * _TARGET_SUM, totals, out=np.zeros_like(col), where=totals > 0))
     return col
 
