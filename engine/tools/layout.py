@@ -261,7 +261,7 @@ def smooth_embeds(
     neighbours (in the embedding space, the same graph :func:`umap` draws) denoises per-cell scores and
     zero-shot labels without any labels. It is the continuous form of CellTypist's majority voting
     (Domínguez Conde et al. 2022) and of kNN smoothing (Wagner et al. 2017); selected for the default model
-    by the session-6 rule in ``DEVELOPERS.md`` (see the model card for the measured effect). Populations
+    by the smoothing rule of 2026-12-01 (``docs/model-development.md``; the model card has the measured effect). Populations
     smaller than the neighbourhood can be pulled towards their neighbours (on the demo the 19 CD4+ memory T
     cells lost, the 13 CD34+ and 8 naive CD4+ cells did not): compare with the unsmoothed embeddings for them.
 

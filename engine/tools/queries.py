@@ -1,6 +1,6 @@
 """Checking the text that enters scoring: free-text queries (``"A MINUS B"``), label names and label templates.
 
-Hostile input is refused where it enters (``DEVELOPERS.md``): no NUL, control characters or lone surrogates,
+Hostile input is refused where it enters (``CONTRIBUTING.md``): no NUL, control characters or lone surrogates,
 labels need a letter or digit, templates hold only ``{label}`` / ``{definition}`` with no format spec.
 """
 from __future__ import annotations
