@@ -330,6 +330,26 @@ def test_job_shows_engine_errors_not_tracebacks(state):
     assert "Scored 700 cells" in view.timing.object
 
 
+def test_error_inside_a_batched_update_leaves_the_page_live(state):
+    """An engine error shown by Job.guard (an unknown gene) must not freeze the page's model registry: models
+    added afterwards (a tab opened later, its buttons) are still known to the server, so their clicks arrive."""
+    from bokeh.document import Document
+    from bokeh.models import Button, Div
+    from panel.io.state import set_curdoc
+
+    from app.views.map import MapView
+
+    doc = Document()
+    doc.add_root(Div())
+    with set_curdoc(doc):
+        view = MapView(state)
+        view.gene_input.value = "NOTAGENE1"
+        assert view.job.alert.visible and "NOTAGENE1" in view.job.alert.object
+        later = Button(label="Label cells")
+        doc.add_root(later)
+        assert doc.get_model_by_id(later.id) is later
+
+
 def test_explorer_builds_and_waits_for_a_loading_model(demo):
     from app.layout import Explorer
 

@@ -295,10 +295,15 @@ def test_hostile_text_in_every_input_shows_literally_and_never_runs(page):
     page.get_by_role("button", name="Keep as obs column").click()
     sync_api.expect(page.get_by_text("as obs column 'svg_onload_alert_5'").first).to_be_visible()
     safe()
-    # zero-shot: a custom template with a format spec (refused, quoted)
+    # gene box (sidebar): an unknown gene's error quotes it literally
+    gene = page.get_by_placeholder("type a gene, e.g. CD3D")
+    gene.fill(PAYLOADS["gene"])
+    gene.press("Enter")
+    sync_api.expect(page.get_by_text(PAYLOADS["gene"]).first).to_be_visible()
+    safe()
+    # zero-shot: a custom template with a format spec (refused, quoted; a hostile label list is covered by
+    # tests/test_bad_inputs.py)
     _tab(page, "Zero-shot labels")
-    # (a hostile label list is covered by tests/test_bad_inputs.py; in the browser, after an unknown gene was
-    # typed into the gene box, later button clicks of that page were not acted on: open, so the gene box is last)
     template = page.get_by_role("textbox", name="Custom template ({label}, {definition})")
     if template.is_visible():
         template.fill(PAYLOADS["template"])
@@ -320,10 +325,22 @@ def test_hostile_text_in_every_input_shows_literally_and_never_runs(page):
     safe()
     names = {p.name for p in SAVE_DIRS[0].iterdir()}
     assert any(n.startswith("svg_onload_window.__pwned_8") or n.startswith("svg") for n in names), names
-    # gene box (sidebar): an unknown gene's error quotes it literally
-    gene = page.get_by_placeholder("type a gene, e.g. CD3D")
-    gene.fill(PAYLOADS["gene"])
-    gene.press("Enter")
-    sync_api.expect(page.get_by_text(PAYLOADS["gene"]).first).to_be_visible()
-    safe()
     _shot(page, "ui_hostile_text")
+
+
+def test_unknown_gene_then_buttons_still_work(page):
+    """An unknown gene typed into the gene box shows a message; Label cells and Save still act afterwards."""
+    gene = page.get_by_placeholder("type a gene, e.g. CD3D")
+    gene.fill("NOTAGENE1")
+    gene.press("Enter")
+    sync_api.expect(page.get_by_text("Gene 'NOTAGENE1' is not in this dataset").first).to_be_visible()
+    _shot(page, "ui_unknown_gene")
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("button", name="Label cells").click()
+    sync_api.expect(page.get_by_text("mean_confidence").first).to_be_visible()
+    _tab(page, "Save / export")
+    box = page.get_by_role("textbox", name="File name (saved in the server's export folder; an existing file is never replaced)")
+    box.fill("after_unknown_gene")
+    page.get_by_role("button", name="Save .h5ad").click()
+    sync_api.expect(page.get_by_text("Saved to").first).to_be_visible()
+    assert (SAVE_DIRS[0] / "after_unknown_gene.h5ad").exists()

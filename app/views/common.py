@@ -54,14 +54,23 @@ def batched():
     re-sends a pane's style sheets with every new text), about 50 ms for this dashboard; a query changes a
     dozen such properties. Inside this block the walk happens once, at the end. Outside a served page
     (notebooks, tests) it does nothing.
+
+    The walk also happens when the block raises. Bokeh's own ``models.freeze()`` unfreezes only on a normal
+    exit: an error inside it (an unknown gene typed into the gene box, shown by :meth:`Job.guard`) left the
+    page's model registry frozen for good, so models added later (a tab opened afterwards, its buttons) were
+    never registered and their clicks were dropped by the server ("can't resolve reference").
     """
     doc = pn.state.curdoc
     models = getattr(doc, "models", None) if doc is not None else None
     if models is None or not hasattr(models, "freeze"):
         yield
         return
-    with models.freeze():
+    frozen = models.freeze()
+    frozen.__enter__()
+    try:
         yield
+    finally:
+        frozen.__exit__(None, None, None)  # resume the generator normally: it unfreezes (and recounts) now
 
 
 class StateView(pn.viewable.Viewer):
