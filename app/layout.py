@@ -54,8 +54,8 @@ class EmbeddingStatus(pn.viewable.Viewer):
         self.alert = pn.pane.Alert("", alert_type="info", visible=False, margin=(0, 5), sizing_mode="stretch_width")
         self.progress = pn.indicators.Progress(value=-1, max=100, visible=False, width=300, bar_color="info",
                                                margin=(0, 10))
-        self.cancel = pn.widgets.Button(name="Cancel embedding", button_type="warning", visible=False, width=150)
-        self.retry = pn.widgets.Button(name="Compute embeddings", button_type="primary", visible=False, width=170)
+        self.cancel = pn.widgets.Button(label="Cancel embedding", color="warning", visible=False, width=150)
+        self.retry = pn.widgets.Button(label="Compute embeddings", color="primary", visible=False, width=170)
         self.cancel.on_click(lambda event: self.job and self.job.cancel())
         self.retry.on_click(lambda event: self.start())
         self._layout = pn.Column(self.alert, pn.Row(self.progress, self.cancel, self.retry), margin=0,

@@ -436,3 +436,32 @@ def test_zero_shot_smoothing_is_shared_and_optional(demo):
     assert a.adata.uns[key]["obsm_key"] == cache.SMOOTH_KEY
     res = a.run_evaluate("bulk_labels")
     assert res["refined"]["smooth"] is True and res["per_cell"] == b.run_evaluate("bulk_labels", smooth=False)["per_cell"]
+
+
+def test_building_the_page_emits_no_deprecation_warnings(demo, tmp_path):
+    """Building and rendering a session's page (every tab) warns about nothing deprecated in Panel, Bokeh,
+    HoloViews or param: a user starting the app sees no such warning (e.g. ``button_type``, ``Widget.name``)."""
+    import warnings
+    from pathlib import Path
+
+    import panel as pn
+    from bokeh.document import Document
+
+    import app
+    from app.layout import Explorer
+
+    base, model = demo
+    app_dir = str(Path(app.__file__).parent)
+    libs = ("panel", "bokeh", "holoviews", "param", "datashader")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ex = Explorer(base, model, name="demo", save_dir=str(tmp_path))
+        ex.template()
+        for view in (ex.query, ex.zero_shot, ex.describe, ex.de, ex.perturb, ex.export, ex.about):
+            pn.panel(view).get_root(Document())
+        pn.panel(ex).get_root(Document())
+    bad = [f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}" for w in caught
+           if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+           and (w.filename.startswith(app_dir) or any(f"/{lib}/" in w.filename for lib in libs)
+                or any(lib in str(w.message).lower() for lib in libs))]
+    assert bad == [], "\n".join(bad)

@@ -34,10 +34,10 @@ class DescribeView(StateView):
         self.job = Job()
         libs = _library_names()
         default = [lib for lib in DEFAULT_LIBRARIES if lib in libs] or libs
-        self.libraries = pn.widgets.MultiChoice(name="Term libraries", options=libs, value=default,
+        self.libraries = pn.widgets.MultiChoice(label="Term libraries", options=libs, value=default,
                                                 sizing_mode="stretch_width")
-        self.top_n = pn.widgets.IntInput(name="Terms per library", value=5, start=1, end=50, width=130)
-        self.run_button = pn.widgets.Button(name="Describe selection", button_type="primary", width=160,
+        self.top_n = pn.widgets.IntInput(label="Terms per library", value=5, start=1, end=50, width=130)
+        self.run_button = pn.widgets.Button(label="Describe selection", color="primary", width=160,
                                             margin=(23, 5, 5, 5))
         self.table = table_widget(groupby=["library"], height=420, page_size=40)
         self.info = pn.pane.Markdown(
@@ -72,21 +72,21 @@ class DEView(StateView):
     def __init__(self, state: AppState, **params):
         super().__init__(state, **params)
         self.job = Job()
-        self.source = pn.widgets.Select(name="Rank cells by", options=self._sources(), width=220)
-        self.mode = pn.widgets.RadioButtonGroup(name="Group size", options=["n cells", "fraction"], value="n cells",
+        self.source = pn.widgets.Select(label="Rank cells by", options=self._sources(), width=220)
+        self.mode = pn.widgets.RadioButtonGroup(label="Group size", options=["n cells", "fraction"], value="n cells",
                                                 margin=(23, 5, 5, 5))
-        self.n = pn.widgets.IntInput(name="Top / bottom cells (n)", value=100, start=3, step=10, width=150)
-        self.fraction = pn.widgets.FloatInput(name="Fraction", value=0.1, start=0.01, end=0.5, step=0.01, width=110,
+        self.n = pn.widgets.IntInput(label="Top / bottom cells (n)", value=100, start=3, step=10, width=150)
+        self.fraction = pn.widgets.FloatInput(label="Fraction", value=0.1, start=0.01, end=0.5, step=0.01, width=110,
                                               visible=False)
-        self.within = pn.widgets.Checkbox(name="Only inside the current selection", value=False, margin=(30, 5, 5, 5))
-        self.de_button = pn.widgets.Button(name="Run DE", button_type="primary", width=110, margin=(23, 5, 5, 5))
+        self.within = pn.widgets.Checkbox(label="Only inside the current selection", value=False, margin=(30, 5, 5, 5))
+        self.de_button = pn.widgets.Button(label="Run DE", color="primary", width=110, margin=(23, 5, 5, 5))
         self.volcano = pn.pane.HoloViews(None, width=500, height=400)
         self.de_table = table_widget(height=400, page_size=12)
         self.de_holder = pn.Column(self.de_table, sizing_mode="stretch_width")
         self.de_info = pn.pane.Markdown("")
-        self.n_genes = pn.widgets.IntInput(name="Top up-regulated genes", value=50, start=5, end=500, width=170)
-        self.online = pn.widgets.Checkbox(name="Try Enrichr online", value=False, margin=(30, 5, 5, 5))
-        self.enrich_button = pn.widgets.Button(name="Run enrichment", button_type="primary", width=140,
+        self.n_genes = pn.widgets.IntInput(label="Top up-regulated genes", value=50, start=5, end=500, width=170)
+        self.online = pn.widgets.Checkbox(label="Try Enrichr online", value=False, margin=(30, 5, 5, 5))
+        self.enrich_button = pn.widgets.Button(label="Run enrichment", color="primary", width=140,
                                                margin=(23, 5, 5, 5))
         self.bars = pn.pane.HoloViews(None, width=900, height=400)
         self.enrich_table = table_widget(height=400, page_size=12)

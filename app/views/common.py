@@ -101,7 +101,7 @@ class Job(pn.viewable.Viewer):
         self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
                                                margin=(12, 5), bar_color="primary")
         self.label = pn.pane.Markdown("", visible=False, margin=(4, 5), css_classes=["job-label"])
-        self.cancel_button = pn.widgets.Button(name="Cancel", button_type="warning", visible=False, width=80,
+        self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", visible=False, width=80,
                                                margin=(4, 5))
         self.cancel_button.on_click(lambda event: self._cancel.set())
         self.cancellable = cancellable
@@ -238,5 +238,5 @@ def csv_download(get_table: Callable[[], pd.DataFrame | None], filename: str, la
         buf.seek(0)
         return buf
 
-    return pn.widgets.FileDownload(callback=_cb, filename=filename, label=label, button_type="light", width=180,
+    return pn.widgets.FileDownload(callback=_cb, filename=filename, label=label, color="light", width=180,
                                    margin=(5, 5))

@@ -43,15 +43,15 @@ class ExportView(StateView):
         served = bool(state.save_dir)
         label = ("File name (saved in the server's export folder; an existing file is never replaced)" if served
                  else "Save annotated dataset on the server as (new .h5ad file)")
-        self.path = pn.widgets.TextInput(name=label, value=_default_save_path(state), sizing_mode="stretch_width")
-        self.save = pn.widgets.Button(name="Save .h5ad", button_type="primary", width=120, margin=(23, 5, 5, 5))
+        self.path = pn.widgets.TextInput(label=label, value=_default_save_path(state), sizing_mode="stretch_width")
+        self.save = pn.widgets.Button(label="Save .h5ad", color="primary", width=120, margin=(23, 5, 5, 5))
         self.saved = pn.pane.Markdown("")
-        self.prepare = pn.widgets.Button(name="Prepare .h5ad download", button_type="light", width=200)
+        self.prepare = pn.widgets.Button(label="Prepare .h5ad download", color="light", width=200)
         self.download_job = Job()
         self.h5ad_download = pn.widgets.FileDownload(filename=f"{_stem(state)}_lexicell.h5ad", label="Download .h5ad",
-                                                     button_type="success", width=260, visible=False)
+                                                     color="success", width=260, visible=False)
         self.png_download = pn.widgets.FileDownload(callback=self._png, filename=f"{_stem(state)}_map.png",
-                                                    label="Map PNG", button_type="light", width=180)
+                                                    label="Map PNG", color="light", width=180)
         self.save.on_click(self._save)
         self.prepare.on_click(self._prepare_download)
         self.tables = [

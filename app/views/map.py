@@ -44,16 +44,16 @@ class MapView(StateView):
         super().__init__(state, **params)
         st = self.state
         self.job = Job()
-        self.layout_select = pn.widgets.Select(name="Layout (obsm)", options=st.layouts(),
+        self.layout_select = pn.widgets.Select(label="Layout (obsm)", options=st.layouts(),
                                                value=st.layout_key, sizing_mode="stretch_width")
-        self.color_select = pn.widgets.Select(name="Colour by", options=st.color_options(), value=st.color_by,
+        self.color_select = pn.widgets.Select(label="Colour by", options=st.color_options(), value=st.color_by,
                                               sizing_mode="stretch_width")
         self.gene_input = pn.widgets.AutocompleteInput(
-            name="Gene expression", options=st.gene_names(), case_sensitive=False, search_strategy="includes",
+            label="Gene expression", options=st.gene_names(), case_sensitive=False, search_strategy="includes",
             min_characters=1, restrict=False, placeholder="type a gene, e.g. CD3D", sizing_mode="stretch_width")
-        self.category_select = pn.widgets.MultiChoice(name="Select cells of category", options=[],
+        self.category_select = pn.widgets.MultiChoice(label="Select cells of category", options=[],
                                                       sizing_mode="stretch_width", visible=False)
-        self.clear_button = pn.widgets.Button(name="Clear selection", button_type="default", width=130)
+        self.clear_button = pn.widgets.Button(label="Clear selection", color="default", width=130)
         self.count = pn.pane.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
         # two map panes, one for continuous colourings (queries, genes, perturbation) and one for the others
         # (categories, density): switching between a query and zero-shot labels shows the other pane instead

@@ -18,21 +18,21 @@ class PerturbView(StateView):
         super().__init__(state, **params)
         self.job = Job(cancellable=True)
         self.scan_job = Job(cancellable=True)
-        self.genes = pn.widgets.MultiChoice(name="Genes to perturb", options=state.model_genes(), max_items=50,
+        self.genes = pn.widgets.MultiChoice(label="Genes to perturb", options=state.model_genes(), max_items=50,
                                             sizing_mode="stretch_width", placeholder="type gene symbols")
-        self.mode = pn.widgets.RadioButtonGroup(name="Mode", options=["delete", "overexpress"], value="delete",
+        self.mode = pn.widgets.RadioButtonGroup(label="Mode", options=["delete", "overexpress"], value="delete",
                                                 margin=(23, 5, 5, 5))
-        self.goal = pn.widgets.AutocompleteInput(name="Goal state (label, optional)", options=[], restrict=False,
+        self.goal = pn.widgets.AutocompleteInput(label="Goal state (label, optional)", options=[], restrict=False,
                                                  min_characters=0, case_sensitive=False, width=240,
                                                  placeholder="e.g. B cell")
-        self.run_button = pn.widgets.Button(name="Perturb", button_type="primary", width=110, margin=(23, 5, 5, 5))
+        self.run_button = pn.widgets.Button(label="Perturb", color="primary", width=110, margin=(23, 5, 5, 5))
         self.scope = pn.pane.Markdown("")
         self.hist = pn.pane.HoloViews(None, width=460, height=320)
         self.summary = pn.pane.Markdown("")
         self.cells_table = table_widget(height=320, page_size=10)
-        self.scan_cells = pn.widgets.IntInput(name="Max cells", value=200, start=10, end=5000, step=50, width=110)
-        self.scan_genes = pn.widgets.IntInput(name="Max genes", value=50, start=5, end=2000, step=10, width=110)
-        self.scan_button = pn.widgets.Button(name="Scan genes", button_type="primary", width=120, margin=(23, 5, 5, 5))
+        self.scan_cells = pn.widgets.IntInput(label="Max cells", value=200, start=10, end=5000, step=50, width=110)
+        self.scan_genes = pn.widgets.IntInput(label="Max genes", value=50, start=5, end=2000, step=10, width=110)
+        self.scan_button = pn.widgets.Button(label="Scan genes", color="primary", width=120, margin=(23, 5, 5, 5))
         self.scan_table = table_widget(height=360, page_size=12)
         self.scan_holder = pn.Column(self.scan_table, sizing_mode="stretch_width")
         self.cells_csv = csv_download(lambda: self.state.perturb_table, "perturbation_cells.csv", "Per-cell CSV")

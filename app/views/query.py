@@ -19,13 +19,13 @@ class QueryView(StateView):
         super().__init__(state, **params)
         self.job = Job(quick=True)
         self.text = pn.widgets.TextInput(
-            name="Describe the cells you are looking for",
+            label="Describe the cells you are looking for",
             placeholder='e.g. "B cells", "T cells MINUS regulatory T cells"', sizing_mode="stretch_width")
-        self.search = pn.widgets.Button(name="Search cells", button_type="primary", width=130, margin=(23, 5, 5, 5))
-        self.examples = pn.widgets.Select(name="Examples", options=[""] + EXAMPLES, width=230)
-        self.history = pn.widgets.Select(name="History (click to go back)", options=[], sizing_mode="stretch_width")
-        self.keep_name = pn.widgets.TextInput(name="Column name (optional)", placeholder="score_<query>", width=200)
-        self.keep = pn.widgets.Button(name="Keep as obs column", button_type="default", width=160, margin=(23, 5, 5, 5))
+        self.search = pn.widgets.Button(label="Search cells", color="primary", width=130, margin=(23, 5, 5, 5))
+        self.examples = pn.widgets.Select(label="Examples", options=[""] + EXAMPLES, width=230)
+        self.history = pn.widgets.Select(label="History (click to go back)", options=[], sizing_mode="stretch_width")
+        self.keep_name = pn.widgets.TextInput(label="Column name (optional)", placeholder="score_<query>", width=200)
+        self.keep = pn.widgets.Button(label="Keep as obs column", color="default", width=160, margin=(23, 5, 5, 5))
         self.timing = pn.pane.Markdown("", margin=(0, 5))
         self._syncing = False
 

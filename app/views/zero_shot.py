@@ -46,30 +46,30 @@ class ZeroShotView(StateView):
         super().__init__(state, **params)
         self.job = Job()
         first = next(iter(LABEL_SETS))
-        self.label_set = pn.widgets.Select(name="Label set", options=list(LABEL_SETS) + [CUSTOM], value=first, width=240)
-        self.labels = pn.widgets.TextAreaInput(name="Labels (one per line, editable)", value="\n".join(label_names(first)),
+        self.label_set = pn.widgets.Select(label="Label set", options=list(LABEL_SETS) + [CUSTOM], value=first, width=240)
+        self.labels = pn.widgets.TextAreaInput(label="Labels (one per line, editable)", value="\n".join(label_names(first)),
                                                height=200, sizing_mode="stretch_width")
         templates = dict(engine.TEMPLATES)
-        self.template = pn.widgets.Select(name="Template", options=list(templates) + ["custom"],
+        self.template = pn.widgets.Select(label="Template", options=list(templates) + ["custom"],
                                           value=LABEL_SETS[first]["template"] if LABEL_SETS[first]["template"] in templates else "custom",
                                           width=160)
-        self.custom_template = pn.widgets.TextInput(name="Custom template ({label}, {definition})",
+        self.custom_template = pn.widgets.TextInput(label="Custom template ({label}, {definition})",
                                                     value="A sample of {label}", width=300)
         self.template_text = pn.pane.Markdown("", margin=(0, 5))
-        self.smooth = pn.widgets.Checkbox(name="Smooth over neighbours", value=state.zs_smooth, margin=(8, 5, 0, 5))
+        self.smooth = pn.widgets.Checkbox(label="Smooth over neighbours", value=state.zs_smooth, margin=(8, 5, 0, 5))
         self.smooth_help = pn.widgets.TooltipIcon(
             value="Score each cell's embedding averaged with its 15 nearest neighbours (label-free; fewer isolated "
                   "mislabelled cells, but populations of under ~15 cells blur into their neighbours).",
             margin=(8, 0, 0, 0))
-        self.run_button = pn.widgets.Button(name="Label cells", button_type="primary", width=130)
+        self.run_button = pn.widgets.Button(label="Label cells", color="primary", width=130)
         self.summary = table_widget(height=260, page_size=10)
-        self.truth = pn.widgets.Select(name="Ground-truth column", options=[NO_TRUTH] + state.truth_columns(), width=220)
-        self.eval_button = pn.widgets.Button(name="Evaluate", button_type="default", width=110, margin=(23, 5, 5, 5))
+        self.truth = pn.widgets.Select(label="Ground-truth column", options=[NO_TRUTH] + state.truth_columns(), width=220)
+        self.eval_button = pn.widgets.Button(label="Evaluate", color="default", width=110, margin=(23, 5, 5, 5))
         self.metrics = table_widget(height=260, page_size=12, layout="fit_columns")
         self.confusion = pn.pane.HoloViews(None, width=560, height=460)
         self.eval_info = pn.pane.Markdown("", css_classes=["eval-info"])
-        self.accept_name = pn.widgets.TextInput(name="Accept as obs column", value="zero_shot", width=200)
-        self.accept = pn.widgets.Button(name="Accept labels", button_type="success", width=130, margin=(23, 5, 5, 5))
+        self.accept_name = pn.widgets.TextInput(label="Accept as obs column", value="zero_shot", width=200)
+        self.accept = pn.widgets.Button(label="Accept labels", color="success", width=130, margin=(23, 5, 5, 5))
         self.definitions = table_widget(height=220, page_size=8, layout="fit_columns")
         self.definitions_card = pn.Card(self.definitions, title="Cell Ontology definitions", collapsed=True,
                                         sizing_mode="stretch_width")
