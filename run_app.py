@@ -4,6 +4,7 @@
     python run_app.py --data my.h5ad [--model DIR] [--port 5006] [--host 0.0.0.0] [--no-show]
     python run_app.py --data my.h5ad --host 0.0.0.0 --basic-auth PASSWORD_OR_FILE --cookie-secret S
     python run_app.py --data my.h5ad --save-dir /srv/lexicell-exports  # the only folder browsers write to
+    python run_app.py atlas.h5ad --backed --embeddings atlas.embeds.zarr  # X on disk, precomputed embeddings
     panel serve run_app.py --args --data my.h5ad       # the same, through Panel's own server
 
 This file is the only place that wires the command line to the app (``app.build_app``) and the server
@@ -25,7 +26,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="run_app.py", description="Lexicell: explore single cells in plain language.")
+    p.add_argument("dataset", nargs="?", metavar="DATA", help="dataset (the same as --data)")
     p.add_argument("--data", help="dataset (.h5ad, 10x .h5/.mtx folder, table); default: the bundled demo")
+    p.add_argument("--backed", action="store_true",
+                   help="large .h5ad/.zarr: keep X on disk (read in row chunks) and serve precomputed embeddings "
+                        "(--embeddings, or obsm['transcriptome_embeds'] in the file); they are never computed at "
+                        "page load: run python -m engine.embed DATA --out STORE first")
+    p.add_argument("--embeddings", metavar="STORE",
+                   help="with --backed: zarr store of embeddings written by python -m engine.embed")
     p.add_argument("--model", help="model folder (native Lexicell format); default: the bundled default model")
     p.add_argument("--name", help="dataset name shown in the page")
     p.add_argument("--port", type=int, default=5006, help="port (0 = any free port)")
@@ -56,7 +64,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "once, one per session, and more threads per operation make them contend for the cores; "
                         "a single user embedding a large dataset may gain from 2-4)")
     p.add_argument("--verbose", action="store_true", help="log what the engine does")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dataset and args.data and args.dataset != args.data:
+        p.error("give the dataset once: DATA or --data")
+    args.data = args.data or args.dataset
+    if args.embeddings and not args.backed:
+        p.error("--embeddings needs --backed (an in-memory dataset embeds itself, with a cache)")
+    if args.backed and not args.data:
+        p.error("--backed needs a dataset file (DATA)")
+    return args
+
+
+def check_backed(args: argparse.Namespace) -> str | None:
+    """A message when ``--backed`` cannot serve ``args.data`` (no embeddings anywhere), else None.
+
+    Checked before the server starts, by looking into the file (nothing is read): the page would otherwise
+    say the same to every visitor.
+    """
+    if not args.backed or args.embeddings:
+        if args.embeddings and not Path(args.embeddings).expanduser().exists():
+            return f"--embeddings {args.embeddings}: no such store (python -m engine.embed {args.data} --out STORE)"
+        return None
+    p = Path(args.data).expanduser()
+    if p.suffix != ".h5ad" or not p.is_file():
+        return None  # zarr stores and the rest: the page reports what is missing
+    import h5py
+
+    with h5py.File(p, "r") as f:
+        if "obsm" in f and "transcriptome_embeds" in f["obsm"]:
+            return None
+    from app.cache import missing_embeddings_error
+
+    return str(missing_embeddings_error(args.data))
 
 
 def save_dir(args: argparse.Namespace) -> str:
@@ -74,7 +113,7 @@ def make_app_factory(args: argparse.Namespace):
 
     def factory():
         return build_app(args.data, args.model, name=args.name, save_dir=folder,
-                         max_download_mb=args.max_download_mb)
+                         max_download_mb=args.max_download_mb, backed=args.backed, embeddings=args.embeddings)
 
     return factory
 
@@ -124,8 +163,9 @@ def warm_up(args: argparse.Namespace) -> None:
     import threading
 
     from app import cache
+    from engine.tools.layout import LARGE_LAYOUT_FROM
 
-    data_future = cache.dataset_future(args.data)
+    data_future = cache.dataset_future(args.data, backed=args.backed, embeddings=args.embeddings, model=args.model)
     log = logging.getLogger("lexicell")
 
     def plots():
@@ -145,8 +185,10 @@ def warm_up(args: argparse.Namespace) -> None:
             if job is not None:
                 job.future.result()
             # the neighbour graph behind smoothed zero-shot labels (compiles numba kernels: ~15 s once per
-            # process, holding the interpreter), so no user's first zero-shot run freezes every page
-            cache.smoothed_key(adata, None, model)
+            # process, holding the interpreter), so no user's first zero-shot run freezes every page; an atlas
+            # served backed starts with smoothing off (its graph takes minutes), computed when a user asks
+            if not (args.backed and adata.n_obs >= LARGE_LAYOUT_FROM):
+                cache.smoothed_key(adata, None, model)
         except Exception as err:  # noqa: BLE001 - the page shows errors to the user
             log.warning("warm-up: %s", err)
 
@@ -165,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     from app.files import clean_stale_partials, ensure_dir
     from engine.errors import LexicellError
 
+    problem = check_backed(args)
+    if problem:
+        print(f"Lexicell: {problem}", file=sys.stderr, flush=True)
+        return 2
     folder = save_dir(args)
     try:
         clean_stale_partials(ensure_dir(folder))  # created with the process's umask

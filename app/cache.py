@@ -22,7 +22,7 @@ import anndata as ad
 
 import engine
 from engine.tools.embed import EMBED_KEY, SMOOTH_KEY
-from engine.errors import CancelledError, LexicellError
+from engine.errors import CancelledError, LexicellError, MissingEmbeddingError
 
 __all__ = [
     "EMBED_KEY",
@@ -31,6 +31,7 @@ __all__ = [
     "get_dataset",
     "model_future",
     "dataset_future",
+    "open_backed",
     "embedding_job",
     "session_adata",
     "layout_keys",
@@ -84,15 +85,66 @@ def model_future(path=None) -> Future:
         return _models[key]
 
 
-def dataset_future(path=None) -> Future:
-    """Future of the dataset at ``path`` (None: the demo, scanpy's pbmc68k_reduced), read once per process."""
+def dataset_future(path=None, *, backed: bool = False, embeddings=None, model=None) -> Future:
+    """Future of the dataset at ``path`` (None: the demo, scanpy's pbmc68k_reduced), read once per process.
+
+    ``backed``: open the file backed (``X`` stays on disk, see :func:`open_backed`) with the embeddings of
+    ``embeddings`` (a store of ``python -m engine.embed``) or of its own ``obsm``, checked against the model at
+    ``model`` (a path; None: the default model).
+    """
     key = _key(path, DEMO)
+    if backed and key != DEMO:
+        store = None if embeddings is None else _key(embeddings, "")
+        fut_key = f"{key}#backed#{store or ''}#{_key(model, 'default')}"
+        reader = partial(open_backed, key, store, model)
+    else:
+        fut_key = key
+        reader = engine.demo_dataset if key == DEMO else partial(engine.read, key)
     with _lock:
-        _retry_failed(_datasets, key)
-        if key not in _datasets:
-            reader = engine.demo_dataset if key == DEMO else partial(engine.read, key)
-            _datasets[key] = _executor.submit(_timed, f"read dataset {key}", reader)
-        return _datasets[key]
+        _retry_failed(_datasets, fut_key)
+        if fut_key not in _datasets:
+            _datasets[fut_key] = _executor.submit(_timed, f"read dataset {fut_key}", reader)
+        return _datasets[fut_key]
+
+
+def open_backed(path, store=None, model=None) -> ad.AnnData:
+    """Open a large dataset for serving: ``X`` stays on disk, embeddings and layout come precomputed.
+
+    The file is opened read-only and backed (:func:`engine.read`); the embeddings are read from ``store``
+    (:func:`engine.read_embeddings`, checked against the model) or taken from the file's own
+    ``obsm['transcriptome_embeds']``; they are never computed here (embedding an atlas takes hours at page
+    load; ``python -m engine.embed`` does it once, resumably). Without ``obsm['X_umap']`` a UMAP is computed once
+    (:func:`engine.umap`: above 200,000 cells fitted on a sample). The result is shared read-only by every
+    session (:func:`session_adata`).
+
+    Raises
+    ------
+    MissingEmbeddingError
+        No store given and no embeddings in the file (the message says which command computes them).
+    engine.errors.ModelMismatchError
+        The embeddings belong to another dataset or model.
+    """
+    adata = engine.read(path, backed=True)
+    model_obj = model_future(model).result()
+    if store is not None:
+        engine.read_embeddings(adata, store, model=model_obj)
+    elif EMBED_KEY in adata.obsm:
+        engine.get_embeds(adata, model_obj)  # raises when they belong to another model
+    else:
+        raise missing_embeddings_error(path)
+    if "X_umap" not in adata.obsm:
+        engine.umap(adata, keep_existing=True, progress=False)
+    return adata
+
+
+def missing_embeddings_error(path) -> MissingEmbeddingError:
+    """The error shown when a backed dataset is served without precomputed embeddings."""
+    name = Path(str(path)).name
+    return MissingEmbeddingError(
+        "This large dataset is served backed and has no precomputed embeddings", found=f"no obsm['{EMBED_KEY}'] in "
+        f"{name} and no --embeddings store", expected="embeddings computed once, before serving",
+        fix=f"run  python -m engine.embed {path} --out {name}.embeds.zarr  first, then  python run_app.py {path} "
+            f"--backed --embeddings {name}.embeds.zarr")
 
 
 def get_model(path=None):
@@ -213,6 +265,9 @@ def embedding_job(adata: ad.AnnData, model) -> EmbeddingJob | None:
     """
     if has_embeddings(adata, model) and layout_keys(adata):
         return None
+    if engine.is_backed(adata) and not has_embeddings(adata, model):
+        # never embed a backed atlas at page load (hours): it is done once by python -m engine.embed
+        raise missing_embeddings_error(adata.filename or "DATA")
     key = (id(adata), model.fingerprint())
     with _lock:
         job = _jobs.get(key)
@@ -226,7 +281,8 @@ def session_adata(base: ad.AnnData) -> ad.AnnData:
     """A per-session AnnData sharing ``X``, ``raw``, ``var``, layers and arrays with ``base``.
 
     ``obs`` is a copy and ``uns``/``obsm``/``obsp`` are new containers, so columns and keys a session adds
-    (query scores, labels, DE groups) stay in that session.
+    (query scores, labels, DE groups) stay in that session. A backed ``base`` stays backed: the session's ``X`` is
+    the same on-disk matrix (``engine.is_backed`` is True for it), never read into memory here.
     """
     return ad.AnnData(
         X=base.X,

@@ -68,7 +68,12 @@ class EmbeddingStatus(pn.viewable.Viewer):
         """Wait for the model (if loading), then for the embeddings, without blocking the event loop."""
         ex = self.explorer
         if ex.state.model is not None:
-            self.job = cache.embedding_job(ex.base, ex.state.model)
+            try:
+                self.job = cache.embedding_job(ex.base, ex.state.model)
+            except LexicellError as err:  # e.g. a backed atlas without precomputed embeddings
+                self.job = None
+                self._fail(err, "The embeddings are missing.")
+                return
             if self.job is None:
                 ex.state.attach_embeddings(ex.base)
                 ex.state.notify_data_warnings()
@@ -137,13 +142,13 @@ class EmbeddingStatus(pn.viewable.Viewer):
         if isinstance(err, CancelledError):
             self.alert.param.update(object="Embedding was cancelled; queries need embeddings.", alert_type="warning",
                                     visible=True)
-            self.retry.visible = self.explorer.state.model is not None
+            self.retry.visible = self.explorer.state.model is not None and not self.explorer.state.backed
             return
         msg = str(err) if isinstance(err, LexicellError) else f"Unexpected error ({type(err).__name__}): {err}"
         if not isinstance(err, LexicellError):
             log.error("%s", what, exc_info=err)
         self.alert.param.update(object=f"{plain(what)} {plain(msg)}", alert_type="danger", visible=True)
-        self.retry.visible = self.explorer.state.model is not None
+        self.retry.visible = self.explorer.state.model is not None and not self.explorer.state.backed
 
     def _finish(self) -> None:
         st = self.explorer.state
@@ -375,11 +380,18 @@ def _chain(source: Future, target: Future) -> None:
 
 
 def build_app(data: str | None = None, model: str | None = None, *, name: str | None = None,
-              save_dir: str | None = None, max_download_mb: float = 200):
+              save_dir: str | None = None, max_download_mb: float = 200, backed: bool = False,
+              embeddings: str | None = None):
     """Build one session's page for the shared dataset at ``data`` (None: demo) and model at ``model``.
 
     ``save_dir`` is the only folder the page writes to (default: ``lexicell-exports/`` beside the data, see
     :func:`app.files.default_save_dir`); the browser chooses file names only.
+
+    ``backed`` (``run_app.py --backed``): the file is opened once per process with ``X`` on disk and
+    precomputed embeddings (``embeddings``: a store of ``python -m engine.embed``, else the file's own
+    ``obsm['transcriptome_embeds']``), see :func:`app.cache.open_backed`. Every session shares that one
+    read-only dataset; a session's results (query scores, labels, kept columns) live in its own state and
+    ``obs`` copy.
 
     The page is returned at once; the dataset is awaited without blocking the server (other sessions stay
     responsive while a large dataset loads), the map is drawn from its own layout, and only then is the
@@ -390,7 +402,7 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     panel.template.FastListTemplate
     """
     ensure_extensions()
-    data_future = cache.dataset_future(data)
+    data_future = cache.dataset_future(data, backed=backed, embeddings=embeddings, model=model)
     if name is None:
         name = "pbmc68k_reduced (demo)" if data is None else str(data).rstrip("/").rsplit("/", 1)[-1]
     input_path = None if data is None else str(data)

@@ -465,3 +465,78 @@ def test_building_the_page_emits_no_deprecation_warnings(demo, tmp_path):
            and (w.filename.startswith(app_dir) or any(f"/{lib}/" in w.filename for lib in libs)
                 or any(lib in str(w.message).lower() for lib in libs))]
     assert bad == [], "\n".join(bad)
+
+
+# ---------------------------------------------------------------------- serving a backed atlas (run_app.py --backed)
+@pytest.fixture
+def backed_atlas(tmp_path, tiny_model):
+    """A 2,000-cell .h5ad on disk, its embeddings precomputed into a store (as python -m engine.embed does)."""
+    import anndata as ad
+    from conftest import GENES, make_counts
+
+    n = 2000
+    obs = pd.DataFrame({"group": pd.Categorical(["B"] * (n // 2) + ["T"] * (n // 2))},
+                       index=[f"cell{i}" for i in range(n)])
+    mem = ad.AnnData(X=make_counts(n), obs=obs, var=pd.DataFrame(index=GENES))
+    path, store = tmp_path / "atlas.h5ad", tmp_path / "atlas.embeds.zarr"
+    mem.write_h5ad(path)
+    engine.embed_cells(engine.read(path, backed=True), tiny_model, store=str(store), progress=False)
+    return path, store, mem
+
+
+def test_backed_atlas_is_served_without_loading_x(backed_atlas, tiny_model, tmp_path, monkeypatch):
+    """run_app.py --backed: one shared backed dataset with precomputed embeddings; a query, zero-shot, gene
+    colouring (equal to the in-memory values), DE on a selection, kept columns per session; saving refused;
+    the matrix is never read whole."""
+    from anndata._core.sparse_dataset import BaseCompressedSparseDataset
+
+    from app import cache
+    from app.layout import Explorer
+    from app.state import GENE, QUERY
+    from app.views.map import MapView
+
+    path, store, mem = backed_atlas
+
+    def whole(self, *a, **k):
+        raise AssertionError("the backed matrix was read whole")
+
+    monkeypatch.setattr(BaseCompressedSparseDataset, "to_memory", whole)
+    cache.put_model("tiny-backed-model", tiny_model)
+    base = cache.dataset_future(str(path), backed=True, embeddings=str(store), model="tiny-backed-model").result()
+    assert base.isbacked and "X_umap" in base.obsm and cache.has_embeddings(base, tiny_model)
+    ex = Explorer(base, tiny_model, name="atlas", save_dir=str(tmp_path / "exports"))
+    st = ex.state
+    assert st.backed and st.embeds_ready and engine.is_backed(st.adata)  # the session shares the on-disk matrix
+    st.run_query("B cells")
+    assert st.color_by == QUERY and st.map_frame()[0]["color"].notna().all()
+    probs = st.run_zero_shot(["B cell", "T cell"])
+    assert probs.shape == (2000, 2)
+    asyncio.run(MapView(st).load_gene("cd3d"))  # the gene box of a backed page reads off the event loop
+    assert st.gene == "CD3D" and st.color_by == GENE
+    np.testing.assert_array_equal(st.color_spec().values, mem.X[:, mem.var_names.get_loc("CD3D")].toarray().ravel())
+    st.param.update(selection=np.arange(0, 2000, 3))
+    de = st.run_de(n=50, within_selection=True)
+    mask = st.selection_mask()
+    expected = engine.de_top_vs_bottom(mem, np.asarray(st.scores, dtype=np.float64), within=mask, n=50)
+    assert list(de["gene"][:10]) == list(expected["gene"][:10])
+    key = st.keep_query("kept_b")
+    st.accept_labels("labels_b")
+    assert key in st.adata.obs and key not in base.obs and "labels_b" not in base.obs
+    with pytest.raises(DataError, match="backed"):
+        st.save_h5ad("atlas_out")
+    assert not list((tmp_path / "exports").glob("*.h5ad"))
+    assert base.isbacked and engine.is_backed(st.adata)
+
+
+def test_backed_atlas_without_embeddings_says_what_to_run(backed_atlas, tiny_model):
+    import run_app
+    from app import cache
+
+    path, _, _ = backed_atlas
+    cache.put_model("tiny-backed-model", tiny_model)
+    with pytest.raises(LexicellError, match="python -m engine.embed"):
+        cache.open_backed(str(path), None, "tiny-backed-model")
+    args = run_app.parse_args([str(path), "--backed"])
+    assert args.data == str(path) and "python -m engine.embed" in run_app.check_backed(args)
+    with pytest.raises(SystemExit):
+        run_app.parse_args([str(path), "--embeddings", "x.zarr"])  # --embeddings needs --backed

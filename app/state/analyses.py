@@ -119,9 +119,13 @@ class AnalysisMixin:
                    source: str = QUERY) -> pd.DataFrame:
         """Top-vs-bottom DE by the current score (engine.de_top_vs_bottom)."""
         scores, _ = self.ranking_scores(source)
+        scores = np.asarray(scores, dtype=np.float64)
         within = self._selected_or_raise("DE inside the selection") if within_selection else None
         kw = {"fraction": fraction} if fraction else {"n": int(n or 100)}
-        return engine.de_top_vs_bottom(self.adata, np.asarray(scores, dtype=np.float64), within=within, **kw)
+        if within is not None and self.backed:
+            # only the selected cells' rows are read from disk (engine.selection_adata), then DE in memory
+            return engine.de_top_vs_bottom(engine.selection_adata(self.adata, within), scores[within], **kw)
+        return engine.de_top_vs_bottom(self.adata, scores, within=within, **kw)
 
     def apply_de(self, table: pd.DataFrame) -> None:
         self.param.update(de_table=table, enrich_table=None)

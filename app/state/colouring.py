@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+import engine
 from engine.errors import DataError, MissingKeyError, QueryError
 
 from ..plots import MAX_CATEGORIES, ColorSpec, category_colors, cell_frame, map_png, symmetric_clim
@@ -125,20 +126,23 @@ class ColouringMixin:
         return sorted(dict.fromkeys(map(str, names)))
 
     def gene_values(self, gene: str) -> np.ndarray:
-        """``(n_cells,)`` float32 expression of one gene (``raw`` when present, else ``X``).
+        """``(n_cells,)`` float32 expression of one gene (``raw`` when present, else ``X``; :func:`engine.gene_values`).
+
+        A backed matrix is read in row chunks, never whole; the last gene's values are kept for redraws.
 
         Raises
         ------
         MissingKeyError
             When the gene is unknown (close matches are suggested).
         """
-        for source in ((self.adata.raw,) if self.adata.raw is not None else ()) + (self.adata,):
-            names = source.var_names
-            if gene in names:
-                j = int(names.get_loc(gene))
-                col = source.X[:, j]
-                col = col.toarray() if hasattr(col, "toarray") else np.asarray(col)
-                return np.asarray(col, dtype=np.float32).ravel()
+        cached = self._gene_cache
+        if cached is not None and cached[0] == gene:
+            return cached[1]
+        known = self.adata.var_names if self.adata.raw is None else self.adata.raw.var_names.union(self.adata.var_names)
+        if gene in known:
+            values = engine.gene_values(self.adata, gene)  # raw first; streamed in row chunks when backed
+            self._gene_cache = (gene, values)
+            return values
         import difflib
 
         close = difflib.get_close_matches(gene.upper(), [g.upper() for g in self.gene_names()], n=5)
@@ -148,15 +152,20 @@ class ColouringMixin:
 
     def set_gene(self, gene: str) -> None:
         """Colour the map by a gene's expression."""
-        gene = (gene or "").strip()
+        gene = self.resolve_gene(gene)
         if not gene:
             raise QueryError("No gene given", found="an empty gene box", expected="a gene symbol such as CD3D")
-        if gene not in self.gene_names():
-            matches = [g for g in self.gene_names() if g.upper() == gene.upper()]
-            gene = matches[0] if matches else gene
-        self.gene_values(gene)  # raises for unknown genes
+        self.gene_values(gene)  # raises for unknown genes (kept for the redraw)
         self.gene = gene
         self.set_color(GENE)
+
+    def resolve_gene(self, gene: str) -> str:
+        """The dataset's spelling of ``gene`` (case-insensitive match), stripped; ``gene`` itself when unknown."""
+        gene = (gene or "").strip()
+        if gene and gene not in self.gene_names():
+            matches = [g for g in self.gene_names() if g.upper() == gene.upper()]
+            gene = matches[0] if matches else gene
+        return gene
 
 
     def map_png(self, width: int = 900, height: int = 800) -> bytes:

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import param
 
+import engine
 from engine.errors import MissingEmbeddingError
+from engine.tools.layout import LARGE_LAYOUT_FROM
 
 from .. import cache
 from .analyses import AnalysisMixin
@@ -75,9 +77,18 @@ class AppState(ColouringMixin, QueryMixin, AnalysisMixin, ExportMixin, param.Par
         super().__init__(adata=adata, model=model, **params)
         self._base: ad.AnnData | None = None  # the shared dataset, once attach_embeddings has seen it
         self._download_dir = None  # Jupyter downloads: a temporary folder of this session
+        self._gene_cache: tuple[str, np.ndarray] | None = None  # the last gene's values (streamed when backed)
         self._refresh_layouts()
         self.color_by = self.default_color()
         self.embeds_ready = cache.has_embeddings(adata, model)
+        if self.backed and adata.n_obs >= LARGE_LAYOUT_FROM and "zs_smooth" not in params:
+            # the neighbour graph of an atlas takes minutes: smoothing is the user's choice there
+            self.zs_smooth = False
+
+    @property
+    def backed(self) -> bool:
+        """Whether the expression matrix stays on disk (``run_app.py --backed``); then nothing loads it whole."""
+        return engine.is_backed(self.adata) if self.adata is not None else False
 
     def set_model(self, model) -> None:
         """Attach the model once it is loaded (the map works without it)."""

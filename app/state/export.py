@@ -18,8 +18,25 @@ __all__ = ["ExportMixin"]
 class ExportMixin:
     """Export, save, download and data warnings of an :class:`~app.state.AppState`."""
 
+    def _refuse_backed(self) -> None:
+        """Writing an .h5ad copies ``X``: for a backed atlas that would read the whole matrix, so it is refused."""
+        if getattr(self, "backed", False):
+            raise DataError(
+                "This dataset is served backed (its expression stays on disk), so the page does not write it to a "
+                "new .h5ad", found=f"a backed dataset of {self.n_cells:,} cells",
+                expected="an in-memory dataset",
+                fix="download the cell table (obs CSV) and the query scores or zero-shot probabilities CSV below; "
+                    "or annotate the file in Python with engine.read(path, backed=True)")
+
     def export_adata(self) -> ad.AnnData:
-        """A writeable shallow copy of the session's dataset (uns cleaned of values h5ad cannot store)."""
+        """A writeable shallow copy of the session's dataset (uns cleaned of values h5ad cannot store).
+
+        Raises
+        ------
+        DataError
+            For a backed dataset (writing would load its whole matrix).
+        """
+        self._refuse_backed()
         out = cache.session_adata(self.adata)
         out.uns = _h5ad_safe(dict(self.adata.uns))
         return out
@@ -45,10 +62,11 @@ class ExportMixin:
         ------
         DataError
             When no usable name is given; when ``path`` is the input file or already exists (Jupyter); when the
-            folder is missing or writing fails (disk full, unwritable folder).
+            folder is missing or writing fails (disk full, unwritable folder); for a backed dataset.
         """
         if not str(path).strip():
             raise DataError("No file name given", found="an empty path", expected="a new .h5ad file name")
+        self._refuse_backed()
         if self.save_dir:
             folder = files.ensure_dir(self.save_dir)
             files.clean_stale_partials(folder)
@@ -119,6 +137,7 @@ class ExportMixin:
         DataError
             When writing fails (see :meth:`save_h5ad`).
         """
+        self._refuse_backed()
         name = name or f"{_file_stem(self)}_lexicell.h5ad"
         if self.save_dir:
             return self.save_h5ad(name)
@@ -149,6 +168,7 @@ class ExportMixin:
         if self._download_dir is not None:
             self._download_dir.cleanup()
             self._download_dir = None
+        self._gene_cache = None
 
 
 

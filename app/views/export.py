@@ -69,6 +69,9 @@ class ExportView(StateView):
     def __panel__(self):
         where = ("Files go to the server's export folder; you choose the name only."
                  if self.state.save_dir else "")
+        if self.state.backed:
+            where += (" This dataset is served backed (its expression stays on disk): the page does not write it "
+                      "as .h5ad; use the tables below.")
         return pn.Column(
             pn.pane.Markdown("The dataset is never overwritten: results are written to a **new** file. Kept query "
                              "scores, accepted labels and DE groups are obs columns of this session only. " + where),

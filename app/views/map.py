@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 
 import holoviews as hv
@@ -136,8 +137,19 @@ class MapView(StateView):
             self.state.set_color(event.new)
 
     def _on_gene(self, event):
-        if event.new:
+        if not event.new:
+            return
+        if self.state.backed:  # the column is streamed from disk (seconds on an atlas): off the event loop
+            pn.state.execute(partial(self.load_gene, event.new))
+        else:
             self.job.guard(lambda: self.state.set_gene(event.new))
+
+    async def load_gene(self, gene: str) -> bool:
+        """Read ``gene``'s values off the event loop, then colour the map by them (backed datasets)."""
+        st = self.state
+        name = st.resolve_gene(gene)
+        return await self.job.run(lambda: st.gene_values(name), lambda _: st.set_gene(name),
+                                  label=f"Reading {name}", disable=[self.gene_input])
 
     def _on_category(self, event):
         if event.new and not self._syncing:
