@@ -275,6 +275,7 @@ class Explorer(pn.viewable.Viewer):
             st.param.update(history=[], scores=None, selection=None, selection_geometry=None, zs_probs=None,
                             evaluation=None, description=None, de_table=None, enrich_table=None,
                             perturb_table=None, perturb_values=None, scan_table=None, adata=None)
+        self.map.close()
         self.base = None
         self.model_future = None
 

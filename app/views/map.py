@@ -335,6 +335,19 @@ class MapView(StateView):
         slot.outline.send(self.state.selection_geometry)
         self._after_draw(spec)
 
+    def close(self) -> None:
+        """Drop the plots and detach the selection streams (a closed session's view must not stay reachable).
+
+        HoloViews keeps the streams of a rendered plot in its own registries; their subscribers are this view's
+        methods, so without this a closed session's view and state would live as long as those registries.
+        """
+        for slot in self._slots.values():
+            for s in slot.streams:
+                s.clear()
+                s.source = None
+            slot.streams = []
+            slot.pipe = slot.outline = slot.key = None
+
     def _set_categories(self, spec) -> None:
         """The "select cells of category" menu follows a categorical colouring."""
         cats = [str(c) for c in spec.values.categories] if spec.kind == "categorical" else []
