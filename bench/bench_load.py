@@ -97,6 +97,18 @@ async def _check_page(page, idx: int, st: Stats, what: str) -> None:
         st.isolation.append(f"client {idx:02d} {what}: sees client(s) {sorted(others)}")
 
 
+async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: Stats, what: str) -> bool:
+    """Open ``tab``, click ``button`` and wait for ``done_text``; an error is counted, not raised."""
+    try:
+        await page.locator(".bk-tab", has_text=tab).first.click()
+        await page.get_by_role("button", name=button).click()
+        await page.get_by_text(done_text).first.wait_for(state="visible")
+        return True
+    except Exception as err:  # noqa: BLE001 - counted
+        st.errors.append(f"client {idx:02d} {what}: {type(err).__name__}")
+        return False
+
+
 async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int) -> None:
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
     page = await ctx.new_page()
@@ -123,22 +135,10 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
                 st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
                 continue
             await _check_page(page, idx, st, f"query {n}")
-            if n % 4 == 1:
-                try:
-                    await page.locator(".bk-tab", has_text="Zero-shot labels").first.click()
-                    await page.get_by_role("button", name="Label cells").click()
-                    await page.get_by_text("mean_confidence").first.wait_for(state="visible")
-                    st.zero_shot += 1
-                except Exception as err:  # noqa: BLE001
-                    st.errors.append(f"client {idx:02d} zero-shot: {type(err).__name__}")
-            elif n % 4 == 3:
-                try:
-                    await page.locator(".bk-tab", has_text="DE + enrichment").first.click()
-                    await page.get_by_role("button", name="Run DE").click()
-                    await page.get_by_text("logfoldchange").first.wait_for(state="visible")
-                    st.de += 1
-                except Exception as err:  # noqa: BLE001
-                    st.errors.append(f"client {idx:02d} DE: {type(err).__name__}")
+            if n % 4 == 1 and await _run_tab(page, "Zero-shot labels", "Label cells", "mean_confidence", idx, st, "zero-shot"):
+                st.zero_shot += 1
+            elif n % 4 == 3 and await _run_tab(page, "DE + enrichment", "Run DE", "logfoldchange", idx, st, "DE"):
+                st.de += 1
     except Exception as err:  # noqa: BLE001
         st.errors.append(f"client {idx:02d}: {type(err).__name__}: {str(err)[:200]}")
     finally:

@@ -261,7 +261,7 @@ def _resolve_genes(tok: "RankTokenizer", genes) -> tuple[np.ndarray, list[str], 
 
 def _select_cells(adata: "AnnData", cells, max_cells: int, random_state: int) -> tuple[np.ndarray, int | None]:
     """Sorted positions of the selected cells, subsampled (seeded) to ``max_cells``; and the pre-sample count."""
-    from .score import _cell_positions
+    from .selection import _cell_positions
 
     if int(max_cells) < 1:
         raise AnalysisError("max_cells must be at least 1", found=max_cells, expected="a positive integer")
@@ -335,7 +335,7 @@ def _goal_spec(adata: "AnnData", model: "TranscriptomeTextModel", goal, *, rando
             )
         return model.embed_texts([pos])[0].astype(np.float32), None, f"text: {pos}"
     from .embed import get_embeds
-    from .score import _cell_positions
+    from .selection import _cell_positions
 
     gidx = np.unique(_cell_positions(adata, goal))
     if gidx.size == 0:

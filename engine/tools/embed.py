@@ -234,14 +234,7 @@ def get_embeds(adata: "AnnData", model: "TranscriptomeTextModel | None" = None, 
     ModelMismatchError
         If they were computed by another model (fingerprint or width differs).
     """
-    if key not in adata.obsm:
-        raise MissingEmbeddingError(
-            "The cells have no transcriptome embeddings",
-            found=f"obsm keys {list(adata.obsm.keys())}",
-            expected=f"obsm[{key!r}]",
-            fix="run engine.embed_cells(adata, model) first",
-        )
-    emb = embeds_source(adata, model, key=key)
+    emb = embeds_source(adata, model, key=key)  # checks presence, model and width
     if hasattr(emb, "compute"):
         emb = emb.compute()
     return np.asarray(emb, dtype=np.float32)
