@@ -17,6 +17,8 @@ from . import cache, files
 from .state import AppState
 from .views.analysis import DEView, DescribeView
 from .views.common import batched, plain
+from .views import panes
+from .views.docmodels import lazy_recount
 from .views.export import AboutView, ExportView
 from .views.map import MapView
 from .views.perturb import PerturbView
@@ -51,7 +53,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
         super().__init__()
         self.explorer = explorer
         self.job: cache.EmbeddingJob | None = None
-        self.alert = pn.pane.Alert("", alert_type="info", visible=False, margin=(0, 5), sizing_mode="stretch_width")
+        self.alert = panes.Alert("", alert_type="info", visible=False, margin=(0, 5), sizing_mode="stretch_width")
         self.progress = pn.indicators.Progress(value=-1, max=100, visible=False, width=300, bar_color="info",
                                                margin=(0, 10))
         self.cancel = pn.widgets.Button(label="Cancel embedding", color="warning", visible=False, width=150)
@@ -209,12 +211,12 @@ class Explorer(pn.viewable.Viewer):
                               max_download_bytes=int(max_download_mb * 2**20))
         self.map = MapView(self.state)
         self.query = QueryView(self.state)
-        self.message = pn.pane.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
+        self.message = panes.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
         self.state.param.watch(self._on_message, ["message", "message_kind"])
-        self.info = pn.pane.Markdown("", margin=(0, 10))
+        self.info = panes.Markdown("", margin=(0, 10))
         self.tabs = pn.Tabs(dynamic=True, sizing_mode="stretch_width")  # hidden tabs are not rendered
         self.status = EmbeddingStatus(self)
-        self.tools_placeholder = pn.pane.Markdown("*The analysis tools appear when the model is loaded.*")
+        self.tools_placeholder = panes.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False
         self._closed = False
         if model is not None:
@@ -295,7 +297,7 @@ class Explorer(pn.viewable.Viewer):
         return [
             self.info,
             self.map.controls(),
-            pn.pane.Markdown(
+            panes.Markdown(
                 "**Map tools**: pan, wheel zoom, *box select* and *lasso select* in the toolbar above the map; hover "
                 "shows the cell under the pointer. The selection feeds Describe, DE and Perturbation.",
                 styles={"font-size": "12px"}),
@@ -308,7 +310,7 @@ class Explorer(pn.viewable.Viewer):
     def __panel__(self):
         side = pn.Column(*self.sidebar(), width=300, margin=(0, 10))
         return pn.Column(
-            pn.pane.HTML(f'<h2 style="margin:4px 0;color:{ACCENT}">{TITLE}: explore cells in plain language</h2>'),
+            panes.HTML(f'<h2 style="margin:4px 0;color:{ACCENT}">{TITLE}: explore cells in plain language</h2>'),
             pn.Row(side, pn.Column(*self.main(), sizing_mode="stretch_width"), sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
 
@@ -321,6 +323,9 @@ def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
     return pn.template.FastListTemplate(
         title=f"{TITLE}: explore cells in plain language", sidebar=sidebar, main=main, accent=ACCENT,
         sidebar_width=320, main_layout=None, theme_toggle=False,
+        # no page-wide busy spinner: it toggled with every server callback, and each toggle re-laid out the whole
+        # page in the browser; each job shows its own progress bar instead (app.views.common.Job)
+        busy_indicator=None,
         # system fonts: the app works offline (the Fast theme still asks for Open Sans; a miss is harmless)
         font="-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif")
 
@@ -403,6 +408,9 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     panel.template.FastListTemplate
     """
     ensure_extensions()
+    doc = pn.state.curdoc
+    if doc is not None and doc.session_context is not None:
+        lazy_recount(doc)  # a served page: Bokeh's model registry recounted only when it changed
     data_future = cache.dataset_future(data, backed=backed, embeddings=embeddings, model=model)
     if name is None:
         name = "pbmc68k_reduced (demo)" if data is None else str(data).rstrip("/").rsplit("/", 1)[-1]
@@ -416,8 +424,8 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
         _register_session(explorer)
         return explorer.template()
 
-    sidebar = pn.Column(pn.pane.Markdown(f"**{plain(name)}**  \nloading…"), sizing_mode="stretch_width")
-    main = pn.Column(pn.pane.Alert(f"Loading **{plain(name)}**…", alert_type="info"),
+    sidebar = pn.Column(panes.Markdown(f"**{plain(name)}**  \nloading…"), sizing_mode="stretch_width")
+    main = pn.Column(panes.Alert(f"Loading **{plain(name)}**…", alert_type="info"),
                      pn.indicators.LoadingSpinner(value=True, size=50), sizing_mode="stretch_width")
     extra = pn.Column(sizing_mode="stretch_width")
 
@@ -426,7 +434,7 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
             adata = await asyncio.wrap_future(data_future)
         except Exception as err:  # noqa: BLE001 - shown in the page
             msg = str(err) if isinstance(err, LexicellError) else f"{type(err).__name__}: {err}"
-            main[:] = [pn.pane.Alert(f"**Lexicell could not load the dataset.** {plain(msg)}", alert_type="danger")]
+            main[:] = [panes.Alert(f"**Lexicell could not load the dataset.** {plain(msg)}", alert_type="danger")]
             return
         t0 = time.perf_counter()
         model_ready: Future = Future()

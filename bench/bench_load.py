@@ -3,11 +3,13 @@
     python bench/bench_load.py                    # 10 sessions for 5 minutes on the demo (issue 18 item 4)
     python bench/bench_load.py --quick            # 3 sessions for 1 minute
     python bench/bench_load.py --contexts 8 --minutes 2 --rounds 3   # sessions closed and reopened per round
+    python bench/bench_load.py --think 0          # no pauses: every session fires its next action at once
 
 Each session loops: a query (its text carries the session's tag), now and then zero-shot labels and a
-top-vs-bottom DE. Printed: errors (timeouts, "Unexpected error"/"Traceback" in the page), isolation failures (a
+top-vs-bottom DE, with a user's pause (``--think``, default 3 s on average) before each action; ``--think 0``
+is a saturation test (10 sessions clicking without pause on 2 cores shared with their 10 browser pages). Printed: errors (timeouts, "Unexpected error"/"Traceback" in the page), isolation failures (a
 session whose colour note or query history shows another session's tag), p50/p95 query latency (Enter -> the
-page shows the new colouring) and the server's RSS at the start, after each round and at the end (the server is
+page shows the new colouring; also per minute) and the server's RSS at the start, after each round and at the end (the server is
 a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18): 0 errors, 0 isolation failures,
 RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a 2-core machine.
 Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser.
@@ -36,6 +38,7 @@ QUERY_BOX = 'e.g. "B cells", "T cells MINUS regulatory T cells"'
 QUERIES = ["B cells", "T cells", "monocytes", "NK cells", "dendritic cells", "platelets", "cytotoxic cells",
            "naive T cells", "proliferating cells", "T cells MINUS regulatory T cells"]
 TAG = re.compile(r"client (\d\d)")
+BAD_TEXT = re.compile("Unexpected error|Traceback")
 
 
 def _free_port() -> int:
@@ -79,6 +82,7 @@ def start_server(args, port: int, save_dir: str) -> subprocess.Popen:
 class Stats:
     def __init__(self):
         self.latencies: list[float] = []
+        self.times: list[float] = []  # wall-clock time of each answered query
         self.errors: list[str] = []
         self.isolation: list[str] = []
         self.zero_shot = 0
@@ -86,10 +90,9 @@ class Stats:
 
 
 async def _check_page(page, idx: int, st: Stats, what: str) -> None:
-    content = await page.content()
-    for bad in ("Unexpected error", "Traceback"):
-        if bad in content:
-            st.errors.append(f"client {idx:02d} {what}: '{bad}' in the page")
+    # locators look inside Bokeh's shadow roots (page.content() does not: it would never see an error alert)
+    if await page.get_by_text(BAD_TEXT).count():
+        st.errors.append(f"client {idx:02d} {what}: 'Unexpected error' or 'Traceback' in the page")
     history = await page.get_by_role("combobox", name="History (click to go back)").inner_text()
     note = await page.locator(".colour-note-text").first.inner_text()
     others = {int(m) for m in TAG.findall(history + " " + note)} - {idx}
@@ -109,7 +112,14 @@ async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: St
         return False
 
 
-async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int) -> None:
+async def _think(rng: random.Random, think: float) -> None:
+    """A user's pause between actions: uniform in [0.5, 1.5] x ``think`` seconds (none when ``think`` is 0)."""
+    if think > 0:
+        await asyncio.sleep(rng.uniform(0.5, 1.5) * think)
+
+
+async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int,
+                  think: float = 0.0) -> None:
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
     page = await ctx.new_page()
     page.set_default_timeout(timeout_ms)
@@ -121,6 +131,7 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
         n = 0
         while time.time() < deadline:
             n += 1
+            await _think(rng, think)
             await page.locator(".bk-tab", has_text="Query").first.click()  # the history lives in this tab
             text = f"{rng.choice(QUERIES)} (client {idx:02d} #{n})"
             box = page.get_by_placeholder(QUERY_BOX)
@@ -131,10 +142,13 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
                 shown = text if len(text) <= 40 else text[:39] + "…"  # the colour note shortens long queries
                 await page.locator(".colour-note-text", has_text=f"score: {shown}").first.wait_for(state="visible")
                 st.latencies.append(time.perf_counter() - t0)
+                st.times.append(time.time())
             except Exception as err:  # noqa: BLE001 - counted
                 st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
                 continue
             await _check_page(page, idx, st, f"query {n}")
+            if n % 4 in (1, 3):
+                await _think(rng, think)
             if n % 4 == 1 and await _run_tab(page, "Zero-shot labels", "Label cells", "mean_confidence", idx, st, "zero-shot"):
                 st.zero_shot += 1
             elif n % 4 == 3 and await _run_tab(page, "DE + enrichment", "Run DE", "logfoldchange", idx, st, "DE"):
@@ -145,7 +159,15 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
         await ctx.close()
 
 
-async def run(args) -> int:
+def _p95(sorted_values: list[float]) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(round(0.95 * (len(sorted_values) - 1))))]
+
+
+async def run(args) -> dict:
+    """Serve the app, run the sessions, print the figures; returns them (``errors``, ``isolation``,
+    ``latencies``, ``zero_shot``, ``de``, ``rss``: ``[(when, MB), ...]``)."""
     from playwright.async_api import async_playwright
 
     port = args.port or _free_port()
@@ -189,7 +211,7 @@ async def run(args) -> int:
                 per_round = args.minutes * 60 / args.rounds
                 for r in range(args.rounds):
                     deadline = time.time() + per_round
-                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000)
+                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000, args.think)
                                            for i in range(args.contexts)))
                     await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
                     rss.append((f"after round {r + 1}", rss_mb(server.pid)))
@@ -204,10 +226,11 @@ async def run(args) -> int:
                 server.kill()
     lat = sorted(st.latencies)
     p50 = statistics.median(lat) if lat else float("nan")
-    p95 = lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))] if lat else float("nan")
+    p95 = _p95(lat)
     start, end = rss[0][1], rss[-1][1]
     first = rss[1][1] if len(rss) > 1 else end
-    print(f"\nsessions {args.contexts} x {args.rounds} round(s), {args.minutes:g} min; cpu cores {os.cpu_count()}")
+    print(f"\nsessions {args.contexts} x {args.rounds} round(s), {args.minutes:g} min, think time {args.think:g} s; "
+          f"cpu cores {os.cpu_count()}")
     print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}")
     print(f"errors {len(st.errors)}")
     for e in st.errors[:20]:
@@ -216,17 +239,29 @@ async def run(args) -> int:
     for e in st.isolation[:20]:
         print("   ", e)
     print(f"query latency p50 {p50:.2f} s, p95 {p95:.2f} s (target p95 <= 2 s)")
+    if st.times:
+        t_start = min(st.times)
+        for m in range(int((max(st.times) - t_start) // 60) + 1):
+            part = sorted(l for l, t in zip(st.latencies, st.times) if m * 60 <= t - t_start < (m + 1) * 60)
+            if part:
+                print(f"    minute {m + 1}: {len(part)} queries, p50 {statistics.median(part):.2f} s, "
+                      f"p95 {_p95(part):.2f} s")
     print("server RSS " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss)
           + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
             f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
-    return 0 if not st.errors and not st.isolation else 1
+    return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, zero_shot=st.zero_shot,
+                de=st.de, rss=rss, p50=p50, p95=p95)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``: a list of strings; None: ``sys.argv``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", type=int, default=10, help="browser contexts (sessions) at once (default 10)")
     ap.add_argument("--minutes", type=float, default=5.0, help="total duration (default 5)")
     ap.add_argument("--rounds", type=int, default=1, help="close and reopen every session this many times")
+    ap.add_argument("--think", type=float, default=3.0, metavar="S",
+                    help="a user's pause before each action, uniform in 0.5-1.5 x S seconds (default 3; 0: every "
+                         "session fires its next action at once, a saturation test)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
     ap.add_argument("--data", help="dataset (default: the demo)")
     ap.add_argument("--model", help="model folder (default: the bundled model)")
@@ -241,9 +276,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.contexts, args.minutes = 3, 1.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    return asyncio.run(run(args))
+    res = asyncio.run(run(args))
+    return 0 if not res["errors"] and not res["isolation"] else 1
 
 
 if __name__ == "__main__":

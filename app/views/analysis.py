@@ -7,6 +7,7 @@ import panel as pn
 from .. import plots
 from ..state import QUERY, AppState
 from .common import Job, StateView, csv_download, plain, show_table, table_widget
+from . import panes
 
 __all__ = ["DescribeView", "DEView"]
 
@@ -40,7 +41,7 @@ class DescribeView(StateView):
         self.run_button = pn.widgets.Button(label="Describe selection", color="primary", width=160,
                                             margin=(23, 5, 5, 5))
         self.table = table_widget(groupby=["library"], height=420, page_size=40)
-        self.info = pn.pane.Markdown(
+        self.info = panes.Markdown(
             "Select cells on the map (box or lasso), then describe them: their mean embedding is scored against "
             "every term of the libraries, z-scored across terms, and the best terms per library are listed. "
             "The first run embeds the libraries' terms once (cached on disk): about 15 s for the default "
@@ -83,7 +84,7 @@ class DEView(StateView):
         self.volcano = pn.pane.HoloViews(None, width=500, height=400)
         self.de_table = table_widget(height=400, page_size=12)
         self.de_holder = pn.Column(self.de_table, sizing_mode="stretch_width")
-        self.de_info = pn.pane.Markdown("")
+        self.de_info = panes.Markdown("")
         self.n_genes = pn.widgets.IntInput(label="Top up-regulated genes", value=50, start=5, end=500, width=170)
         self.online = pn.widgets.Checkbox(label="Try Enrichr online", value=False, margin=(30, 5, 5, 5))
         self.enrich_button = pn.widgets.Button(label="Run enrichment", color="primary", width=140,
@@ -91,7 +92,7 @@ class DEView(StateView):
         self.bars = pn.pane.HoloViews(None, width=900, height=400)
         self.enrich_table = table_widget(height=400, page_size=12)
         self.enrich_holder = pn.Column(self.enrich_table, sizing_mode="stretch_width")
-        self.enrich_info = pn.pane.Markdown("")
+        self.enrich_info = panes.Markdown("")
         self.de_csv = csv_download(lambda: self.state.de_table, "de_top_vs_bottom.csv", "DE table CSV")
         self.enrich_csv = csv_download(lambda: self.state.enrich_table, "enrichment.csv", "Enrichment CSV")
 
@@ -122,14 +123,14 @@ class DEView(StateView):
 
     def __panel__(self):
         return pn.Column(
-            pn.pane.Markdown("Compare the cells that match the current score best (top) with those that match worst "
+            panes.Markdown("Compare the cells that match the current score best (top) with those that match worst "
                              "(bottom), as CellWhisperer does; then test the top up-regulated genes for enrichment "
                              "(offline gene-set libraries by default)."),
             pn.Row(self.source, self.mode, self.n, self.fraction, self.within, self.de_button),
             self.job, self.de_info,
             pn.Row(self.volcano, pn.Column(self.de_holder, self.de_csv, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
-            pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
+            panes.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
             pn.Row(self.n_genes, self.online, self.enrich_button), self.enrich_info,
             self.bars, self.enrich_holder, self.enrich_csv,
             sizing_mode="stretch_width",

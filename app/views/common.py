@@ -20,6 +20,7 @@ import param
 from engine.errors import CancelledError, LexicellError
 
 from ..state import AppState
+from . import panes
 
 __all__ = ["Job", "StateView", "batched", "csv_download", "display_table", "plain", "show_table", "table_widget", "EXECUTOR", "QUICK_EXECUTOR"]
 
@@ -50,10 +51,10 @@ def plain(text) -> str:
 def batched():
     """Group the page updates made inside into one recount of the page's Bokeh models.
 
-    Bokeh walks every model of a page after each change of a property that refers to models (Panel
-    re-sends a pane's style sheets with every new text), about 50 ms for this dashboard; a query changes a
-    dozen such properties. Inside this block the walk happens once, at the end. Outside a served page
-    (notebooks, tests) it does nothing.
+    Bokeh walks every model of a page after each change of a property that refers to models, about 50 ms
+    for this dashboard. Inside this block the walk happens at most once, at the end, and on a served page
+    only when something inside changed which models the page holds (:func:`app.views.docmodels.lazy_recount`).
+    Outside a served page (notebooks, tests) it does nothing.
 
     The walk also happens when the block raises. Bokeh's own ``models.freeze()`` unfreezes only on a normal
     exit: an error inside it (an unknown gene typed into the gene box, shown by :meth:`Job.guard`) left the
@@ -93,6 +94,9 @@ class Job(pn.viewable.Viewer):
 
     running = param.Boolean(default=False)
 
+    #: seconds of work before the progress bar appears
+    SHOW_AFTER = 0.4
+
     def __init__(self, *, cancellable: bool = False, quick: bool = False, **params):
         super().__init__(**params)
         self.executor = QUICK_EXECUTOR if quick else EXECUTOR
@@ -100,12 +104,12 @@ class Job(pn.viewable.Viewer):
         self.polls = 0
         self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
                                                margin=(12, 5), bar_color="primary")
-        self.label = pn.pane.Markdown("", visible=False, margin=(4, 5), css_classes=["job-label"])
+        self.label = panes.Markdown("", visible=False, margin=(4, 5), css_classes=["job-label"])
         self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", visible=False, width=80,
                                                margin=(4, 5))
         self.cancel_button.on_click(lambda event: self._cancel.set())
         self.cancellable = cancellable
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, margin=(5, 5), sizing_mode="stretch_width")
+        self.alert = panes.Alert("", alert_type="danger", visible=False, margin=(5, 5), sizing_mode="stretch_width")
         self._layout = pn.Column(pn.Row(self.progress, self.label, self.cancel_button, margin=0), self.alert,
                                  margin=0, sizing_mode="stretch_width")
 
@@ -125,7 +129,12 @@ class Job(pn.viewable.Viewer):
 
     async def run(self, compute: Callable[[], object], apply: Callable[[object], None], *,
                   label: str = "Working", disable: Sequence = ()) -> bool:
-        """Run ``compute()`` off the loop, then ``apply(result)``; returns True on success."""
+        """Run ``compute()`` off the loop, then ``apply(result)``; returns True on success.
+
+        The progress bar and label appear only when the work is still running after :attr:`SHOW_AFTER`
+        seconds: a query answered in 50 ms changes nothing but the results on the page (showing and hiding
+        the bar made the browser lay out the whole page twice per query).
+        """
         if self.running:
             return False
         self.running = True
@@ -135,21 +144,22 @@ class Job(pn.viewable.Viewer):
             self.clear()
             for w in disable:
                 w.disabled = True
-            self.progress.param.update(visible=True, active=True, value=-1)
-            self.label.param.update(object=f"{plain(label)}…", visible=True)
-            self.cancel_button.visible = self.cancellable
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, compute)
-        ok = False
+        ok = shown = False
         try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=0.3)
-                if done:
-                    break
+            done, _ = await asyncio.wait({fut}, timeout=self.SHOW_AFTER)
+            while not done:
                 extra = f", {self.polls} batches" if self.polls else ""
                 with batched():
-                    self.label.object = f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}"
+                    if not shown:
+                        shown = True
+                        self.progress.param.update(visible=True, active=True, value=-1)
+                        self.cancel_button.visible = self.cancellable
+                    self.label.param.update(object=f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}",
+                                            visible=True)
+                done, _ = await asyncio.wait({fut}, timeout=0.3)
             result = fut.result()
             t1 = time.perf_counter()
             with batched():
@@ -167,9 +177,10 @@ class Job(pn.viewable.Viewer):
             with batched():
                 for w in disable:
                     w.disabled = False
-                self.progress.param.update(visible=False, active=False)
-                self.label.visible = False
-                self.cancel_button.visible = False
+                if shown:
+                    self.progress.param.update(visible=False, active=False)
+                    self.label.visible = False
+                    self.cancel_button.visible = False
             self.running = False
         return ok
 

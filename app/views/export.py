@@ -11,6 +11,7 @@ import panel as pn
 
 from ..state import AppState
 from .common import Job, StateView, csv_download, plain
+from . import panes
 
 __all__ = ["ExportView", "AboutView"]
 
@@ -45,7 +46,7 @@ class ExportView(StateView):
                  else "Save annotated dataset on the server as (new .h5ad file)")
         self.path = pn.widgets.TextInput(label=label, value=_default_save_path(state), sizing_mode="stretch_width")
         self.save = pn.widgets.Button(label="Save .h5ad", color="primary", width=120, margin=(23, 5, 5, 5))
-        self.saved = pn.pane.Markdown("")
+        self.saved = panes.Markdown("")
         self.prepare = pn.widgets.Button(label="Prepare .h5ad download", color="light", width=200)
         self.download_job = Job()
         self.h5ad_download = pn.widgets.FileDownload(filename=f"{_stem(state)}_lexicell.h5ad", label="Download .h5ad",
@@ -73,11 +74,11 @@ class ExportView(StateView):
             where += (" This dataset is served backed (its expression stays on disk): the page does not write it "
                       "as .h5ad; use the tables below.")
         return pn.Column(
-            pn.pane.Markdown("The dataset is never overwritten: results are written to a **new** file. Kept query "
+            panes.Markdown("The dataset is never overwritten: results are written to a **new** file. Kept query "
                              "scores, accepted labels and DE groups are obs columns of this session only. " + where),
             pn.Row(self.path, self.save, sizing_mode="stretch_width"), self.job, self.saved,
             pn.Row(self.prepare, self.h5ad_download, self.png_download), self.download_job,
-            pn.pane.Markdown("#### Tables"),
+            panes.Markdown("#### Tables"),
             pn.FlexBox(*self.tables),
             sizing_mode="stretch_width",
         )
@@ -140,15 +141,15 @@ class AboutView(StateView):
 
     def __init__(self, state: AppState, **params):
         super().__init__(state, **params)
-        self.summary = pn.pane.Markdown("", sizing_mode="stretch_width")
+        self.summary = panes.Markdown("", sizing_mode="stretch_width")
         self.config = pn.pane.JSON({}, depth=2, name="config", sizing_mode="stretch_width", theme="light")
         self.metadata = pn.pane.JSON({}, depth=2, name="metadata", sizing_mode="stretch_width", theme="light")
         self.state.param.watch(self.refresh, ["embeds_ready"])
         self.refresh()
 
     def __panel__(self):
-        return pn.Column(self.summary, pn.pane.Markdown("#### Model metadata"), self.metadata,
-                         pn.pane.Markdown("#### Model configuration (config.json)"), self.config,
+        return pn.Column(self.summary, panes.Markdown("#### Model metadata"), self.metadata,
+                         panes.Markdown("#### Model configuration (config.json)"), self.config,
                          sizing_mode="stretch_width")
 
     def refresh(self, *_):

@@ -15,6 +15,7 @@ import param
 from .. import plots
 from ..state import GENE, AppState
 from .common import Job, StateView, batched
+from . import panes
 
 __all__ = ["MapView"]
 
@@ -55,7 +56,7 @@ class MapView(StateView):
         self.category_select = pn.widgets.MultiChoice(label="Select cells of category", options=[],
                                                       sizing_mode="stretch_width", visible=False)
         self.clear_button = pn.widgets.Button(label="Clear selection", color="default", width=130)
-        self.count = pn.pane.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
+        self.count = panes.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
         # two map panes, one for continuous colourings (queries, genes, perturbation) and one for the others
         # (categories, density): switching between a query and zero-shot labels shows the other pane instead
         # of rebuilding the plot, and each is recoloured in place while its kind of colouring stays the same
@@ -66,13 +67,13 @@ class MapView(StateView):
             pane = pn.pane.HoloViews(None, width=self.width + 10, height=self.height + 40, linked_axes=False)
             self._slots[kind] = _Slot(pane, pn.Column(pane, margin=0, visible=False))
         self._active = "other"
-        self.placeholder = pn.pane.Alert("", alert_type="info", visible=False)
+        self.placeholder = panes.Alert("", alert_type="info", visible=False)
         self.side = pn.pane.HoloViews(None, width=330, height=320, linked_axes=False)
         self.side_box = pn.Column(self.side, margin=0, visible=False)
         self.histogram = plots.ScoreHistogram(width=330, height=300)
         self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, visible=False)
-        self.side_note = pn.pane.Markdown("", margin=(0, 10), width=320)
-        self.colour_note = pn.pane.HTML("", margin=(0, 10), css_classes=["colour-note"])
+        self.side_note = panes.Markdown("", margin=(0, 10), width=320)
+        self.colour_note = panes.HTML("", margin=(0, 10), css_classes=["colour-note"])
         self._ranges = None
         self._redraw_pending = False
         self._syncing = False
@@ -259,8 +260,10 @@ class MapView(StateView):
         slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
         outline = hv.DynamicMap(_outline, streams=[slot.outline])
         slot.key = self._mode_key(df, spec)
-        return (el * outline).opts(legend_position="right", toolbar="above", title=title,
-                                   legend_opts=plots.LEGEND_OPTS), main
+        # a legend beside the plot only for categories: HoloViews moves a "right" legend out of the figure and
+        # back on every update, which makes Bokeh recount every model of the page (each recolouring of a query)
+        legend = dict(legend_position="right", legend_opts=plots.LEGEND_OPTS) if spec.kind == "categorical" else {}
+        return (el * outline).opts(toolbar="above", title=title, **legend), main
 
     def redraw(self) -> None:
         """Redraw the map for the current colouring and layout (in place when only the values change)."""

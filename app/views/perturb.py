@@ -7,6 +7,7 @@ import panel as pn
 from .. import plots
 from ..state import AppState
 from .common import Job, StateView, csv_download, plain, show_table, table_widget
+from . import panes
 
 __all__ = ["PerturbView"]
 
@@ -26,9 +27,9 @@ class PerturbView(StateView):
                                                  min_characters=0, case_sensitive=False, width=240,
                                                  placeholder="e.g. B cell")
         self.run_button = pn.widgets.Button(label="Perturb", color="primary", width=110, margin=(23, 5, 5, 5))
-        self.scope = pn.pane.Markdown("")
+        self.scope = panes.Markdown("")
         self.hist = pn.pane.HoloViews(None, width=460, height=320)
-        self.summary = pn.pane.Markdown("")
+        self.summary = panes.Markdown("")
         self.cells_table = table_widget(height=320, page_size=10)
         self.scan_cells = pn.widgets.IntInput(label="Max cells", value=200, start=10, end=5000, step=50, width=110)
         self.scan_genes = pn.widgets.IntInput(label="Max genes", value=50, start=5, end=2000, step=10, width=110)
@@ -45,7 +46,7 @@ class PerturbView(StateView):
 
     def __panel__(self):
         return pn.Column(
-            pn.pane.Markdown("Edit the rank encoding of the selected cells (delete genes, or move them to the top = "
+            panes.Markdown("Edit the rank encoding of the selected cells (delete genes, or move them to the top = "
                              "overexpress), re-embed them, and measure the change of the current query's score, "
                              "cos(original, perturbed) and the shift toward a goal label."),
             self.scope,
@@ -53,8 +54,8 @@ class PerturbView(StateView):
             self.job, self.summary,
             pn.Row(self.hist, pn.Column(self.cells_table, self.cells_csv, sizing_mode="stretch_width"),
                    sizing_mode="stretch_width"),
-            pn.pane.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
-            pn.pane.Markdown("#### Scan: rank genes by their effect (each gene perturbed alone)"),
+            panes.HTML("<hr style='border:0;border-top:1px solid #ddd;margin:8px 0'>", sizing_mode="stretch_width"),
+            panes.Markdown("#### Scan: rank genes by their effect (each gene perturbed alone)"),
             pn.Row(self.scan_cells, self.scan_genes, self.scan_button), self.scan_job,
             self.scan_holder, self.scan_csv,
             sizing_mode="stretch_width",

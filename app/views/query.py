@@ -5,6 +5,7 @@ import panel as pn
 
 from ..state import AppState
 from .common import Job, StateView
+from . import panes
 
 __all__ = ["QueryView"]
 
@@ -26,7 +27,7 @@ class QueryView(StateView):
         self.history = pn.widgets.Select(label="History (click to go back)", options=[], sizing_mode="stretch_width")
         self.keep_name = pn.widgets.TextInput(label="Column name (optional)", placeholder="score_<query>", width=200)
         self.keep = pn.widgets.Button(label="Keep as obs column", color="default", width=160, margin=(23, 5, 5, 5))
-        self.timing = pn.pane.Markdown("", margin=(0, 5))
+        self.timing = panes.Markdown("", margin=(0, 5))
         self._syncing = False
 
         self.search.on_click(self._search)
@@ -44,7 +45,7 @@ class QueryView(StateView):
 
     def __panel__(self):
         return pn.Column(
-            pn.pane.Markdown(
+            panes.Markdown(
                 "Cells are scored by the model's similarity between their transcriptome and your text "
                 "(logit = cosine × exp(logit_scale)); `A MINUS B` scores A minus B. Red = better match than "
                 "the median cell (or than B), blue = worse."),

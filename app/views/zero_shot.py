@@ -14,6 +14,7 @@ from ..cache import SMOOTH_KEY
 from ..label_sets import LABEL_SETS, label_names
 from ..state import AppState
 from .common import Job, StateView, csv_download, plain, table_widget
+from . import panes
 
 __all__ = ["ZeroShotView"]
 
@@ -55,7 +56,7 @@ class ZeroShotView(StateView):
                                           width=160)
         self.custom_template = pn.widgets.TextInput(label="Custom template ({label}, {definition})",
                                                     value="A sample of {label}", width=300)
-        self.template_text = pn.pane.Markdown("", margin=(0, 5))
+        self.template_text = panes.Markdown("", margin=(0, 5))
         self.smooth = pn.widgets.Checkbox(label="Smooth over neighbours", value=state.zs_smooth, margin=(8, 5, 0, 5))
         self.smooth_help = pn.widgets.TooltipIcon(
             value="Score each cell's embedding averaged with its 15 nearest neighbours (label-free; fewer isolated "
@@ -67,7 +68,7 @@ class ZeroShotView(StateView):
         self.eval_button = pn.widgets.Button(label="Evaluate", color="default", width=110, margin=(23, 5, 5, 5))
         self.metrics = table_widget(height=260, page_size=12, layout="fit_columns")
         self.confusion = pn.pane.HoloViews(None, width=560, height=460)
-        self.eval_info = pn.pane.Markdown("", css_classes=["eval-info"])
+        self.eval_info = panes.Markdown("", css_classes=["eval-info"])
         self.accept_name = pn.widgets.TextInput(label="Accept as obs column", value="zero_shot", width=200)
         self.accept = pn.widgets.Button(label="Accept labels", color="success", width=130, margin=(23, 5, 5, 5))
         self.definitions = table_widget(height=220, page_size=8, layout="fit_columns")
@@ -92,7 +93,7 @@ class ZeroShotView(StateView):
             pn.Row(self.run_button, self.accept_name, self.accept), self.job,
             sizing_mode="stretch_width")
         right = pn.Column(
-            pn.pane.Markdown("#### Predicted labels"), self.summary,
+            panes.Markdown("#### Predicted labels"), self.summary,
             pn.Row(self.truth, self.eval_button), self.eval_info, self.metrics, self.confusion,
             sizing_mode="stretch_width")
         return pn.Row(left, right, sizing_mode="stretch_width")

@@ -1,0 +1,39 @@
+"""Text panes whose updates send only what changed.
+
+Panel 1.9's HTML, Markdown and Alert panes send every property again when their text changes, style sheets
+included, as new ``ImportedStyleSheet`` models. New models make Bokeh walk every model of the page
+(:mod:`app.views.docmodels`) and send those style sheets to the browser, which re-applies them: for a
+status line that changes with every query, most of the cost of the update. These subclasses leave the style
+sheets as they are when only the text (or another plain property) changes; a changed ``stylesheets``
+parameter still reaches the browser through Panel's normal path.
+
+They behave exactly like Panel's panes otherwise and are never chosen by ``pn.panel`` (priority 0).
+"""
+from __future__ import annotations
+
+import panel as pn
+
+__all__ = ["HTML", "Markdown", "Alert"]
+
+
+class _TextUpdates:
+    """Mixin for Panel's HTML-based panes: an update of ``object`` does not re-send the style sheets."""
+
+    priority = 0  # never picked by pn.panel() for a plain string
+
+    def _update(self, ref, model) -> None:
+        props = self._get_properties(model.document)
+        props.pop("stylesheets", None)  # unchanged; re-sending them as new models costs a page-wide walk
+        model.update(**props)
+
+
+class HTML(_TextUpdates, pn.pane.HTML):
+    """:class:`panel.pane.HTML` whose text updates leave its style sheets alone."""
+
+
+class Markdown(_TextUpdates, pn.pane.Markdown):
+    """:class:`panel.pane.Markdown` whose text updates leave its style sheets alone."""
+
+
+class Alert(_TextUpdates, pn.pane.Alert):
+    """:class:`panel.pane.Alert` whose text updates leave its style sheets alone."""
