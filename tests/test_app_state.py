@@ -540,3 +540,51 @@ def test_backed_atlas_without_embeddings_says_what_to_run(backed_atlas, tiny_mod
     assert args.data == str(path) and "python -m engine.embed" in run_app.check_backed(args)
     with pytest.raises(SystemExit):
         run_app.parse_args([str(path), "--embeddings", "x.zarr"])  # --embeddings needs --backed
+
+
+def test_lazy_recount_registers_every_new_model_and_skips_idle_walks():
+    """A served page's model registry (app.views.docmodels.lazy_recount) must know every model Bokeh would
+    know, while skipping the walk over all models after blocks that changed nothing in the model graph."""
+    from bokeh.document import Document
+    from bokeh.models import Button, Column, Div
+
+    from app.views.docmodels import lazy_recount
+
+    doc = Document()
+    col = Column(children=[Div(text="a")])
+    doc.add_root(col)
+    assert lazy_recount(doc) and not lazy_recount(doc)  # once per document
+    walks = []
+    original = type(doc.models).recompute
+    doc.models.recompute = lambda: (walks.append(1), original(doc.models))
+    with doc.models.freeze():  # text only: nothing to recount
+        col.children[0].text = "b"
+    assert walks == []
+    with doc.models.freeze():  # a new child, nested freezes inside: one walk, and the model is known
+        with doc.models.freeze():
+            new = Button(label="Run DE")
+            col.children = [*col.children, new]
+    assert len(walks) == 1 and doc.get_model_by_id(new.id) is new
+    with doc.models.freeze():  # a new root is registered too
+        root = Div(text="root")
+        doc.add_root(root)
+    assert doc.get_model_by_id(root.id) is root
+    gone = col.children[0]
+    col.children = [new]  # outside any block: walked at once, as Bokeh does
+    assert doc.get_model_by_id(gone.id) is None and doc.get_model_by_id(new.id) is new
+
+
+def test_text_panes_keep_their_style_sheets_on_update():
+    """app.views.panes: a text update sends the text, not new style-sheet models (which cost a page-wide walk)."""
+    import panel as pn
+    from bokeh.document import Document
+
+    from app.views import panes
+
+    for cls in (panes.HTML, panes.Markdown, panes.Alert):
+        pane = cls("first")
+        model = pane.get_root(Document())
+        sheets = list(model.stylesheets)
+        pane.object = "<b>second</b>" if cls is panes.HTML else "second"
+        assert "second" in model.text and list(model.stylesheets) == sheets
+        assert type(pn.panel("plain text")) is pn.pane.Markdown  # never chosen by pn.panel
