@@ -5,6 +5,7 @@ import asyncio
 import gc
 import logging
 import time
+import weakref
 from concurrent.futures import Future
 
 import holoviews as hv
@@ -219,6 +220,8 @@ class Explorer(pn.viewable.Viewer):
         self.tools_placeholder = panes.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False
         self._closed = False
+        #: the served page's Bokeh document (a weak reference, call it; None in Jupyter and plain Python)
+        self.document = lambda: None
         if model is not None:
             self.set_model(model)
         if not self.state.embeds_ready or not cache.layout_keys(self.base):
@@ -344,6 +347,7 @@ def _register_session(explorer: Explorer) -> None:
         return
     sid = ctx.id
     SESSIONS[sid] = explorer
+    explorer.document = weakref.ref(doc)  # for code outside the server's loop: doc.add_next_tick_callback
 
     def destroyed(session_context) -> None:
         ex = SESSIONS.pop(sid, None)
