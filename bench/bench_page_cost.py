@@ -1,0 +1,134 @@
+"""What one action costs on the server and in the browser, for one session alone.
+
+    python bench/bench_page_cost.py                 # 20 queries
+    python bench/bench_page_cost.py --action zero-shot --n 6
+    python bench/bench_page_cost.py --action de --n 6
+    python bench/bench_page_cost.py --action page-load --n 3
+
+Serves the demo (``run_app.py``, as ``bench/bench_load.py`` does), opens one page in Debian's Chromium and
+repeats one action. Printed per action: the server process's CPU time (``/proc``), the page's main-thread time
+from the Chrome DevTools Protocol (``Performance.getMetrics``: task, script, style recalculation, layout) and
+the latency the page shows. ``zero-shot`` and ``de`` include their tab switches there and back, as a user's.
+Used for ``docs/serving-performance.md``; ratios between runs of one machine are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_load as bl  # noqa: E402 - the same server start, browser and query box
+
+METRICS = ("TaskDuration", "ScriptDuration", "RecalcStyleDuration", "LayoutDuration")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _metrics(cdp) -> dict:
+    return {m["name"]: m["value"] for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
+
+
+async def _query(page, text: str) -> None:
+    box = page.get_by_placeholder(bl.QUERY_BOX)
+    await box.fill(text)
+    await box.press("Enter")
+    await page.locator(".colour-note-text", has_text=f"score: {text}").first.wait_for()
+
+
+async def _tab_action(page, tab: str, button: str, done: str) -> None:
+    await page.locator(".bk-tab", has_text=tab).first.click()
+    await page.get_by_role("button", name=button).click()
+    await page.get_by_text(done).first.wait_for(state="visible")
+    await page.locator(".bk-tab", has_text="Query").first.click()
+
+
+async def _open(browser, url: str):
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
+    page = await ctx.new_page()
+    page.set_default_timeout(300_000)
+    cdp = await ctx.new_cdp_session(page)
+    await cdp.send("Performance.enable")
+    await page.goto(url)
+    await page.locator(".bk-Canvas").first.wait_for(state="visible")
+    await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+    return ctx, page, cdp
+
+
+async def run(args) -> None:
+    from playwright.async_api import async_playwright
+
+    port = bl._free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server_args = argparse.Namespace(data=None, model=None, server_log=None, server_script=None)
+    with tempfile.TemporaryDirectory(prefix="lexicell-cost-") as save_dir:
+        server = bl.start_server(server_args, port, save_dir)
+        try:
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=bl.CHROMIUM, args=bl.ARGS)
+                ctx, page, cdp = await _open(browser, url)  # the first page waits for model and embeddings
+                for i in range(60):
+                    try:
+                        await asyncio.wait_for(_query(page, f"warm-up {i}"), 10)
+                        break
+                    except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - embeddings not ready yet
+                        continue
+                if args.action == "page-load":
+                    await ctx.close()
+                    for i in range(args.n):
+                        c0, t0 = cpu_seconds(server.pid), time.perf_counter()
+                        ctx, page, cdp = await _open(browser, url)
+                        dt = time.perf_counter() - t0
+                        await asyncio.sleep(1)
+                        m = await _metrics(cdp)
+                        print(f"page {i + 1}: ready in {dt:.2f} s; server CPU {cpu_seconds(server.pid) - c0:.2f} s, "
+                              f"browser main thread {m['TaskDuration']:.2f} s")
+                        await ctx.close()
+                    return
+                await asyncio.sleep(2)
+                m0, c0, lat = await _metrics(cdp), cpu_seconds(server.pid), []
+                for i in range(args.n):
+                    t0 = time.perf_counter()
+                    if args.action == "query":
+                        await _query(page, f"B cells {i}")
+                    elif args.action == "zero-shot":
+                        await _tab_action(page, "Zero-shot labels", "Label cells", "mean_confidence")
+                    else:
+                        await _tab_action(page, "DE + enrichment", "Run DE", "logfoldchange")
+                    lat.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.5)
+                m1, c1 = await _metrics(cdp), cpu_seconds(server.pid)
+                await browser.close()
+        finally:
+            server.terminate()
+            server.wait(30)
+    n = args.n
+    print(f"{args.action}, {n} times, one session; cpu cores {os.cpu_count()}")
+    print(f"server CPU per action {1000 * (c1 - c0) / n:.0f} ms")
+    print("browser main thread per action: " + ", ".join(
+        f"{k.replace('Duration', '').lower()} {1000 * (m1[k] - m0.get(k, 0)) / n:.0f} ms" for k in METRICS))
+    print(f"latency median {statistics.median(lat):.2f} s, max {max(lat):.2f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--action", choices=["query", "zero-shot", "de", "page-load"], default="query")
+    ap.add_argument("--n", type=int, default=20, help="how many times (default 20)")
+    args = ap.parse_args(argv)
+    if not Path(bl.CHROMIUM).exists():
+        raise SystemExit(f"no Chromium at {bl.CHROMIUM} (apt-get install chromium)")
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
