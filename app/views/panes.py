@@ -22,6 +22,9 @@ class _TextUpdates:
     priority = 0  # never picked by pn.panel() for a plain string
 
     def _update(self, ref, model) -> None:
+        if getattr(self, "enable_streaming", False):  # Panel's own path for streamed text
+            super()._update(ref, model)
+            return
         props = self._get_properties(model.document)
         props.pop("stylesheets", None)  # unchanged; re-sending them as new models costs a page-wide walk
         model.update(**props)
