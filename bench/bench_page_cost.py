@@ -80,7 +80,7 @@ async def run(args) -> None:
                     try:
                         await asyncio.wait_for(_query(page, f"warm-up {i}"), 10)
                         break
-                    except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - embeddings not ready yet
+                    except Exception:  # noqa: BLE001 - a timeout: the embeddings are not ready yet
                         continue
                 if args.action == "page-load":
                     await ctx.close()
