@@ -24,6 +24,7 @@ from .views.export import AboutView, ExportView
 from .views.map import MapView
 from .views.perturb import PerturbView
 from .views.query import QueryView
+from .views.tabs import LazyTabs
 from .views.zero_shot import ZeroShotView
 
 __all__ = ["Explorer", "build_app", "ensure_extensions", "SESSIONS", "release_memory"]
@@ -215,7 +216,7 @@ class Explorer(pn.viewable.Viewer):
         self.message = panes.Alert("", visible=False, margin=(0, 5), sizing_mode="stretch_width")
         self.state.param.watch(self._on_message, ["message", "message_kind"])
         self.info = panes.Markdown("", margin=(0, 10))
-        self.tabs = pn.Tabs(dynamic=True, sizing_mode="stretch_width")  # hidden tabs are not rendered
+        self.tabs = LazyTabs(sizing_mode="stretch_width")  # a tab is rendered when first opened, then kept
         self.status = EmbeddingStatus(self)
         self.tools_placeholder = panes.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False
@@ -248,10 +249,10 @@ class Explorer(pn.viewable.Viewer):
         self.perturb = PerturbView(st)
         self.export = ExportView(st)
         self.about = AboutView(st)
-        self.tabs[:] = [
+        self.tabs.set_items([
             ("Query", self.query), ("Zero-shot labels", self.zero_shot), ("Describe selection", self.describe),
             ("DE + enrichment", self.de), ("Perturbation", self.perturb), ("Save / export", self.export),
-            ("About", self.about)]
+            ("About", self.about)])
         self.tools_placeholder.visible = False
 
     def jobs(self) -> list:

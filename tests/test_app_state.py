@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 
+import html
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,7 +160,12 @@ def test_map_view_shows_count_and_redraws(state):
     state.set_color("bulk_labels")  # categories: the other map pane, the continuous one kept (hidden)
     assert view.plot is not continuous and not view._slots["continuous"].box.visible
     cat_pipe, cat_obj = view._slots["other"].pipe, view.plot.object
-    state.set_color("louvain")  # other categories: a new legend, so a new plot
+    # the legend is HTML beside the figure, one entry per category present, not layers of the plot
+    present = sorted(set(map(str, state.adata.obs["bulk_labels"])))
+    assert view.legend.object.count('class="map-legend-entry"') == len(present)
+    assert all(html.escape(c) in view.legend.object for c in present)
+    assert not any(isinstance(el, hv.Points) and el.label for el in view.plot.object.traverse(full_breadth=False))
+    state.set_color("louvain")  # other categories (the colour key of the datashade operation): a new plot
     assert view.plot.object is not cat_obj
     cat_obj = view.plot.object
     state.set_color("louvain")  # the same categories again: recoloured in place
@@ -166,6 +173,26 @@ def test_map_view_shows_count_and_redraws(state):
     state.run_query("NK cells")  # back to a query: the kept continuous plot, recoloured in place
     assert view.plot is continuous and view._slots["continuous"].box.visible and view._data_pipe is pipe
     assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
+
+
+def test_map_legend_html_escapes_names_and_lists_present_categories():
+    import pandas as pd
+
+    from app import plots
+    from app.plots.cell_map import legend_html, present_categories
+
+    values = pd.Categorical(["<script>alert(1)</script>", "B & T", "B & T"], categories=["<script>alert(1)</script>",
+                                                                                      "B & T", "absent"])
+    spec = plots.ColorSpec("categorical", values, name="<b>labels</b>", colors=plots.category_colors(values.categories))
+    out = legend_html(spec)
+    assert present_categories(values) == ["<script>alert(1)</script>", "B & T"]
+    assert "<script>" not in out and "&lt;script&gt;alert(1)&lt;/script&gt;" in out and "B &amp; T" in out
+    assert "<b>labels</b>" not in out and "&lt;b&gt;labels&lt;/b&gt;" in out
+    assert out.count('class="map-legend-entry"') == 2 and "absent" not in out  # only categories with cells
+    assert legend_html(plots.ColorSpec("continuous", np.zeros(3, dtype=np.float32))) == ""
+    many = pd.Categorical([f"type {i}" for i in range(30)])
+    out = legend_html(plots.ColorSpec("categorical", many, name="t"), max_entries=10)
+    assert out.count('class="map-legend-entry"') == 10 and "and 20 more" in out
 
 
 # ---------------------------------------------------------------------- zero-shot, describe

@@ -15,7 +15,7 @@ from holoviews.operation.datashader import datashade, dynspread, rasterize
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short)
 
-__all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "warm_up"]
+__all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories", "warm_up"]
 
 
 def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] | None = None,
@@ -81,6 +81,7 @@ def cell_map_layers(
     threshold: float = 0.5,
     pipe: "hv.streams.Pipe | None" = None,
     style: "param.Parameterized | None" = None,
+    legend: bool = True,
 ):
     """Datashaded map of cells coloured by ``spec``.
 
@@ -99,6 +100,11 @@ def cell_map_layers(
         ``"pixels"`` (aggregate at a coarser resolution, so each cell covers 2-3 screen pixels; no extra
         numba kernels to compile, which keeps the first paint fast), ``"none"``, or ``"auto"``: pixels up to
         50,000 cells, dynspread above.
+    legend
+        Categorical colourings: draw the legend inside the figure (one HoloViews layer per category). The
+        served map passes False and shows :func:`legend_html` beside the figure instead: every legend layer is
+        a subplot that HoloViews updates on each recolouring (half of its cost), and a figure legend outside
+        the frame is moved out and back on every update (a page-wide relayout in the browser).
     pipe, style
         For in-place updates of continuous colourings: the points come from ``pipe`` (send a new frame to
         recolour without rebuilding the plot), and ``clim``/``cmap``/``clabel`` follow the parameters of
@@ -154,12 +160,14 @@ def cell_map_layers(
         shaded = datashade(points, aggregator=ds.count_cat("color"), color_key=colors, selector=selector,
                            min_alpha=180, **common)
         shaded = spread_op(shaded).opts(show_legend=False, **plot_opts)
-        present = [c for c in cats if c in set(df["color"].dropna().unique())][:40]
-        legend = hv.Overlay([hv.Points([(np.nan, np.nan)], label=_short(str(c), 30)).opts(
-            color=colors[c], size=8, show_legend=True) for c in present])
-        layers += [shaded, legend]
         main = shaded
-        overlay = _combine(layers).opts(legend_position="right", show_legend=True, legend_opts=LEGEND_OPTS)
+        if legend:
+            entries = hv.Overlay([hv.Points([(np.nan, np.nan)], label=_short(str(c), 30)).opts(
+                color=colors[c], size=8, show_legend=True) for c in present_categories(df["color"])[:40]])
+            overlay = _combine(layers + [shaded, entries]).opts(legend_position="right", show_legend=True,
+                                                               legend_opts=LEGEND_OPTS)
+        else:
+            overlay = _combine(layers + [shaded])
     elif spec.kind in ("continuous", "diverging"):
         cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
         img = rasterize(points, aggregator=ds.mean("color"), selector=selector, **common)
@@ -175,6 +183,57 @@ def cell_map_layers(
     else:
         overlay = _combine(layers)
     return overlay.opts(width=width, height=height, title=title, toolbar="above"), main
+
+
+def present_categories(values) -> list[str]:
+    """The categories of ``values`` (a categorical Series or ``pandas.Categorical``) that at least one cell
+    has, in category order, as strings."""
+    cat = pd.Categorical(values)
+    counts = np.bincount(cat.codes[cat.codes >= 0], minlength=len(cat.categories))
+    return [str(c) for c, n in zip(cat.categories, counts) if n > 0]
+
+
+def legend_html(spec: ColorSpec, *, height: int = 560, max_entries: int = 200) -> str:
+    """The legend of a categorical colouring as HTML: a colour swatch and the name of each category present.
+
+    Every name is escaped (obs values and labels are user text); long names are shortened on screen and
+    shown in full on hover (``title``). More entries than fit in ``height`` pixels scroll.
+
+    Parameters
+    ----------
+    spec
+        A categorical :class:`ColorSpec` (its ``values`` and ``colors``); other kinds give ``""``.
+    height
+        Pixels before the list scrolls.
+    max_entries
+        At most this many categories are listed (the rest are counted in a last line).
+
+    Returns
+    -------
+    str
+        ``<div class="map-legend">`` with one ``<div class="map-legend-entry">`` per category.
+    """
+    if spec.kind != "categorical":
+        return ""
+    import html
+
+    present = present_categories(spec.values)
+    cats = [str(c) for c in pd.Categorical(spec.values).categories]
+    rows = []
+    for c in present[:max_entries]:
+        colour = spec.colors.get(c) or CATEGORY_COLORS[cats.index(c) % len(CATEGORY_COLORS)]
+        name = html.escape(c)
+        rows.append(f'<div class="map-legend-entry" title="{name}" style="display:flex;align-items:center;'
+                    f'gap:5px;white-space:nowrap"><span style="flex:none;width:11px;height:11px;border-radius:2px;'
+                    f'background:{html.escape(colour)}"></span><span style="overflow:hidden;'
+                    f'text-overflow:ellipsis">{name}</span></div>')
+    if len(present) > max_entries:
+        rows.append(f'<div class="map-legend-more">… and {len(present) - max_entries} more</div>')
+    title = html.escape(spec.name or "category")
+    return (f'<div class="map-legend" style="font-size:11px;line-height:15px;max-height:{int(height)}px;'
+            f'overflow-y:auto"><div class="map-legend-title" style="font-weight:600;margin-bottom:3px;'
+            f'overflow:hidden;text-overflow:ellipsis;white-space:nowrap" title="{title}">{title}</div>'
+            + "".join(rows) + "</div>")
 
 
 def _combine(layers):

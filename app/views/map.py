@@ -13,6 +13,7 @@ import panel as pn
 import param
 
 from .. import plots
+from ..plots.cell_map import legend_html
 from ..state import GENE, AppState
 from .common import Job, StateView, batched
 from . import panes
@@ -20,6 +21,9 @@ from . import panes
 __all__ = ["MapView"]
 
 log = logging.getLogger(__name__)
+
+#: pixels of the HTML legend beside a categorical map (taken from the figure's width)
+LEGEND_WIDTH = 180
 
 
 def _outline(data=None):
@@ -63,9 +67,17 @@ class MapView(StateView):
         # (each pane in its own Column, whose visibility is toggled: Panel fails to pass ``visible`` through a
         # rendered HoloViews pane to its inner Bokeh pane)
         self._slots = {}
+        # categories get their legend as HTML beside the figure (plots.legend_html): inside the figure, every
+        # legend entry was a HoloViews layer updated on each recolouring, and the legend was moved out of the
+        # figure and back on every update (a relayout of the whole page in the browser)
+        self.legend = panes.HTML("", width=LEGEND_WIDTH, height=self.height, margin=(45, 0, 0, 5),
+                                 css_classes=["map-legend-pane"])
         for kind in ("continuous", "other"):
-            pane = pn.pane.HoloViews(None, width=self.width + 10, height=self.height + 40, linked_axes=False)
-            self._slots[kind] = _Slot(pane, pn.Column(pane, margin=0, visible=False))
+            width = self.width if kind == "continuous" else self.width - LEGEND_WIDTH
+            pane = pn.pane.HoloViews(None, width=width + 10, height=self.height + 40, linked_axes=False)
+            box = pn.Column(pane, margin=0, visible=False) if kind == "continuous" else \
+                pn.Row(pane, self.legend, margin=0, visible=False)
+            self._slots[kind] = _Slot(pane, box, width)
         self._active = "other"
         self.placeholder = panes.Alert("", alert_type="info", visible=False)
         self.side = pn.pane.HoloViews(None, width=330, height=320, linked_axes=False)
@@ -228,19 +240,19 @@ class MapView(StateView):
             self._ranges = (tuple(x_range), tuple(y_range))
 
     def figure(self):
-        """The HoloViews object of the map shown now (the coloured cells, legend and selection outline)."""
+        """The HoloViews object of the map shown now (the coloured cells and selection outline; the legend of a
+        categorical colouring is HTML beside it, :attr:`legend`)."""
         return self.plot.object
 
     def _mode_key(self, df, spec) -> tuple:
         """Plots with the same key can be recoloured in place (same element types, columns, layout, legend)."""
         has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
-        legend = ()
-        if spec.kind == "categorical":
+        colour_key = ()
+        if spec.kind == "categorical":  # the datashade operation holds its colour key: new categories, new plot
             cats = tuple(str(c) for c in df["color"].cat.categories)
-            present = tuple(sorted(map(str, df["color"].dropna().unique())))
-            legend = (cats, present, tuple(spec.colors.get(c) for c in cats))
-        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", has_nan, legend, tuple(df.columns),
-                self.state.layout_key, len(df))
+            colour_key = (cats, tuple(spec.colors.get(c) for c in cats))
+        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", has_nan, colour_key,
+                tuple(df.columns), self.state.layout_key, len(df))
 
     def _figure(self, frame=None, slot: "_Slot | None" = None):
         frame = frame or self.state.map_frame()
@@ -254,16 +266,14 @@ class MapView(StateView):
         slot.pipe = hv.streams.Pipe(data=df) if spec.kind != "none" else None
         if continuous:
             self._style.set_from(spec)
-        el, main = plots.cell_map_layers(df, spec, width=self.width, height=self.height, title=title, xlim=xlim,
-                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else None)
+        el, main = plots.cell_map_layers(df, spec, width=slot.width, height=self.height, title=title, xlim=xlim,
+                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else None,
+                                         legend=False)
         # a fresh pipe per figure: streams shared between figures keep old plots alive
         slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
         outline = hv.DynamicMap(_outline, streams=[slot.outline])
         slot.key = self._mode_key(df, spec)
-        # a legend beside the plot only for categories: HoloViews moves a "right" legend out of the figure and
-        # back on every update, which makes Bokeh recount every model of the page (each recolouring of a query)
-        legend = dict(legend_position="right", legend_opts=plots.LEGEND_OPTS) if spec.kind == "categorical" else {}
-        return (el * outline).opts(toolbar="above", title=title, **legend), main
+        return (el * outline).opts(toolbar="above", title=title), main
 
     def redraw(self) -> None:
         """Redraw the map for the current colouring and layout (in place when only the values change)."""
@@ -360,6 +370,8 @@ class MapView(StateView):
 
     def _after_draw(self, spec) -> None:
         self.colour_note.object = self._colour_text(spec)
+        if spec.kind != "continuous" and spec.kind != "diverging":  # the legend lives beside the "other" map
+            self.legend.object = legend_html(spec, height=self.height)
         self._update_side()
 
     def _colour_text(self, spec=None) -> str:
@@ -421,6 +433,7 @@ class _Slot:
 
     pane: pn.pane.HoloViews
     box: pn.Column
+    width: int = 770
     pipe: object = None
     outline: object = None
     key: tuple | None = None

@@ -67,8 +67,8 @@ class PerturbView(StateView):
                  else f"**all {st.n_cells:,} cells** (no selection; at most 2,000 are sampled)")
         query = f"the query **{plain(st.query)}**" if st.query else "no query (type one to measure its score change)"
         self.scope.object = f"Perturbs {cells}; reports {query}."
-        if st.zs_probs is not None:
-            self.goal.options = list(st.zs_probs.columns)
+        if st.zs_probs is not None and list(st.zs_probs.columns) != list(self.goal.options):
+            self.goal.options = list(st.zs_probs.columns)  # only when changed: each set is a message to the page
 
     async def _run(self, event=None):
         st = self.state
