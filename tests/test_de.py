@@ -235,3 +235,97 @@ def test_de_runs_directly_on_a_backed_file_and_equals_in_memory(tmp_path, fmt):
     g_disk = de_top_vs_bottom(b, "CD3D", fraction=0.25, key_added="by_gene")
     pd.testing.assert_frame_equal(g_mem.reset_index(drop=True), g_disk.reset_index(drop=True))
     pd.testing.assert_series_equal(a.obs["by_gene"], b.obs["by_gene"], check_names=False)
+
+
+# ---------------------------------------------------------------------- the app's volcano plot of a DE table
+def _de_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "gene": ["UP1", "UP2", "DOWN1", "FLAT", "WEAK", "HUGE", "NAN"],
+        "logfoldchange": [2.0, 1.0, -3.0, 0.1, 2.0, 30.0, np.nan],
+        "pval_adj": [1e-10, 1e-3, 1e-5, 1e-20, 0.5, 1e-30, 1e-4],
+    })
+
+
+def test_volcano_update_fills_sources_classes_labels_and_ranges():
+    from app import plots
+
+    v = plots.Volcano(n_labels=3, max_lfc=10.0)
+    fig = v.figure
+    v.update(_de_table(), title="Top vs bottom 30 cells")
+    data = v.source.data
+    assert set(data) == {"gene", "logfoldchange", "neg_log10_padj", "lfc_exact", "class"}
+    by_gene = {g: i for i, g in enumerate(data["gene"])}
+    assert set(by_gene) == {"UP1", "UP2", "DOWN1", "FLAT", "WEAK", "HUGE"}  # the NaN row is dropped
+    cls = {g: data["class"][i] for g, i in by_gene.items()}
+    assert cls == {"UP1": "up in top", "UP2": "up in top", "HUGE": "up in top", "DOWN1": "up in bottom",
+                   "FLAT": "not significant", "WEAK": "not significant"}
+    assert data["class"][:2] == ["not significant"] * 2  # grey drawn first, under the coloured genes
+    i = by_gene["HUGE"]  # clipped for drawing, exact in the hover
+    assert data["logfoldchange"][i] == 10.0 and data["lfc_exact"][i] == 30.0
+    np.testing.assert_allclose(data["neg_log10_padj"][by_gene["UP1"]], 10.0)
+    assert data["logfoldchange"].dtype == np.float64
+    # labels: the 3 most significant significant genes (FLAT is more significant but not changed enough)
+    assert v.label_source.data["gene"] == ["HUGE", "UP1", "DOWN1"]
+    assert fig.title.text == "Top vs bottom 30 cells"
+    assert fig.xaxis.axis_label == "log2 fold change" and fig.yaxis.axis_label == "-log10 adj. p"
+    assert fig.x_range.start < -3.0 and 10.0 < fig.x_range.end < 12.0  # the clipped extent, padded
+    assert fig.y_range.start <= 0.0 and fig.y_range.end > 30.0
+    assert (fig.x_range.reset_start, fig.y_range.reset_end) == (fig.x_range.start, fig.y_range.end)
+    hover = [t for t in fig.tools if t.__class__.__name__ == "HoverTool"][0]
+    assert [name for name, _ in hover.tooltips][:3] == ["gene", "log2 fold change (exact)", "-log10 adj. p"]
+    colours = fig.renderers[0].glyph.fill_color.transform
+    assert dict(zip(colours.factors, colours.palette)) == {"up in top": "#d62728", "up in bottom": "#1f77b4",
+                                                           "not significant": "#b0b0b0"}
+    assert fig.legend[0].items[0].label.field == "class"
+
+
+def test_volcano_update_replaces_data_in_place_and_empties():
+    from app import plots
+
+    v = plots.Volcano()
+    models = {m.id for m in v.figure.references()}
+    v.update(_de_table())
+    small = _de_table().iloc[:2].assign(logfoldchange=[0.5, 0.6])
+    v.update(small, title="second")
+    assert {m.id for m in v.figure.references()} == models  # the same models, new data
+    assert v.source.data["gene"] == ["UP1", "UP2"] and v.source.data["class"] == ["not significant", "up in top"]
+    assert v.label_source.data["gene"] == ["UP2"]  # UP1 (lfc 0.5) no longer passes |lfc| > 0.5
+    assert v.figure.x_range.end < 1.0  # the range follows the new data
+    for empty in (pd.DataFrame(), _de_table().iloc[:0]):
+        v.update(empty, title="empty")
+        assert all(len(c) == 0 for c in v.source.data.values()) and len(v.label_source.data["gene"]) == 0
+        assert v.figure.x_range.start < v.figure.x_range.end and v.figure.y_range.start < v.figure.y_range.end
+
+
+def test_volcano_function_and_class_share_the_frame():
+    import holoviews as hv
+
+    from app import plots
+
+    points, labels = plots.volcano_frame(_de_table(), n_labels=2)
+    overlay = plots.volcano(_de_table(), n_labels=2)
+    scatter, text = overlay.values()
+    assert list(scatter.dimension_values("gene")) == list(points["gene"])
+    assert list(text.dimension_values("gene")) == list(labels["gene"]) == ["HUGE", "UP1"]
+    hv.render(overlay)
+    hv.render(plots.volcano(pd.DataFrame()))
+
+
+def test_show_table_updates_the_shown_table_when_its_columns_stay():
+    import panel as pn
+
+    from app.views.common import show_table, table_widget
+
+    holder = pn.Column(table_widget(height=400, page_size=2))
+    first = show_table(holder, _de_table(), height=400, page_size=2)  # from an empty table: a new widget
+    assert holder.objects == [first] and first.formatters and list(first.value["gene"]) == list(_de_table()["gene"])
+    first.page = 2
+    again = show_table(holder, _de_table().iloc[::-1], height=400, page_size=2)
+    assert again is first and holder.objects == [first] and first.page == 1
+    assert list(first.value["gene"]) == list(_de_table()["gene"])[::-1]
+    other = show_table(holder, _de_table().assign(direction="up"), height=400, page_size=2)  # a new column
+    assert other is not first and holder.objects == [other] and "direction" in other.value.columns
+    ints = show_table(holder, _de_table().assign(direction=1), height=400, page_size=2)  # same name, other dtype
+    assert ints is not other
+    cleared = show_table(holder, pd.DataFrame(), height=400, page_size=2)
+    assert cleared is not ints and len(cleared.value.columns) == 0

@@ -344,3 +344,59 @@ def test_unknown_gene_then_buttons_still_work(page):
     page.get_by_role("button", name="Save .h5ad").click()
     sync_api.expect(page.get_by_text("Saved to").first).to_be_visible()
     assert (SAVE_DIRS[0] / "after_unknown_gene.h5ad").exists()
+
+
+def test_de_reruns_update_volcano_and_table_in_place(page):
+    """Three DE runs (two queries): the table widget and the volcano plot are reused, and their rows and
+    points show each new result (rows not blank, header over its columns, first row = the most significant)."""
+    def de_table():  # the DE table: the Tabulator with a "gene" column (the enrichment table has none)
+        return page.locator(".tabulator", has=page.locator('.tabulator-col[tabulator-field="gene"]'))
+
+    def de_rows() -> list[str]:
+        table = de_table()
+        table.scroll_into_view_if_needed()
+        rows = table.locator(".tabulator-row")
+        sync_api.expect(rows).not_to_have_count(0)
+        header = [t.strip() for t in table.locator(".tabulator-col-title").all_inner_texts()]
+        assert [t for t in header if t][0] == "gene", header
+        _assert_header_aligned(table)
+        genes = [rows.nth(i).locator('.tabulator-cell[tabulator-field="gene"]').inner_text().strip() for i in range(3)]
+        assert all(genes), genes  # rows drawn, not blank
+        return genes
+
+    def run_de(n_used: int) -> list[str]:
+        page.get_by_role("button", name="Run DE").click()
+        sync_api.expect(page.get_by_text(f"{n_used} top vs {n_used} bottom cells").first).to_be_visible()
+        cell = de_table().locator('.tabulator-row .tabulator-cell[tabulator-field="gene"]').first
+        sync_api.expect(cell).not_to_have_text("")
+        return de_rows()
+
+    n_box = page.get_by_role("textbox", name="Top / bottom cells (n)")
+    _query(page, "monocytes")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: monocytes")).to_be_visible()
+    _tab(page, "DE + enrichment")
+    sync_api.expect(page.locator(".bk-Canvas:visible").nth(1)).to_be_visible()  # map and the empty volcano
+    first = run_de(100)
+    volcano = page.locator(".bk-Canvas:visible").nth(1)
+    for el in (de_table(), volcano):  # marks that a new widget or plot would not carry
+        el.evaluate("e => { e.dataset.lexicellMark = 'kept' }")
+    n_box.fill("60")
+    n_box.press("Enter")
+    run_de(60)  # the same query, fewer cells
+    _query(page, "B cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
+    n_box.fill("40")
+    n_box.press("Enter")
+    third = run_de(40)
+    assert first != third, (first, third)  # B cells against monocytes: other genes lead
+    for el in (de_table(), volcano):  # the same table and plot, updated in place
+        assert el.evaluate("e => e.dataset.lexicellMark") == "kept"
+    assert de_table().count() == 1  # no leftover widget
+    # and after switching tabs there and back
+    _tab(page, "Zero-shot labels")
+    sync_api.expect(page.get_by_role("button", name="Label cells")).to_be_visible()
+    _tab(page, "DE + enrichment")
+    sync_api.expect(page.get_by_role("button", name="Run DE")).to_be_visible()
+    assert de_rows() == third
+    _shot(page, "ui_de_rerun")
+    assert "Unexpected error" not in page.content()

@@ -9,7 +9,8 @@ shows the cell under the pointer. Nothing here reads application state.
 from __future__ import annotations
 
 from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
-from .charts import ScoreHistogram, category_bars, confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano
+from .charts import (VOLCANO_COLORS, ScoreHistogram, Volcano, category_bars, confusion_heatmap, enrichment_bars, histogram,
+                     histogram_data, volcano, volcano_frame)
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
                       SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, symmetric_clim)
 from .png import map_png
@@ -34,6 +35,9 @@ __all__ = [
     "ScoreHistogram",
     "category_bars",
     "volcano",
+    "volcano_frame",
+    "Volcano",
+    "VOLCANO_COLORS",
     "enrichment_bars",
     "confusion_heatmap",
     "map_png",

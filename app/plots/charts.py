@@ -10,8 +10,8 @@ import pandas as pd
 
 from .colours import _short
 
-__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "volcano", "enrichment_bars",
-           "confusion_heatmap"]
+__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "volcano", "volcano_frame", "Volcano",
+           "VOLCANO_COLORS", "enrichment_bars", "confusion_heatmap"]
 
 
 def histogram_data(values: np.ndarray, *, selected: np.ndarray | None = None, bins: int = 50,
@@ -121,14 +121,44 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
         title=title, fontsize={"yticks": "8pt", "title": "10pt"}, toolbar=None)
 
 
-def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: int = 480, height: int = 380,
-            n_labels: int = 10, title: str = "Top vs bottom", max_lfc: float = 10.0):
-    """Volcano plot of a DE table (``gene``, ``logfoldchange``, ``pval_adj``).
+#: Volcano classes in drawing order (grey first, so that significant genes are drawn on top) and their colours.
+VOLCANO_COLORS = {"not significant": "#b0b0b0", "up in bottom": "#1f77b4", "up in top": "#d62728"}
+_VOLCANO_COLUMNS = ("gene", "logfoldchange", "neg_log10_padj", "lfc_exact", "class")
 
-    Genes with ``pval_adj < fdr`` and ``|logfoldchange| > lfc`` are coloured (red = up, blue = down) and the
-    ``n_labels`` most significant of them labelled. Fold changes are drawn within ±``max_lfc`` (scanpy reports
-    about ±30 when a group does not express a gene at all); the hover shows the exact value.
+
+def volcano_frame(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, max_lfc: float = 10.0,
+                  n_labels: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The points and labels of a volcano plot of a DE table (``gene``, ``logfoldchange``, ``pval_adj``).
+
+    Parameters
+    ----------
+    table
+        A DE table with one row per gene; rows whose fold change or adjusted p-value is not finite are
+        dropped. A table without these columns (e.g. an empty ``pd.DataFrame()``) gives empty frames.
+    fdr, lfc
+        A gene is significant when ``pval_adj < fdr`` and ``|logfoldchange| > lfc``.
+    max_lfc
+        Fold changes are clipped to ``±max_lfc`` for drawing (scanpy reports about ±30 when a group does
+        not express a gene at all); ``lfc_exact`` keeps the exact value.
+    n_labels
+        How many of the most significant significant genes are labelled.
+
+    Returns
+    -------
+    points
+        ``(n_genes, 6)``: ``gene`` (str), ``logfoldchange`` (float64, clipped log2 fold change),
+        ``neg_log10_padj`` (float64, ``-log10`` of the adjusted p-value, p clipped at 1e-300),
+        ``lfc_exact`` (float64), ``class`` (str: ``"up in top"``, ``"up in bottom"`` or
+        ``"not significant"``) and ``pval_adj`` (float64); ordered as :data:`VOLCANO_COLORS` (grey first),
+        the table's order within a class.
+    labels
+        At most ``n_labels`` rows of ``points``: the significant genes with the largest ``neg_log10_padj``.
     """
+    if not {"gene", "logfoldchange", "pval_adj"} <= set(table.columns):
+        empty = pd.DataFrame({"gene": pd.Series([], dtype=object), **{
+            c: pd.Series([], dtype=np.float64) for c in ("logfoldchange", "neg_log10_padj", "lfc_exact")},
+            "class": pd.Series([], dtype=object), "pval_adj": pd.Series([], dtype=np.float64)})
+        return empty, empty.copy()
     df = pd.DataFrame({
         "gene": table["gene"].astype(str).to_numpy(),
         "logfoldchange": pd.to_numeric(table["logfoldchange"], errors="coerce").to_numpy(dtype=np.float64),
@@ -141,14 +171,110 @@ def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: 
     up = (df["pval_adj"] < fdr) & (df["logfoldchange"] > lfc)
     down = (df["pval_adj"] < fdr) & (df["logfoldchange"] < -lfc)
     df["class"] = np.where(up, "up in top", np.where(down, "up in bottom", "not significant"))
-    cmap = {"up in top": "#d62728", "up in bottom": "#1f77b4", "not significant": "#b0b0b0"}
+    order = {c: i for i, c in enumerate(VOLCANO_COLORS)}
+    df = df.iloc[np.argsort(df["class"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
+    df = df[["gene", "logfoldchange", "neg_log10_padj", "lfc_exact", "class", "pval_adj"]]
+    labels = df[df["class"] != "not significant"].nlargest(n_labels, "neg_log10_padj").reset_index(drop=True)
+    return df, labels
+
+
+def _padded(lo: float, hi: float, *, fraction: float = 0.05, empty: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return empty
+    pad = fraction * (hi - lo) if hi > lo else 0.5
+    return float(lo - pad), float(hi + pad)
+
+
+class Volcano:
+    """The DE volcano plot as one plain Bokeh figure whose data are replaced in place.
+
+    The same content as :func:`volcano` (points coloured by class with a legend, a hover with the gene, its
+    exact log2 fold change and ``-log10`` adjusted p-value, the ``n_labels`` most significant significant genes
+    labelled), but a new DE table only sends new column data, ranges and title to the browser instead of
+    new Bokeh models: no HoloViews overlay is built on the server and no plot is built anew in the browser.
+
+    Parameters
+    ----------
+    fdr, lfc, max_lfc, n_labels
+        As in :func:`volcano_frame`.
+    width, height
+        Size of the figure in pixels.
+
+    Attributes
+    ----------
+    figure : bokeh.plotting.figure
+        Shown with ``pn.pane.Bokeh(volcano.figure)``; created once.
+    source : bokeh.models.ColumnDataSource
+        The points: columns ``gene``, ``logfoldchange`` (clipped, drawn), ``neg_log10_padj``, ``lfc_exact``,
+        ``class`` (see :func:`volcano_frame`).
+    label_source : bokeh.models.ColumnDataSource
+        The labelled genes: ``gene``, ``logfoldchange``, ``neg_log10_padj``.
+    """
+
+    def __init__(self, *, fdr: float = 0.05, lfc: float = 0.5, max_lfc: float = 10.0, n_labels: int = 10,
+                 width: int = 500, height: int = 400):
+        from bokeh.models import ColumnDataSource, HoverTool, LabelSet, Range1d
+        from bokeh.plotting import figure
+        from bokeh.transform import factor_cmap
+
+        self.fdr, self.lfc, self.max_lfc, self.n_labels = fdr, lfc, max_lfc, n_labels
+        self.source = ColumnDataSource({c: [] for c in _VOLCANO_COLUMNS})
+        self.label_source = ColumnDataSource({"gene": [], "logfoldchange": [], "neg_log10_padj": []})
+        # explicit ranges set on every update (with their reset values): a DataRange1d stops following the
+        # data once the user has zoomed or panned
+        fig = figure(width=width, height=height, title="", x_axis_label="log2 fold change",
+                     y_axis_label="-log10 adj. p", x_range=Range1d(-1, 1), y_range=Range1d(0, 1),
+                     tools="pan,wheel_zoom,box_zoom,save,reset", active_scroll="wheel_zoom",
+                     toolbar_location="right")
+        points = fig.scatter(x="logfoldchange", y="neg_log10_padj", source=self.source, size=5, alpha=0.8,
+                             color=factor_cmap("class", palette=list(VOLCANO_COLORS.values()),
+                                               factors=list(VOLCANO_COLORS)),
+                             legend_field="class")
+        fig.add_layout(LabelSet(x="logfoldchange", y="neg_log10_padj", text="gene", source=self.label_source,
+                                text_font_size="8pt", text_color="#333333", text_baseline="bottom",
+                                text_align="center"))
+        fig.add_tools(HoverTool(renderers=[points], tooltips=[
+            ("gene", "@gene"), ("log2 fold change (exact)", "@lfc_exact"), ("-log10 adj. p", "@neg_log10_padj"),
+            ("class", "@class")]))
+        fig.legend.location = "bottom_right"
+        self.figure = fig
+
+    def update(self, table: pd.DataFrame, *, title: str = "Top vs bottom") -> None:
+        """Show the DE ``table`` (``gene``, ``logfoldchange``, ``pval_adj``; see :func:`volcano_frame`).
+
+        Sets ``source.data``, ``label_source.data``, the title and both ranges (start, end and their reset
+        values: the data's extent with 5 % padding, 10 % above for the labels); an empty table empties the plot.
+        """
+        df, top = volcano_frame(table, fdr=self.fdr, lfc=self.lfc, max_lfc=self.max_lfc, n_labels=self.n_labels)
+        self.source.data = {"gene": df["gene"].tolist(), "class": df["class"].tolist(),
+                            **{c: df[c].to_numpy() for c in ("logfoldchange", "neg_log10_padj", "lfc_exact")}}
+        self.label_source.data = {"gene": top["gene"].tolist(), "logfoldchange": top["logfoldchange"].to_numpy(),
+                                  "neg_log10_padj": top["neg_log10_padj"].to_numpy()}
+        x0, x1 = _padded(df["logfoldchange"].min(), df["logfoldchange"].max(), empty=(-1.0, 1.0))
+        y0, y1 = _padded(min(0.0, df["neg_log10_padj"].min()) if len(df) else np.nan, df["neg_log10_padj"].max())
+        y1 += 0.05 * (y1 - y0)  # room for the labels above the highest points
+        self.figure.x_range.update(start=x0, end=x1, reset_start=x0, reset_end=x1)
+        self.figure.y_range.update(start=y0, end=y1, reset_start=y0, reset_end=y1)
+        self.figure.title.text = title
+
+
+def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: int = 480, height: int = 380,
+            n_labels: int = 10, title: str = "Top vs bottom", max_lfc: float = 10.0):
+    """Volcano plot of a DE table (``gene``, ``logfoldchange``, ``pval_adj``) as a HoloViews overlay.
+
+    Genes with ``pval_adj < fdr`` and ``|logfoldchange| > lfc`` are coloured (red = up, blue = down) and the
+    ``n_labels`` most significant of them labelled. Fold changes are drawn within ±``max_lfc`` (scanpy reports
+    about ±30 when a group does not express a gene at all); the hover shows the exact value. The served app
+    uses :class:`Volcano` (updated in place); this function is for notebooks and exports.
+    """
+    df, top = volcano_frame(table, fdr=fdr, lfc=lfc, max_lfc=max_lfc, n_labels=n_labels)
+    df = df.drop(columns="pval_adj")
     scatter = hv.Scatter(df, kdims=[hv.Dimension("logfoldchange", label="log2 fold change")],
                          vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "gene", "class",
                                 hv.Dimension("lfc_exact", label="log2 fold change (exact)")]).opts(
-        color="class", cmap=cmap, size=5, alpha=0.8, tools=["hover"], width=width, height=height, title=title,
-        legend_position="bottom_right", show_legend=True)
-    top = df[up | down].nlargest(n_labels, "neg_log10_padj")
-    labels = hv.Labels(top, kdims=["logfoldchange", "neg_log10_padj"], vdims=["gene"]).opts(
+        color="class", cmap=VOLCANO_COLORS, size=5, alpha=0.8, tools=["hover"], width=width, height=height,
+        title=title, legend_position="bottom_right", show_legend=True)
+    labels = hv.Labels(top.drop(columns="pval_adj"), kdims=["logfoldchange", "neg_log10_padj"], vdims=["gene"]).opts(
         text_font_size="8pt", yoffset=0.0, text_color="#333333", text_baseline="bottom")
     return (scatter * labels).opts(width=width, height=height, shared_axes=False)
 

@@ -81,7 +81,9 @@ class DEView(StateView):
                                               visible=False)
         self.within = pn.widgets.Checkbox(label="Only inside the current selection", value=False, margin=(30, 5, 5, 5))
         self.de_button = pn.widgets.Button(label="Run DE", color="primary", width=110, margin=(23, 5, 5, 5))
-        self.volcano = pn.pane.HoloViews(None, width=500, height=400)
+        self.volcano_plot = plots.Volcano(width=500, height=400)  # updated in place by every DE run
+        self.volcano_plot.figure.title.text = "Run DE to draw the volcano plot"
+        self.volcano = pn.pane.Bokeh(self.volcano_plot.figure)
         self.de_table = table_widget(height=400, page_size=12)
         self.de_holder = pn.Column(self.de_table, sizing_mode="stretch_width")
         self.de_info = panes.Markdown("")
@@ -146,7 +148,8 @@ class DEView(StateView):
 
         def apply(table):
             st.apply_de(table)
-            self.volcano.object = plots.volcano(table, title=f"Top vs bottom {table.attrs.get('n_used', '')} cells")
+            with pn.io.document.unlocked():  # plain Bokeh models: changed with the document's events held and sent
+                self.volcano_plot.update(table, title=f"Top vs bottom {table.attrs.get('n_used', '')} cells")
             self.de_table = show_table(self.de_holder, table, height=400, page_size=12)
             n_up = int(((table["direction"] == "up") & (table["pval_adj"] < 0.05)).sum())
             n_down = int(((table["direction"] == "down") & (table["pval_adj"] < 0.05)).sum())

@@ -209,15 +209,52 @@ def table_widget(**kw) -> pn.widgets.Tabulator:
 
 
 def show_table(holder: pn.Column, table: pd.DataFrame, **kw) -> pn.widgets.Tabulator:
-    """Show ``table`` (rounded by :func:`display_table`) in ``holder`` as a new read-only Tabulator.
+    """Show ``table`` (rounded by :func:`display_table`) in ``holder``, the Column that holds one Tabulator.
 
-    A fresh widget renders reliably; changing the data and formatters of one already on the page could leave
-    its rows blank in the browser. Returns the new widget.
+    When the Tabulator in ``holder`` already shows the same columns (names, order, dtypes) with the same
+    formatters, only its ``value`` is replaced (the new rows and cell styles are sent; the browser keeps the table
+    and redraws its rows) and it goes back to page 1; a sort the user chose in the browser stays. Otherwise a new read-only Tabulator made by :func:`table_widget` with
+    ``kw`` replaces it: changing the columns and formatters of a table already on the page could leave its
+    rows blank or its header shifted in the browser (Panel 1.9), and a new widget renders reliably.
+
+    Parameters
+    ----------
+    holder
+        A ``pn.Column`` whose only object is the table shown.
+    table
+        The table, any columns; an empty ``pd.DataFrame()`` shows an empty table.
+    **kw
+        Options of :func:`table_widget` for a new widget (the same on every call for one holder).
+
+    Returns
+    -------
+    pn.widgets.Tabulator
+        The widget now shown (the old one, updated, or a new one).
     """
     shown, fmt = display_table(table) if len(table.columns) else (table, {})
+    old = holder.objects[0] if len(holder.objects) == 1 else None
+    if isinstance(old, pn.widgets.Tabulator) and _same_layout(old, shown, fmt):
+        if old.page != 1:
+            old.param.update(value=shown, page=1)
+        else:
+            old.value = shown
+        return old
     widget = table_widget(value=shown, formatters=fmt, **kw)
     holder.objects = [widget]
     return widget
+
+
+def _same_layout(widget: pn.widgets.Tabulator, shown: pd.DataFrame, formatters: dict) -> bool:
+    """Whether ``widget`` shows the columns of ``shown`` (names, order, dtypes) with the same ``formatters``."""
+    old = widget.value
+    if old is None or not len(shown.columns) or list(old.columns) != list(shown.columns):
+        return False
+    if list(old.dtypes) != list(shown.dtypes) or set(widget.formatters) != set(formatters):
+        return False
+    return all(type(f) is type(widget.formatters[c])
+               and f.properties_with_values(include_defaults=False)
+               == widget.formatters[c].properties_with_values(include_defaults=False)
+               for c, f in formatters.items())
 
 
 P_COLUMNS = ("pval", "pval_adj")
