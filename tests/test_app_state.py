@@ -168,11 +168,30 @@ def test_map_view_shows_count_and_redraws(state):
     state.set_color("louvain")  # other categories (the colour key of the datashade operation): a new plot
     assert view.plot.object is not cat_obj
     cat_obj = view.plot.object
-    state.set_color("louvain")  # the same categories again: recoloured in place
-    assert view.plot.object is cat_obj
+    shown = view._slots["other"].pipe.data
+    state.set_color("louvain")  # the same colouring again: the same plot, nothing sent (the shown table kept)
+    assert view.plot.object is cat_obj and view._slots["other"].pipe.data is shown
     state.run_query("NK cells")  # back to a query: the kept continuous plot, recoloured in place
     assert view.plot is continuous and view._slots["continuous"].box.visible and view._data_pipe is pipe
     assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
+
+
+def test_map_same_frame_compares_values_and_categories():
+    import pandas as pd
+
+    from app.views.map import _same_frame
+
+    a = pd.DataFrame({"x": np.arange(3, dtype=np.float32), "color": pd.Categorical(["a", "b", "a"])})
+    assert _same_frame(a, a.copy()) and not _same_frame(None, a)
+    b = a.copy()
+    b["color"] = pd.Categorical(["a", "b", "b"])
+    assert not _same_frame(a, b)  # one cell relabelled
+    c = a.copy()
+    c["color"] = pd.Categorical(["a", "b", "a"], categories=["a", "b", "c"])
+    assert not _same_frame(a, c)  # same labels, other categories (another legend)
+    assert not _same_frame(a, a.assign(x=a["x"] + 1)) and not _same_frame(a, a.assign(extra=1))
+    nan = pd.DataFrame({"color": np.array([np.nan, 1.0], dtype=np.float32)})
+    assert _same_frame(nan, nan.copy())  # NaN (uncoloured cells) in the same places count as equal
 
 
 def test_map_legend_html_escapes_names_and_lists_present_categories():

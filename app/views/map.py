@@ -301,7 +301,9 @@ class MapView(StateView):
             kind = _slot_kind(spec)
             slot = self._slots[kind]
             if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
-                if kind == "continuous":
+                if _same_frame(slot.pipe.data, df):
+                    pass  # the colouring shown already (e.g. the same labels again): nothing to send
+                elif kind == "continuous":
                     # one update, not two: store the data silently, then change the style (which re-renders);
                     # if the style is unchanged, trigger the data stream instead
                     before = (self._style.clim, self._style.clabel, self._style.cmap[0])
@@ -438,6 +440,17 @@ class _Slot:
     outline: object = None
     key: tuple | None = None
     streams: list = field(default_factory=list)
+
+
+def _same_frame(shown, new) -> bool:
+    """Whether the map table ``new`` equals the one shown (same columns, values and categories)."""
+    if shown is None or shown is new:
+        return shown is new
+    try:
+        return list(shown.columns) == list(new.columns) and all(
+            shown[c].dtype == new[c].dtype and shown[c].equals(new[c]) for c in new.columns)
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _slot_kind(spec) -> str:
