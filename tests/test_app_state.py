@@ -176,6 +176,25 @@ def test_map_view_shows_count_and_redraws(state):
     assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
 
 
+def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
+    from bokeh.document import Document
+    from bokeh.models import ColorBar
+
+    from app.views.map import MapView
+
+    view = MapView(state)
+    state.run_query("T cells")
+    root = view.plot.get_root(Document())  # rendered, as in a page: later queries update these Bokeh models
+    state.run_query("B cells")  # recoloured in place (same plot)
+
+    def titles():
+        return [m.title for m in root.select({"type": ColorBar})]
+
+    assert titles() == ["score: B cells"], titles()
+    state.run_query("NK cells")
+    assert titles() == ["score: NK cells"], titles()
+
+
 def test_map_same_frame_compares_values_and_categories():
     import pandas as pd
 

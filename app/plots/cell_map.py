@@ -1,6 +1,7 @@
 """The datashaded cell map (peers.md §6.1): the table behind it, the HoloViews layers and raw aggregates."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import colorcet as cc
@@ -174,6 +175,8 @@ def cell_map_layers(
         opts = dict(cmap=cmap, colorbar=True, clabel=spec.name, **plot_opts)
         if spec.clim is not None:
             opts["clim"] = tuple(float(c) for c in spec.clim)
+        if style is not None:
+            opts["hooks"] = [partial(_colorbar_title, style)]
         img = spread_op(img).opts(**opts)
         if style is not None:
             img = img.apply.opts(clim=style.param.clim, cmap=style.param.cmap, clabel=style.param.clabel)
@@ -183,6 +186,14 @@ def cell_map_layers(
     else:
         overlay = _combine(layers)
     return overlay.opts(width=width, height=height, title=title, toolbar="above"), main
+
+
+def _colorbar_title(style, plot, element) -> None:
+    """HoloViews hook: the colour bar's title follows ``style.clabel`` (HoloViews sets it only when the bar is
+    first drawn, so a map recoloured in place kept the first query's name)."""
+    bar = plot.handles.get("colorbar")
+    if bar is not None and bar.title != style.clabel:
+        bar.title = style.clabel
 
 
 def present_categories(values) -> list[str]:
