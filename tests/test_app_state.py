@@ -653,3 +653,44 @@ def test_text_panes_keep_their_style_sheets_on_update():
         pane.object = "<b>second</b>" if cls is panes.HTML else "second"
         assert "second" in model.text and list(model.stylesheets) == sheets
         assert type(pn.panel("plain text")) is pn.pane.Markdown  # never chosen by pn.panel
+
+
+def test_job_disables_widgets_and_shows_progress_only_for_slow_work():
+    import time
+
+    import panel as pn
+
+    from app.views.common import Job
+
+    job = Job(quick=True)
+    button = pn.widgets.Button(label="Run")
+    seen = []
+
+    def watch(event):
+        seen.append(event.new)
+
+    button.param.watch(watch, "disabled")
+    # quick work (under Job.SHOW_AFTER): nothing on the page changes but the result
+    assert asyncio.run(job.run(lambda: 1, lambda r: None, disable=[button]))
+    assert seen == [] and not job.progress.visible and not button.disabled
+    # slow work: the button is disabled and the bar shown while it runs, both undone afterwards
+
+    def slow():
+        time.sleep(Job.SHOW_AFTER + 0.3)
+        return 2
+
+    def apply(result):
+        assert button.disabled and job.progress.visible  # still running when the result is applied
+        seen.append(("applied", result))
+
+    assert asyncio.run(job.run(slow, apply, disable=[button]))
+    assert seen == [True, ("applied", 2), False] and not job.progress.visible and not button.disabled
+    # a failing slow job re-enables the button too and shows the error
+    seen.clear()
+
+    def fail():
+        time.sleep(Job.SHOW_AFTER + 0.3)
+        raise ValueError("boom")
+
+    assert not asyncio.run(job.run(fail, lambda r: None, disable=[button]))
+    assert seen == [True, False] and not button.disabled and "boom" in job.alert.object

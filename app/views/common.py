@@ -131,19 +131,20 @@ class Job(pn.viewable.Viewer):
                   label: str = "Working", disable: Sequence = ()) -> bool:
         """Run ``compute()`` off the loop, then ``apply(result)``; returns True on success.
 
-        The progress bar and label appear only when the work is still running after :attr:`SHOW_AFTER`
-        seconds: a query answered in 50 ms changes nothing but the results on the page (showing and hiding
-        the bar made the browser lay out the whole page twice per query).
+        The progress bar and label appear, and the ``disable`` widgets are disabled, only when the work is
+        still running after :attr:`SHOW_AFTER` seconds: a query answered in 50 ms changes nothing but the
+        results on the page (showing and hiding the bar, or disabling and enabling a button, each made the
+        browser lay out the whole page). A second run while one is running is refused either way
+        (:attr:`running`).
         """
         if self.running:
             return False
         self.running = True
         self._cancel.clear()
         self.polls = 0
-        with batched():
-            self.clear()
-            for w in disable:
-                w.disabled = True
+        if self.alert.visible:
+            with batched():
+                self.clear()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self.executor, compute)
@@ -157,6 +158,8 @@ class Job(pn.viewable.Viewer):
                         shown = True
                         self.progress.param.update(visible=True, active=True, value=-1)
                         self.cancel_button.visible = self.cancellable
+                        for w in disable:
+                            w.disabled = True
                     self.label.param.update(object=f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}",
                                             visible=True)
                 done, _ = await asyncio.wait({fut}, timeout=0.3)
@@ -175,9 +178,9 @@ class Job(pn.viewable.Viewer):
             self.show(f"Unexpected error ({type(err).__name__}): {err}", "danger")
         finally:
             with batched():
-                for w in disable:
-                    w.disabled = False
                 if shown:
+                    for w in disable:
+                        w.disabled = False
                     self.progress.param.update(visible=False, active=False)
                     self.label.visible = False
                     self.cancel_button.visible = False
