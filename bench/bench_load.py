@@ -6,9 +6,10 @@
     python bench/bench_load.py --think 0          # no pauses: every session fires its next action at once
 
 Each session loops: a query (its text carries the session's tag), now and then zero-shot labels and a
-top-vs-bottom DE, with a user's pause (``--think``, default 3 s on average) before each action; ``--think 0``
+top-vs-bottom DE (after its second query it also box-selects a region of its own size), with a user's pause (``--think``, default 3 s on average) before each action; ``--think 0``
 is a saturation test (10 sessions clicking without pause on 2 cores shared with their 10 browser pages). Printed: errors (timeouts, "Unexpected error"/"Traceback" in the page), isolation failures (a
-session whose colour note or query history shows another session's tag), p50/p95 query latency (Enter -> the
+session whose colour note or query history shows another session's tag, or whose selection count changed
+without its own action), p50/p95 query latency (Enter -> the
 page shows the new colouring; also per minute) and the server's RSS at the start, after each round and at the end (the server is
 a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18): 0 errors, 0 isolation failures,
 RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a 2-core machine.
@@ -87,9 +88,10 @@ class Stats:
         self.isolation: list[str] = []
         self.zero_shot = 0
         self.de = 0
+        self.selections = 0
 
 
-async def _check_page(page, idx: int, st: Stats, what: str) -> None:
+async def _check_page(page, idx: int, st: Stats, what: str, selected: str | None = None) -> None:
     # locators look inside Bokeh's shadow roots (page.content() does not: it would never see an error alert)
     if await page.get_by_text(BAD_TEXT).count():
         st.errors.append(f"client {idx:02d} {what}: 'Unexpected error' or 'Traceback' in the page")
@@ -98,6 +100,27 @@ async def _check_page(page, idx: int, st: Stats, what: str) -> None:
     others = {int(m) for m in TAG.findall(history + " " + note)} - {idx}
     if others:
         st.isolation.append(f"client {idx:02d} {what}: sees client(s) {sorted(others)}")
+    if selected is not None:  # the session's own box selection, unchanged by the other sessions
+        count = await page.locator(".selection-count-text").first.inner_text()
+        if count != selected:
+            st.isolation.append(f"client {idx:02d} {what}: selection shows {count!r}, expected {selected!r}")
+
+
+async def _select_box(page, idx: int) -> str:
+    """Box-select a region of the map whose size depends on the session (so sessions' counts differ); returns
+    the selection count the page shows."""
+    await page.get_by_title("Box Select").first.click()
+    box = await page.locator(".bk-Canvas").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
+    await page.mouse.move(x0, y0)
+    await page.mouse.down()
+    frac = 0.3 + 0.06 * (idx % 10)
+    await page.mouse.move(x0 + box["width"] * frac, y0 + box["height"] * 0.9, steps=5)
+    await page.mouse.up()
+    shown = page.locator(".selection-count-text", has_text="cells selected").first
+    await shown.wait_for(state="visible")
+    await page.get_by_title("Pan").first.click()
+    return await shown.inner_text()
 
 
 async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: Stats, what: str) -> bool:
@@ -128,6 +151,7 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
         await page.goto(url)
         await page.locator(".bk-Canvas").first.wait_for(state="visible")
         await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+        selected = None
         n = 0
         while time.time() < deadline:
             n += 1
@@ -146,7 +170,13 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
             except Exception as err:  # noqa: BLE001 - counted
                 st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
                 continue
-            await _check_page(page, idx, st, f"query {n}")
+            await _check_page(page, idx, st, f"query {n}", selected)
+            if n == 2:  # a user selects cells once the map is coloured (the selection feeds the side chart)
+                try:
+                    selected = await _select_box(page, idx)
+                    st.selections += 1
+                except Exception as err:  # noqa: BLE001 - counted
+                    st.errors.append(f"client {idx:02d} box selection: {type(err).__name__}")
             if n % 4 in (1, 3):
                 await _think(rng, think)
             if n % 4 == 1 and await _run_tab(page, "Zero-shot labels", "Label cells", "mean_confidence", idx, st, "zero-shot"):
@@ -231,7 +261,7 @@ async def run(args) -> dict:
     first = rss[1][1] if len(rss) > 1 else end
     print(f"\nsessions {args.contexts} x {args.rounds} round(s), {args.minutes:g} min, think time {args.think:g} s; "
           f"cpu cores {os.cpu_count()}")
-    print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}")
+    print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}, box selections {st.selections}")
     print(f"errors {len(st.errors)}")
     for e in st.errors[:20]:
         print("   ", e)
@@ -250,7 +280,7 @@ async def run(args) -> dict:
           + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
             f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
     return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, zero_shot=st.zero_shot,
-                de=st.de, rss=rss, p50=p50, p95=p95)
+                de=st.de, selections=st.selections, rss=rss, p50=p50, p95=p95)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -694,3 +694,34 @@ def test_job_disables_widgets_and_shows_progress_only_for_slow_work():
 
     assert not asyncio.run(job.run(fail, lambda r: None, disable=[button]))
     assert seen == [True, False] and not button.disabled and "boom" in job.alert.object
+
+
+def test_category_bars_update_in_place():
+    import pandas as pd
+
+    from app import plots
+
+    bars = plots.CategoryBars(max_bars=3)
+    fig, source = bars.figure, bars.source
+    long = "a very long category name that is shortened on the axis"
+    values = pd.Categorical(["T"] * 5 + ["B"] * 3 + [long + " 1"] * 2 + [long + " 2"] * 2 + ["NK"],
+                            categories=["T", "B", long + " 1", long + " 2", "NK", "absent"])
+    colours = plots.category_colors(values.categories)
+    bars.update(values, name="cell type", colors=colours)
+    # largest on top (Bokeh draws factors bottom-up), at most max_bars, unique labels for equal short names
+    assert source.data["category"][-1] == "T" and len(source.data["category"]) == 3
+    assert list(fig.y_range.factors) == source.data["label"] and len(set(source.data["label"])) == 3
+    assert source.data["colour"][-1] == colours["T"] and not bars._selected.visible
+    assert fig.title.text == "cell type"
+    counts = plots.category_counts(values, max_bars=10)
+    assert counts["label"].is_unique and "absent" not in set(counts["category"])
+    assert counts.loc[counts["category"] == long + " 2", "label"].iloc[0].endswith("(2)")
+    # a selection: the same figure and renderers, selected counts drawn in orange over grey
+    sel = np.zeros(len(values), dtype=bool)
+    sel[:2] = True
+    bars.update(values, selected=sel, name="cell type", colors=colours)
+    assert bars.figure is fig and bars.source is source and bars._selected.visible
+    assert source.data["selected"][-1] == 2 and set(source.data["colour"]) == {"#d9dde3"}
+    assert fig.title.text == "cell type: selected"
+    bars.update(pd.Categorical([]), name="empty")  # nothing to count: an empty chart, no error
+    assert len(source.data["label"]) == 0 and list(fig.y_range.factors) == []

@@ -67,6 +67,20 @@ def browser():
         b.close()
 
 
+@pytest.fixture(autouse=True)
+def no_server_errors(caplog):
+    """Every test fails if the served app logged an error meanwhile (an exception in a server callback shows
+    nothing in the page). Tornado's tracebacks for websockets closed by the browser are expected."""
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    yield
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR
+              and "WebSocketClosedError" not in f"{r.getMessage()} {r.exc_info}"
+              and "StreamClosedError" not in f"{r.getMessage()} {r.exc_info}"]
+    assert not errors, [f"{r.name}: {r.getMessage()[:300]} {r.exc_info[1] if r.exc_info else ''}" for r in errors]
+
+
 @pytest.fixture
 def page(browser, served):
     url, _ = served

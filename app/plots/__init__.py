@@ -9,8 +9,8 @@ shows the cell under the pointer. Nothing here reads application state.
 from __future__ import annotations
 
 from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
-from .charts import (VOLCANO_COLORS, ScoreHistogram, Volcano, category_bars, confusion_heatmap, enrichment_bars, histogram,
-                     histogram_data, volcano, volcano_frame)
+from .charts import (VOLCANO_COLORS, CategoryBars, ScoreHistogram, Volcano, category_bars, category_counts,
+                     confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano, volcano_frame)
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
                       SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, symmetric_clim)
 from .png import map_png
@@ -34,6 +34,8 @@ __all__ = [
     "histogram_data",
     "ScoreHistogram",
     "category_bars",
+    "category_counts",
+    "CategoryBars",
     "volcano",
     "volcano_frame",
     "Volcano",

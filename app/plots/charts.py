@@ -10,7 +10,7 @@ import pandas as pd
 
 from .colours import _short
 
-__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "volcano", "volcano_frame", "Volcano",
+__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "category_counts", "CategoryBars", "volcano", "volcano_frame", "Volcano",
            "VOLCANO_COLORS", "enrichment_bars", "confusion_heatmap"]
 
 
@@ -97,7 +97,8 @@ def histogram(values: np.ndarray, *, selected: np.ndarray | None = None, name: s
 
 def category_bars(values, *, selected: np.ndarray | None = None, name: str = "category", colors: dict | None = None,
                   width: int = 320, height: int = 300, max_bars: int = 20):
-    """Horizontal bars of cells per category (selected cells in orange when there is a selection)."""
+    """Horizontal bars of cells per category (selected cells in orange when there is a selection) as a HoloViews
+    element (notebooks, exports; the served map's side chart is :class:`CategoryBars`, updated in place)."""
     cat = pd.Series(pd.Categorical(values))
     counts = cat.value_counts()
     counts = counts[counts > 0].iloc[:max_bars]
@@ -119,6 +120,108 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
     return hv.Bars(df, kdims=[hv.Dimension("category", label=name)], vdims=vdims).opts(
         invert_axes=True, width=width, height=height, tools=["hover"], color="fill", xlabel="", ylabel="cells",
         title=title, fontsize={"yticks": "8pt", "title": "10pt"}, toolbar=None)
+
+
+def category_counts(values, *, selected: np.ndarray | None = None, colors: dict | None = None,
+                    max_bars: int = 20, label_chars: int = 28) -> pd.DataFrame:
+    """Cells per category, largest first, for the side bars.
+
+    Parameters
+    ----------
+    values
+        ``(n_cells,)`` categories (a ``pandas.Categorical`` or anything it accepts).
+    selected
+        Optional boolean mask ``(n_cells,)``; its counts go to the ``selected`` column.
+    colors
+        Category -> colour (``fill``; grey for categories without one).
+    max_bars
+        The most frequent categories kept.
+    label_chars
+        Labels are shortened to this many characters, made unique with a `` (2)``-style suffix.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``category`` (full name, str), ``label`` (str, unique), ``cells`` and ``selected`` (int64),
+        ``fill`` (str), at most ``max_bars`` rows; categories without cells are left out.
+    """
+    cat = pd.Series(pd.Categorical(values))
+    counts = cat.value_counts()
+    counts = counts[counts > 0].iloc[:max_bars]
+    names = [str(c) for c in counts.index]
+    labels, seen = [], {}
+    for name in names:
+        label = _short(name, label_chars)
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    if selected is not None and np.asarray(selected).any():
+        sc = cat[np.asarray(selected, dtype=bool)].value_counts()
+        sel = [int(sc.get(c, 0)) for c in counts.index]
+    else:
+        sel = [0] * len(names)
+    cols = colors or {}
+    return pd.DataFrame({"category": names, "label": labels, "cells": counts.to_numpy(dtype=np.int64),
+                         "selected": np.asarray(sel, dtype=np.int64),
+                         "fill": [cols.get(n, "#9aa4b1") for n in names]})
+
+
+class CategoryBars:
+    """Cells per category (horizontal bars) as one plain Bokeh figure whose data are replaced in place.
+
+    Without a selection the bars have their categories' map colours; with one, every category's cells are
+    drawn light grey and its selected cells orange over them. An update sends new column data, factors and
+    title, never new Bokeh models (a HoloViews chart was rebuilt on every selection and recolouring).
+
+    Parameters
+    ----------
+    width, height
+        Size of the figure in pixels.
+    max_bars
+        The most frequent categories shown.
+
+    Attributes
+    ----------
+    figure : bokeh.plotting.figure
+        Shown with ``pn.pane.Bokeh(bars.figure)``; created once.
+    source : bokeh.models.ColumnDataSource
+        The columns of :func:`category_counts` plus ``colour`` (the fill drawn), in drawing order (largest on
+        top).
+    """
+
+    def __init__(self, *, width: int = 330, height: int = 300, max_bars: int = 20):
+        from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+        from bokeh.plotting import figure
+
+        self.max_bars = max_bars
+        self.source = ColumnDataSource({c: [] for c in ("category", "label", "cells", "selected", "fill", "colour")})
+        fig = figure(width=width, height=height, y_range=FactorRange(factors=[]), toolbar_location=None, tools="",
+                     x_axis_label="cells", title="")
+        self._all = fig.hbar(y="label", right="cells", height=0.8, source=self.source, fill_color="colour",
+                             line_color=None)
+        self._selected = fig.hbar(y="label", right="selected", height=0.8, source=self.source,
+                                  fill_color="#f28e2b", line_color=None, visible=False)
+        fig.add_tools(HoverTool(renderers=[self._all], tooltips=[("category", "@category"), ("cells", "@cells"),
+                                                                 ("selected", "@selected")]))
+        fig.x_range.start = 0
+        fig.yaxis.major_label_text_font_size = "8pt"
+        fig.title.text_font_size = "10pt"
+        fig.ygrid.grid_line_color = None
+        self.figure = fig
+
+    def update(self, values, *, selected: np.ndarray | None = None, name: str = "category",
+               colors: dict | None = None) -> None:
+        """Show the counts of ``values`` (see :func:`category_counts`); sets ``source.data``, the factors of the
+        y range, the title and which bars are drawn."""
+        df = category_counts(values, selected=selected, colors=colors, max_bars=self.max_bars).iloc[::-1]
+        any_sel = selected is not None and bool(np.asarray(selected).any())
+        data = {c: df[c].tolist() for c in ("category", "label", "fill")}
+        data.update(cells=df["cells"].to_numpy(), selected=df["selected"].to_numpy(),
+                    colour=["#d9dde3"] * len(df) if any_sel else df["fill"].tolist())
+        self.source.data = data
+        self.figure.y_range.factors = df["label"].tolist()
+        self._selected.visible = any_sel
+        # the frame starts after the long category ticks, so the title gets little room; the axis says "cells"
+        self.figure.title.text = f"{_short(name, 22)}: selected" if any_sel else _short(name, 24)
 
 
 #: Volcano classes in drawing order (grey first, so that significant genes are drawn on top) and their colours.

@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import QUERY, AppState
-from .common import Job, StateView, csv_download, plain, show_table, table_widget
+from .common import Job, StateView, csv_download, plain, plain_bokeh, show_table, table_widget
 from . import panes
 
 __all__ = ["DescribeView", "DEView"]
@@ -148,7 +148,7 @@ class DEView(StateView):
 
         def apply(table):
             st.apply_de(table)
-            with pn.io.document.unlocked():  # plain Bokeh models: changed with the document's events held and sent
+            with plain_bokeh():  # plain Bokeh models: changed with the document's events held and sent
                 self.volcano_plot.update(table, title=f"Top vs bottom {table.attrs.get('n_used', '')} cells")
             self.de_table = show_table(self.de_holder, table, height=400, page_size=12)
             n_up = int(((table["direction"] == "up") & (table["pval_adj"] < 0.05)).sum())

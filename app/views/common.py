@@ -74,6 +74,18 @@ def batched():
         frozen.__exit__(None, None, None)  # resume the generator normally: it unfreezes (and recounts) now
 
 
+def plain_bokeh():
+    """Context for changing plain Bokeh models (figures the app updates in place, e.g.
+    :class:`app.plots.ScoreHistogram`) from any callback of a served page.
+
+    Panel's panes and widgets take the document lock themselves; plain Bokeh models do not, and a change from
+    a callback that does not hold it (a HoloViews selection stream, an ``async`` button handler) raised
+    Bokeh's "_pending_writes should be non-None" error and was lost. This is ``pn.io.document.unlocked()``:
+    the changes are collected and sent to the page when the block ends. Outside a served page it does nothing.
+    """
+    return pn.io.document.unlocked()
+
+
 class StateView(pn.viewable.Viewer):
     """Base class of the dashboard's views: holds the session's :class:`~app.state.AppState`."""
 

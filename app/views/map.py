@@ -15,7 +15,7 @@ import param
 from .. import plots
 from ..plots.cell_map import legend_html
 from ..state import GENE, AppState
-from .common import Job, StateView, batched
+from .common import Job, StateView, batched, plain_bokeh
 from . import panes
 
 __all__ = ["MapView"]
@@ -80,7 +80,8 @@ class MapView(StateView):
             self._slots[kind] = _Slot(pane, box, width)
         self._active = "other"
         self.placeholder = panes.Alert("", alert_type="info", visible=False)
-        self.side = pn.pane.HoloViews(None, width=330, height=320, linked_axes=False)
+        self.bars = plots.CategoryBars(width=330, height=320)  # one Bokeh figure, its data replaced in place
+        self.side = pn.pane.Bokeh(self.bars.figure)
         self.side_box = pn.Column(self.side, margin=0, visible=False)
         self.histogram = plots.ScoreHistogram(width=330, height=300)
         self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, visible=False)
@@ -413,17 +414,17 @@ class MapView(StateView):
                 hist = dict(values=np.asarray(spec.values), selected=sel, name=spec.name, title=spec.name,
                             diverging_center=spec.center if spec.kind == "diverging" else None)
             elif spec.kind == "categorical":
-                self.side.object = plots.category_bars(spec.values, selected=sel, name=spec.name, colors=spec.colors)
+                with plain_bokeh():
+                    self.bars.update(spec.values, selected=sel, name=spec.name, colors=spec.colors)
                 self.side_box.visible = True
                 self.hist_pane.visible = False
             else:
-                self.side.object = None
                 self.side_box.visible = False
                 self.hist_pane.visible = False
         if hist is not None:
-            self.histogram.update(**hist)  # same Bokeh figure, new bins
+            with plain_bokeh():
+                self.histogram.update(**hist)  # same Bokeh figure, new bins
             if self.side_box.visible:
-                self.side.object = None
                 self.side_box.visible = False
             self.hist_pane.visible = True
         self.side_note.object = note
