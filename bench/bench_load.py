@@ -106,21 +106,37 @@ async def _check_page(page, idx: int, st: Stats, what: str, selected: str | None
             st.isolation.append(f"client {idx:02d} {what}: selection shows {count!r}, expected {selected!r}")
 
 
-async def _select_box(page, idx: int) -> str:
+async def _select_box(page, idx: int, tries: int = 3) -> str:
     """Box-select a region of the map whose size depends on the session (so sessions' counts differ); returns
-    the selection count the page shows."""
-    await page.get_by_title("Box Select").first.click()
-    box = await page.locator(".bk-Canvas").first.bounding_box()
-    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
-    await page.mouse.move(x0, y0)
-    await page.mouse.down()
-    frac = 0.3 + 0.06 * (idx % 10)
-    await page.mouse.move(x0 + box["width"] * frac, y0 + box["height"] * 0.9, steps=5)
-    await page.mouse.up()
+    the selection count the page shows. A drag made before the Box Select tool is active pans the map
+    instead (a busy page may not have taken the click yet): the tool's active state is awaited, and a drag that
+    selected nothing within 20 s is made again."""
+    tool = page.get_by_title("Box Select", exact=True).first
     shown = page.locator(".selection-count-text", has_text="cells selected").first
-    await shown.wait_for(state="visible")
-    await page.get_by_title("Pan").first.click()
-    return await shown.inner_text()
+    for attempt in range(tries):
+        t0 = time.perf_counter()
+        await tool.click()
+        await page.wait_for_function("el => el.classList.contains('bk-active')", arg=await tool.element_handle())
+        box = await page.locator(".bk-Canvas").first.bounding_box()
+        x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
+        await page.mouse.move(x0, y0)
+        await page.mouse.down()
+        frac = 0.3 + 0.06 * (idx % 10)
+        await page.mouse.move(x0 + box["width"] * frac, y0 + box["height"] * 0.9, steps=5)
+        await page.mouse.up()
+        t1 = time.perf_counter()
+        await page.mouse.move(5, 5)  # off the map, as a user heading for the query box (no hover tooltip left open)
+        try:
+            await shown.wait_for(state="visible", timeout=20_000)
+        except Exception:  # noqa: BLE001 - the drag selected nothing: again
+            if attempt == tries - 1:
+                raise
+            continue
+        if os.environ.get("LEXICELL_BENCH_DEBUG"):
+            print(f"client {idx:02d} selection (try {attempt + 1}): drag {t1 - t0:.1f} s, answered "
+                  f"{time.perf_counter() - t1:.1f} s", flush=True)
+        return await shown.inner_text()
+    raise RuntimeError("unreachable")
 
 
 async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: Stats, what: str) -> bool:
@@ -142,7 +158,7 @@ async def _think(rng: random.Random, think: float) -> None:
 
 
 async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int,
-                  think: float = 0.0) -> None:
+                  think: float = 0.0, select: bool = True) -> None:
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
     page = await ctx.new_page()
     page.set_default_timeout(timeout_ms)
@@ -171,7 +187,7 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
                 st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
                 continue
             await _check_page(page, idx, st, f"query {n}", selected)
-            if n == 2:  # a user selects cells once the map is coloured (the selection feeds the side chart)
+            if n == 2 and select:  # a user selects cells once the map is coloured (the selection feeds the side chart)
                 try:
                     selected = await _select_box(page, idx)
                     st.selections += 1
@@ -241,8 +257,8 @@ async def run(args) -> dict:
                 per_round = args.minutes * 60 / args.rounds
                 for r in range(args.rounds):
                     deadline = time.time() + per_round
-                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000, args.think)
-                                           for i in range(args.contexts)))
+                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000, args.think,
+                                                   not args.no_select) for i in range(args.contexts)))
                     await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
                     rss.append((f"after round {r + 1}", rss_mb(server.pid)))
                     print(f"  round {r + 1}: RSS {rss[-1][1]:.0f} MB, {len(st.latencies)} queries, "
@@ -293,6 +309,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="a user's pause before each action, uniform in 0.5-1.5 x S seconds (default 3; 0: every "
                          "session fires its next action at once, a saturation test)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
+    ap.add_argument("--no-select", action="store_true", help="sessions never box-select cells")
     ap.add_argument("--data", help="dataset (default: the demo)")
     ap.add_argument("--model", help="model folder (default: the bundled model)")
     ap.add_argument("--port", type=int, default=0)
