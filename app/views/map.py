@@ -246,7 +246,8 @@ class MapView(StateView):
         return self.plot.object
 
     def _mode_key(self, df, spec) -> tuple:
-        """Plots with the same key can be recoloured in place (same element types, columns, layout, legend)."""
+        """Plots with the same key can be recoloured in place (same element types, columns, layout and, for
+        categories, colour key)."""
         has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
         colour_key = ()
         if spec.kind == "categorical":  # the datashade operation holds its colour key: new categories, new plot
@@ -373,7 +374,7 @@ class MapView(StateView):
 
     def _after_draw(self, spec) -> None:
         self.colour_note.object = self._colour_text(spec)
-        if spec.kind != "continuous" and spec.kind != "diverging":  # the legend lives beside the "other" map
+        if _slot_kind(spec) == "other":  # the legend lives beside the "other" map
             self.legend.object = legend_html(spec, height=self.height)
         self._update_side()
 
