@@ -6,13 +6,15 @@
     python bench/bench_load.py --think 0          # no pauses: every session fires its next action at once
 
 Each session loops: a query (its text carries the session's tag), now and then zero-shot labels and a
-top-vs-bottom DE (after its second query it also box-selects a region of its own size), with a user's pause (``--think``, default 3 s on average) before each action; ``--think 0``
-is a saturation test (10 sessions clicking without pause on 2 cores shared with their 10 browser pages). Printed: errors (timeouts, "Unexpected error"/"Traceback" in the page), isolation failures (a
-session whose colour note or query history shows another session's tag, or whose selection count changed
-without its own action), p50/p95 query latency (Enter -> the
-page shows the new colouring; also per minute) and the server's RSS at the start, after each round and at the end (the server is
-a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18): 0 errors, 0 isolation failures,
-RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a 2-core machine.
+top-vs-bottom DE (after its second query it also box-selects a region of its own size), with a user's pause
+(``--think``, default 3 s on average) before each action; ``--think 0`` is a saturation test (10 sessions
+clicking without pause on 2 cores shared with their 10 browser pages). Printed: errors (timeouts,
+"Unexpected error"/"Traceback" in the page), isolation failures (a session whose colour note or query history
+shows another session's tag, or whose selection count changed without its own action), p50/p95 query latency
+(Enter -> the page shows the new colouring; also per minute) and the server's RSS at the start, after each
+round and at the end (the server is a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18):
+0 errors, 0 isolation failures, RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a
+2-core machine.
 Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser.
 """
 from __future__ import annotations

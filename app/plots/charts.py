@@ -10,8 +10,8 @@ import pandas as pd
 
 from .colours import _short
 
-__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "category_counts", "CategoryBars", "volcano", "volcano_frame", "Volcano",
-           "VOLCANO_COLORS", "enrichment_bars", "confusion_heatmap"]
+__all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "category_counts", "CategoryBars",
+           "volcano", "volcano_frame", "Volcano", "VOLCANO_COLORS", "enrichment_bars", "confusion_heatmap"]
 
 
 def histogram_data(values: np.ndarray, *, selected: np.ndarray | None = None, bins: int = 50,
@@ -99,16 +99,8 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
                   width: int = 320, height: int = 300, max_bars: int = 20):
     """Horizontal bars of cells per category (selected cells in orange when there is a selection) as a HoloViews
     element (notebooks, exports; the served map's side chart is :class:`CategoryBars`, updated in place)."""
-    cat = pd.Series(pd.Categorical(values))
-    counts = cat.value_counts()
-    counts = counts[counts > 0].iloc[:max_bars]
-    labels = [_short(str(c), 28) for c in counts.index]
-    df = pd.DataFrame({"category": labels, "cells": counts.to_numpy()})
-    cols = colors or {}
-    df["fill"] = [cols.get(str(c), "#9aa4b1") for c in counts.index]
+    df = category_counts(values, selected=selected, colors=colors, max_bars=max_bars)
     if selected is not None and np.asarray(selected).any():
-        sc = cat[np.asarray(selected, dtype=bool)].value_counts()
-        df["selected"] = [int(sc.get(c, 0)) for c in counts.index]
         df["fill"] = "#f28e2b"
         vdims = ["selected", "cells", "fill"]
         title = f"{_short(name, 22)}: selected"
@@ -116,6 +108,7 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
         vdims = ["cells", "fill"]
         # the frame starts after the long category ticks, so the title gets little room; the axis says "cells"
         title = _short(name, 24)
+    df = df.drop(columns="category").rename(columns={"label": "category"})
     df = df.iloc[::-1]
     return hv.Bars(df, kdims=[hv.Dimension("category", label=name)], vdims=vdims).opts(
         invert_axes=True, width=width, height=height, tools=["hover"], color="fill", xlabel="", ylabel="cells",

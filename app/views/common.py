@@ -227,9 +227,9 @@ def show_table(holder: pn.Column, table: pd.DataFrame, **kw) -> pn.widgets.Tabul
     """Show ``table`` (rounded by :func:`display_table`) in ``holder``, the Column that holds one Tabulator.
 
     When the Tabulator in ``holder`` already shows the same columns (names, order, dtypes) with the same
-    formatters, only its ``value`` is replaced (the new rows and cell styles are sent; the browser keeps the table
-    and redraws its rows) and it goes back to page 1; a sort the user chose in the browser stays. Otherwise a new read-only Tabulator made by :func:`table_widget` with
-    ``kw`` replaces it: changing the columns and formatters of a table already on the page could leave its
+    formatters, only its ``value`` is replaced (the new rows and cell styles are sent; the browser keeps the
+    table and redraws its rows) and it goes back to page 1; a sort the user chose in the browser stays.
+    Otherwise a new read-only Tabulator made by :func:`table_widget` with ``kw`` replaces it: changing the columns and formatters of a table already on the page could leave its
     rows blank or its header shifted in the browser (Panel 1.9), and a new widget renders reliably.
 
     Parameters

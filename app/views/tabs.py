@@ -42,10 +42,6 @@ class LazyTabs(pn.Tabs):
         self[:] = holders
         self._fill()
 
-    def is_rendered(self, index: int) -> bool:
-        """Whether tab ``index`` has been opened (its content is on the page)."""
-        return bool(self[index].objects)
-
     def _fill(self, *_):
         i = self.active
         if 0 <= i < len(self.contents) and not self[i].objects:
