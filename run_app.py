@@ -191,8 +191,24 @@ def warm_up(args: argparse.Namespace) -> None:
                 cache.smoothed_key(adata, None, model)
         except Exception as err:  # noqa: BLE001 - the page shows errors to the user
             log.warning("warm-up: %s", err)
+        freeze_startup_objects()
 
     threading.Thread(target=model_and_embeddings, name="lexicell-warm-model", daemon=True).start()
+
+
+def freeze_startup_objects() -> None:
+    """Move the objects alive after the warm-up (modules, the model, the dataset: about 700,000 on the demo)
+    out of reach of Python's cycle collector (:func:`gc.freeze`).
+
+    They live as long as the server; each full collection (Python's own, and the one after a session closes)
+    walked all of them while holding the interpreter, about 1 s under load, which every page waited for. Only
+    the sessions' objects are walked now. Objects of a page open at that moment are frozen with them (never
+    collected if they form cycles): at most the pages opened during the warm-up.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:

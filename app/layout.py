@@ -40,8 +40,17 @@ CSS = """
 
 
 def ensure_extensions() -> None:
-    """Load Panel's Tabulator and HoloViews' Bokeh extensions (per session, or per notebook cell)."""
+    """Load Panel's Tabulator and HoloViews' Bokeh extensions (per session, or per notebook cell).
+
+    In a served session HoloViews' extension is loaded once per process: its backend is process-wide, and
+    loading it again for every page cost each page load 17 ms or more (it resets the log level of every logger).
+    A notebook loads it every time (its output carries the JavaScript the notebook needs).
+    """
     pn.extension("tabulator", raw_css=[CSS], notifications=False)
+    doc = pn.state.curdoc
+    served = doc is not None and getattr(doc, "session_context", None) is not None
+    if served and hv.Store.current_backend == "bokeh" and "bokeh" in hv.Store.renderers:
+        return
     hv.extension("bokeh", logo=False)
 
 
@@ -220,6 +229,7 @@ class Explorer(pn.viewable.Viewer):
         self.status = EmbeddingStatus(self)
         self.tools_placeholder = panes.Markdown("*The analysis tools appear when the model is loaded.*")
         self._tools_built = False
+        self._views: dict = {}  # tool views built so far (see _view)
         self._closed = False
         #: the served page's Bokeh document (a weak reference, call it; None in Jupyter and plain Python)
         self.document = lambda: None
@@ -243,24 +253,34 @@ class Explorer(pn.viewable.Viewer):
         if self._tools_built:
             return
         self._tools_built = True
-        self.zero_shot = ZeroShotView(st)
-        self.describe = DescribeView(st)
-        self.de = DEView(st)
-        self.perturb = PerturbView(st)
-        self.export = ExportView(st)
-        self.about = AboutView(st)
-        self.tabs.set_items([
-            ("Query", self.query), ("Zero-shot labels", self.zero_shot), ("Describe selection", self.describe),
-            ("DE + enrichment", self.de), ("Perturbation", self.perturb), ("Save / export", self.export),
-            ("About", self.about)])
+        # each tool's view is built when its tab is first opened (or its attribute first read): a served page
+        # that only queries never builds the zero-shot, DE, perturbation and export views (about a quarter
+        # of the server's time for a page load)
+        self.tabs.set_items([("Query", self.query)] + [
+            (title, (lambda name=name: self._view(name))) for title, name in TOOL_TABS])
         self.tools_placeholder.visible = False
+
+    def _view(self, name: str):
+        """The tool view ``name`` (a key of :data:`TOOL_VIEWS`), built on first use."""
+        view = self._views.get(name)
+        if view is None:
+            if not self._tools_built:
+                raise AttributeError(f"{name}: the analysis tools appear when the model is loaded")
+            view = self._views[name] = TOOL_VIEWS[name](self.state)
+        return view
+
+    zero_shot = property(lambda self: self._view("zero_shot"), doc="The zero-shot labels tab.")
+    describe = property(lambda self: self._view("describe"), doc="The describe-selection tab.")
+    de = property(lambda self: self._view("de"), doc="The DE + enrichment tab.")
+    perturb = property(lambda self: self._view("perturb"), doc="The perturbation tab.")
+    export = property(lambda self: self._view("export"), doc="The save / export tab.")
+    about = property(lambda self: self._view("about"), doc="The about tab.")
 
     def jobs(self) -> list:
         """Every :class:`~app.views.common.Job` of this page's views."""
         from .views.common import Job
 
-        views = [getattr(self, n, None) for n in ("map", "query", "zero_shot", "describe", "de", "perturb",
-                                                   "export", "about")]
+        views = [self.map, self.query, *self._views.values()]  # tool views not built yet have no jobs
         return [j for v in views if v is not None for j in vars(v).values() if isinstance(j, Job)]
 
     def close(self) -> None:
@@ -274,7 +294,7 @@ class Explorer(pn.viewable.Viewer):
             return
         self._closed = True
         for job in self.jobs():
-            job._cancel.set()
+            job.close()
         st = self.state
         st.close()
         with param.parameterized.discard_events(st):
@@ -332,6 +352,13 @@ def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
         busy_indicator=None,
         # system fonts: the app works offline (the Fast theme still asks for Open Sans; a miss is harmless)
         font="-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif")
+
+
+#: The analysis tabs after "Query": (title, view name); :data:`TOOL_VIEWS` builds each view from the state.
+TOOL_TABS = [("Zero-shot labels", "zero_shot"), ("Describe selection", "describe"), ("DE + enrichment", "de"),
+             ("Perturbation", "perturb"), ("Save / export", "export"), ("About", "about")]
+TOOL_VIEWS = {"zero_shot": ZeroShotView, "describe": DescribeView, "de": DEView, "perturb": PerturbView,
+              "export": ExportView, "about": AboutView}
 
 
 #: Live served sessions: Bokeh session id -> Explorer. An entry is removed (and the Explorer closed) when the

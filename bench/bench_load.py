@@ -82,9 +82,56 @@ def start_server(args, port: int, save_dir: str) -> subprocess.Popen:
     raise SystemExit("the server did not answer within 5 minutes")
 
 
+# Timing a query in the page itself, on the page's clock: from the Enter key (a capture listener on ``window``,
+# which sees keys typed inside Bokeh's shadow roots) to the moment the colour note in the DOM shows the query (a
+# MutationObserver on the note's shadow root; a 100-ms check also finds a note whose pane was rebuilt). Waiting
+# with a Playwright locator instead polls at 0, 20, 70, 170 and 270 ms and then every 500 ms, each poll searching
+# every shadow root of the page: the time it notices overstates the latency by up to half a second and the
+# polling of ten pages costs the browsers CPU. That polled figure is printed too ("as the benchmark noticed").
+_ARM_QUERY_TIMER = """([note, expected]) => {
+  const bench = window.__lexicellBench = {t0: null, t1: null};
+  if (!window.__lexicellEnterTimer) {
+    window.__lexicellEnterTimer = true;
+    window.addEventListener('keydown', (e) => {
+      const b = window.__lexicellBench;
+      if (e.key === 'Enter' && b && b.t0 === null) b.t0 = performance.now();
+    }, true);
+  }
+  const deep = (root) => {
+    const found = root.querySelector('.colour-note-text');
+    if (found) return found;
+    for (const el of root.querySelectorAll('*')) {
+      if (el.shadowRoot) { const f = deep(el.shadowRoot); if (f) return f; }
+    }
+    return null;
+  };
+  let root = note.getRootNode();
+  const observer = new MutationObserver(() => check());
+  const timer = setInterval(() => check(), 100);
+  const check = () => {
+    if (bench.t1 !== null) return;
+    let el = root.querySelector('.colour-note-text');
+    if (!el) {
+      el = deep(document);
+      if (el && el.getRootNode() !== root) {
+        root = el.getRootNode();
+        observer.observe(root, {subtree: true, childList: true, characterData: true});
+      }
+    }
+    if (el && el.textContent.includes(expected)) {
+      bench.t1 = performance.now();
+      observer.disconnect();
+      clearInterval(timer);
+    }
+  };
+  observer.observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 class Stats:
     def __init__(self):
-        self.latencies: list[float] = []
+        self.latencies: list[float] = []  # Enter -> the page shows the new colouring, timed in the page
+        self.observed: list[float] = []  # the same, as the benchmark's polling noticed it
         self.times: list[float] = []  # wall-clock time of each answered query
         self.errors: list[str] = []
         self.isolation: list[str] = []
@@ -178,12 +225,18 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
             text = f"{rng.choice(QUERIES)} (client {idx:02d} #{n})"
             box = page.get_by_placeholder(QUERY_BOX)
             await box.fill(text)
-            t0 = time.perf_counter()
-            await box.press("Enter")
+            shown = text if len(text) <= 40 else text[:39] + "…"  # the colour note shortens long queries
             try:
-                shown = text if len(text) <= 40 else text[:39] + "…"  # the colour note shortens long queries
-                await page.locator(".colour-note-text", has_text=f"score: {shown}").first.wait_for(state="visible")
-                st.latencies.append(time.perf_counter() - t0)
+                note = await page.locator(".colour-note-text").first.element_handle()
+                await page.evaluate(_ARM_QUERY_TIMER, [note, f"score: {shown}"])
+                t0 = time.perf_counter()
+                await box.press("Enter")
+                await page.wait_for_function("() => window.__lexicellBench.t1 !== null", polling=50)
+                observed = time.perf_counter() - t0
+                in_page = await page.evaluate(
+                    "() => { const b = window.__lexicellBench; return b.t0 === null ? null : (b.t1 - b.t0) / 1000; }")
+                st.latencies.append(observed if in_page is None else in_page)
+                st.observed.append(observed)
                 st.times.append(time.time())
             except Exception as err:  # noqa: BLE001 - counted
                 st.errors.append(f"client {idx:02d} query {text!r}: {type(err).__name__}")
@@ -286,7 +339,12 @@ async def run(args) -> dict:
     print(f"isolation failures {len(st.isolation)}")
     for e in st.isolation[:20]:
         print("   ", e)
-    print(f"query latency p50 {p50:.2f} s, p95 {p95:.2f} s (target p95 <= 2 s)")
+    print(f"query latency p50 {p50:.2f} s, p95 {p95:.2f} s (target p95 <= 2 s; Enter -> the colour note shows the "
+          f"query, timed in the page)")
+    obs = sorted(st.observed)
+    if obs:
+        print(f"    as the benchmark noticed it (Playwright polls): p50 {statistics.median(obs):.2f} s, "
+              f"p95 {_p95(obs):.2f} s")
     if st.times:
         t_start = min(st.times)
         for m in range(int((max(st.times) - t_start) // 60) + 1):
@@ -297,7 +355,8 @@ async def run(args) -> dict:
     print("server RSS " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss)
           + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
             f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
-    return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, zero_shot=st.zero_shot,
+    return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, observed=st.observed,
+                zero_shot=st.zero_shot,
                 de=st.de, selections=st.selections, rss=rss, p50=p50, p95=p95)
 
 

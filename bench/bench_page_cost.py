@@ -97,7 +97,8 @@ async def run(args) -> None:
 
     port = bl._free_port()
     url = f"http://127.0.0.1:{port}/"
-    server_args = argparse.Namespace(data=None, model=None, server_log=None, server_script=None)
+    server_args = argparse.Namespace(data=None, model=None, server_log=None,
+                                     server_script=os.environ.get("LEXICELL_BENCH_SERVER_SCRIPT"))
     with tempfile.TemporaryDirectory(prefix="lexicell-cost-") as save_dir:
         server = bl.start_server(server_args, port, save_dir)
         try:

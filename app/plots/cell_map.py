@@ -129,7 +129,12 @@ def cell_map_layers(
     if spread == "auto":
         spread = "pixels" if n <= 50_000 else "dynspread"
     pixel_ratio = (1 / 3 if n <= 5_000 else 1 / 2) if spread == "pixels" else 1.0
+    # the image is computed for ``width`` x ``height`` and re-computed when the view zooms or pans (RangeXY);
+    # HoloViews' default also listens to the plot's size in the browser (PlotSize), which sent one more event
+    # after every new figure and ran the aggregation a third time for it
     common = dict(dynamic=dynamic, width=width, height=height, pixel_ratio=pixel_ratio)
+    if dynamic:
+        common["streams"] = [hv.streams.RangeXY]
 
     def spread_op(el):
         return dynspread(el, threshold=threshold, max_px=max_px) if spread == "dynspread" else el

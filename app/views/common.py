@@ -113,6 +113,7 @@ class Job(pn.viewable.Viewer):
         super().__init__(**params)
         self.executor = QUICK_EXECUTOR if quick else EXECUTOR
         self._cancel = threading.Event()
+        self._closed = False
         self.polls = 0
         self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
                                                margin=(12, 5), bar_color="primary")
@@ -131,6 +132,12 @@ class Job(pn.viewable.Viewer):
     def cancel_requested(self) -> bool:
         self.polls += 1
         return self._cancel.is_set()
+
+    def close(self) -> None:
+        """The page is gone (its session ended): ask a running computation to stop, and when it returns, change
+        nothing on the page (a destroyed Bokeh document cannot take updates)."""
+        self._closed = True
+        self._cancel.set()
 
     def show(self, text: str, kind: str = "danger") -> None:
         """Show ``text`` as plain text (escaped, see :func:`plain`) in the job's alert."""
@@ -163,7 +170,7 @@ class Job(pn.viewable.Viewer):
         ok = shown = False
         try:
             done, _ = await asyncio.wait({fut}, timeout=self.SHOW_AFTER)
-            while not done:
+            while not done and not self._closed:
                 extra = f", {self.polls} batches" if self.polls else ""
                 with batched():
                     if not shown:
@@ -175,6 +182,9 @@ class Job(pn.viewable.Viewer):
                     self.label.param.update(object=f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}",
                                             visible=True)
                 done, _ = await asyncio.wait({fut}, timeout=0.3)
+            if self._closed:  # the session ended meanwhile: its page is gone
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve, so nothing is logged
+                return False
             result = fut.result()
             t1 = time.perf_counter()
             with batched():
@@ -189,13 +199,14 @@ class Job(pn.viewable.Viewer):
             log.exception("%s failed", label)
             self.show(f"Unexpected error ({type(err).__name__}): {err}", "danger")
         finally:
-            with batched():
-                if shown:
-                    for w in disable:
-                        w.disabled = False
-                    self.progress.param.update(visible=False, active=False)
-                    self.label.visible = False
-                    self.cancel_button.visible = False
+            if not self._closed:  # a closed page (its session ended) takes no updates
+                with batched():
+                    if shown:
+                        for w in disable:
+                            w.disabled = False
+                        self.progress.param.update(visible=False, active=False)
+                        self.label.visible = False
+                        self.cancel_button.visible = False
             self.running = False
         return ok
 

@@ -48,18 +48,26 @@ def lazy_recount(doc) -> bool:
         else:
             dirty[0] = True
 
+    def root_ids():
+        d = ref()
+        try:
+            return tuple(map(id, d.roots)) if d is not None else None
+        except AttributeError:  # a destroyed document (its session ended) has no roots left
+            return None
+
     def push_freeze() -> None:
         if models._freeze_count == 0:
-            d = ref()
             dirty[0] = False
-            roots_at_freeze[0] = tuple(map(id, d.roots)) if d is not None else ()
+            roots_at_freeze[0] = root_ids()
         models._freeze_count += 1
 
     def pop_freeze() -> None:
         models._freeze_count -= 1
         if models._freeze_count == 0:
-            d = ref()
-            roots = tuple(map(id, d.roots)) if d is not None else ()
+            roots = root_ids()
+            if roots is None:  # nothing to recount on a destroyed document
+                dirty[0] = False
+                return
             if dirty[0] or roots != roots_at_freeze[0]:
                 dirty[0] = False
                 models.recompute()

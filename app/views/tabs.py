@@ -14,17 +14,21 @@ class LazyTabs(pn.Tabs):
     tab at page load. Here each tab is an empty holder until first opened; from then on a switch only changes
     which tab is shown.
 
+    A content may also be a function of no arguments returning it: it is called the first time its tab opens,
+    so a tab nobody opens costs neither its Bokeh models nor the Python objects behind them (a served page
+    builds faster).
+
     Parameters
     ----------
     items
-        ``(title, content)`` pairs, as for ``pn.Tabs``.
+        ``(title, content)`` pairs, as for ``pn.Tabs``; ``content`` is a Panel object or a function returning one.
     **params
         Passed to ``pn.Tabs`` (``dynamic`` is always False).
 
     Attributes
     ----------
     contents : list
-        The tabs' contents, in order (rendered or not).
+        The tabs' contents, in order: a Panel object, or the function that will build it (not opened yet).
     """
 
     def __init__(self, *items, **params):
@@ -42,7 +46,14 @@ class LazyTabs(pn.Tabs):
         self[:] = holders
         self._fill()
 
+    def content(self, i: int):
+        """Tab ``i``'s content, built now if it was given as a function and not built yet."""
+        c = self.contents[i]
+        if callable(c) and not isinstance(c, pn.viewable.Viewable) and not hasattr(c, "__panel__"):
+            c = self.contents[i] = c()
+        return c
+
     def _fill(self, *_):
         i = self.active
         if 0 <= i < len(self.contents) and not self[i].objects:
-            self[i].objects = [self.contents[i]]
+            self[i].objects = [self.content(i)]
