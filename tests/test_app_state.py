@@ -638,6 +638,53 @@ def test_lazy_recount_registers_every_new_model_and_skips_idle_walks():
     col.children = [new]  # outside any block: walked at once, as Bokeh does
     assert doc.get_model_by_id(gone.id) is None and doc.get_model_by_id(new.id) is new
 
+    def session(event):  # Bokeh's server session listens to its document like this
+        pass
+
+    doc.on_change(session)
+    with doc.models.freeze():  # a session that ended mid-update: its destroyed document is not recounted
+        doc.destroy(session)
+
+
+def test_tool_views_are_built_when_their_tab_first_opens(demo):
+    """A served page that only queries never builds the zero-shot, DE, perturbation and export views."""
+    from app.layout import TOOL_TABS, Explorer
+
+    base, model = demo
+    ex = Explorer(base, model, name="demo")
+    assert ex._views == {} and [t for t, _ in TOOL_TABS] == ex.tabs._names[1:]
+    assert all(callable(c) for c in ex.tabs.contents[1:]) and ex.tabs[1].objects == []
+    ex.tabs.active = 3  # DE + enrichment
+    shown = ex.tabs[3].objects
+    assert list(ex._views) == ["de"] and len(shown) == 1 and ex.tabs.contents[3] is ex.de
+    ex.tabs.active = 0
+    ex.tabs.active = 3  # opened again: the same view, not rebuilt
+    assert ex.tabs[3].objects[0] is shown[0] and list(ex._views) == ["de"]
+    assert ex.zero_shot is ex.zero_shot and set(ex._views) == {"de", "zero_shot"}  # attribute access builds too
+    assert ex.tabs[1].objects == []  # but renders nothing until opened
+    assert {j for j in ex.jobs()} >= {ex.de.job, ex.zero_shot.job}
+
+
+def test_job_of_a_closed_session_changes_nothing(demo):
+    """A computation that ends after its session closed is dropped: no apply, no page update."""
+    import asyncio
+    import time as _time
+
+    from app.views.common import Job
+
+    job = Job()
+    applied = []
+
+    async def main():
+        task = asyncio.ensure_future(job.run(lambda: _time.sleep(0.8) or 42, applied.append, label="Slow"))
+        await asyncio.sleep(0.5)  # the progress bar is showing
+        assert job.progress.visible
+        job.close()
+        return await task
+
+    assert asyncio.run(main()) is False
+    assert applied == [] and job._cancel.is_set() and not job.running
+
 
 def test_text_panes_keep_their_style_sheets_on_update():
     """app.views.panes: a text update sends the text, not new style-sheet models (which cost a page-wide walk)."""
