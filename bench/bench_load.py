@@ -159,13 +159,17 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
     """Box-select a region of the map whose size depends on the session (so sessions' counts differ); returns
     the selection count the page shows. A drag made before the Box Select tool is active pans the map
     instead (a busy page may not have taken the click yet): the tool's active state is awaited, and a drag that
-    selected nothing within 20 s is made again."""
+    selected nothing within 20 s is made again, as a user would (a drag made while the map is being redrawn,
+    e.g. its colour bar just changed, can be lost)."""
     tool = page.get_by_title("Box Select", exact=True).first
     shown = page.locator(".selection-count-text", has_text="cells selected").first
     for attempt in range(tries):
         t0 = time.perf_counter()
-        await tool.click()
-        await page.wait_for_function("el => el.classList.contains('bk-active')", arg=await tool.element_handle())
+        handle = await tool.element_handle()
+        # a click toggles the tool: only when it is not active yet (after a failed drag it still is)
+        if not await handle.evaluate("el => el.classList.contains('bk-active')"):
+            await tool.click()
+        await page.wait_for_function("el => el.classList.contains('bk-active')", arg=handle, polling=100)
         box = await page.locator(".bk-Canvas").first.bounding_box()
         x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
         await page.mouse.move(x0, y0)
@@ -178,6 +182,8 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
         try:
             await shown.wait_for(state="visible", timeout=20_000)
         except Exception:  # noqa: BLE001 - the drag selected nothing: again
+            if os.environ.get("LEXICELL_BENCH_DEBUG"):
+                await _debug_failed_selection(page, idx, attempt, tool, box)
             if attempt == tries - 1:
                 raise
             continue
@@ -186,6 +192,19 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
                   f"{time.perf_counter() - t1:.1f} s", flush=True)
         return await shown.inner_text()
     raise RuntimeError("unreachable")
+
+
+async def _debug_failed_selection(page, idx: int, attempt: int, tool, box) -> None:
+    """``LEXICELL_BENCH_DEBUG``: what the page showed when a drag selected nothing (printed, and a screenshot
+    in the temporary folder)."""
+    active = await tool.evaluate("el => el.classList.contains('bk-active')")
+    count = await page.locator(".selection-count-text").first.inner_text()
+    note = await page.locator(".colour-note-text").first.inner_text()
+    canvases = await page.locator(".bk-Canvas").count()
+    path = Path(tempfile.gettempdir()) / f"lexicell-bench-selection-{idx:02d}-{attempt + 1}.png"
+    await page.screenshot(path=str(path))
+    print(f"client {idx:02d} selection try {attempt + 1} failed: tool active {active}, count {count!r}, "
+          f"colour note {note!r}, {canvases} canvases, first canvas at {box}; screenshot {path}", flush=True)
 
 
 async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: Stats, what: str) -> bool:

@@ -43,7 +43,7 @@ def _outline(data=None):
 class MapView(StateView):
     """Cell map (datashaded), hover, box/lasso selection with a visible count, and a histogram beside it."""
 
-    width = param.Integer(default=770)
+    width = param.Integer(default=720)
     height = param.Integer(default=560)
 
     def __init__(self, state: AppState, **params):
@@ -80,12 +80,12 @@ class MapView(StateView):
             self._slots[kind] = _Slot(pane, box, width)
         self._active = "other"
         self.placeholder = panes.Alert("", alert_type="info", visible=False)
-        self.bars = plots.CategoryBars(width=330, height=320)  # one Bokeh figure, its data replaced in place
+        self.bars = plots.CategoryBars(width=310, height=320)  # one Bokeh figure, its data replaced in place
         self.side = pn.pane.Bokeh(self.bars.figure)
         self.side_box = pn.Column(self.side, margin=0, visible=False)
-        self.histogram = plots.ScoreHistogram(width=330, height=300)
+        self.histogram = plots.ScoreHistogram(width=310, height=300)
         self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, visible=False)
-        self.side_note = panes.Markdown("", margin=(0, 10), width=320)
+        self.side_note = panes.Markdown("", margin=(0, 10), width=300)
         self.colour_note = panes.HTML("", margin=(0, 10), css_classes=["colour-note"])
         self._ranges = None
         self._redraw_pending = False
@@ -110,8 +110,13 @@ class MapView(StateView):
                          pn.Row(self.clear_button, self.count), self.job, sizing_mode="stretch_width")
 
     def __panel__(self):
-        return pn.Row(pn.Column(self.placeholder, *(slot.box for slot in self._slots.values()), self.colour_note),
-                      pn.Column(self.side_box, self.hist_pane, self.side_note, margin=(10, 0)), sizing_mode="stretch_width")
+        # a wrapping flex box: in a window too narrow for both (e.g. 1400 px with the sidebar open), the side
+        # charts go below the map; in a Row they were drawn over the map's colour bar
+        return pn.FlexBox(
+            pn.Column(self.placeholder, *(slot.box for slot in self._slots.values()), self.colour_note,
+                      width=self.width + 20),
+            pn.Column(self.side_box, self.hist_pane, self.side_note, margin=(10, 0), width=320),
+            flex_wrap="wrap", align_items="flex-start", sizing_mode="stretch_width")
 
     @property
     def plot(self) -> pn.pane.HoloViews:
