@@ -176,6 +176,41 @@ def test_map_view_shows_count_and_redraws(state):
     assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
 
 
+def test_map_recoloured_in_place_shows_the_new_query_not_the_last_one(demo):
+    """A query recolours the shown map in place; the image sent to the page must be the new query's, the same
+    as a freshly built map of it. (Until 2026-12-02 the new colour range re-rendered the map with the previous
+    query's values: the data pipe recomputes its points only when it is triggered.)"""
+    from bokeh.document import Document
+    from bokeh.models import GlyphRenderer
+
+    from app import cache
+    from app.state import AppState
+    from app.views.map import MapView
+
+    base, model = demo
+
+    def image(root):
+        imgs = [r.data_source.data["image"][0] for r in root.select({"type": GlyphRenderer})
+                if type(r.glyph).__name__ == "Image"]
+        assert len(imgs) == 1
+        return np.array(imgs[0], dtype=np.float64)
+
+    a = AppState(cache.session_adata(base), model)
+    view = MapView(a)
+    a.run_query("T cells")
+    root = view.plot.get_root(Document())  # rendered, as in a page: later queries update these Bokeh models
+    first, pipe = image(root), view._data_pipe
+    for text in ("B cells", "NK cells"):
+        a.run_query(text)
+        assert view._data_pipe is pipe  # in place
+        b = AppState(cache.session_adata(base), model)
+        fresh = MapView(b)
+        b.run_query(text)
+        shown = image(root)
+        assert not np.allclose(shown, first, equal_nan=True)
+        np.testing.assert_allclose(shown, image(fresh.plot.get_root(Document())), rtol=1e-6, equal_nan=True)
+
+
 def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
     from bokeh.document import Document
     from bokeh.models import ColorBar

@@ -311,13 +311,14 @@ class MapView(StateView):
                 if _same_frame(slot.pipe.data, df):
                     pass  # the colouring shown already (e.g. the same labels again): nothing to send
                 elif kind == "continuous":
-                    # one update, not two: store the data silently, then change the style (which re-renders);
-                    # if the style is unchanged, trigger the data stream instead
-                    before = (self._style.clim, self._style.clabel, self._style.cmap[0])
+                    # one update with the new cells' values and colour range: both are stored silently, then
+                    # the data stream is triggered. (Letting the style's change re-render, as before 2026-12-02,
+                    # drew the *previous* values: a pipe only recomputes its points when it is triggered, so the
+                    # map kept the last query's colours under the new query's colour bar.)
                     slot.pipe.update(data=df)
-                    self._style.set_from(spec)
-                    if (self._style.clim, self._style.clabel, self._style.cmap[0]) == before:
-                        hv.streams.Stream.trigger([slot.pipe])
+                    with param.parameterized.discard_events(self._style):
+                        self._style.set_from(spec)
+                    hv.streams.Stream.trigger([slot.pipe])
                 else:
                     slot.pipe.send(df)
                 self._show(kind)
