@@ -165,9 +165,12 @@ def test_map_view_shows_count_and_redraws(state):
     assert view.legend.object.count('class="map-legend-entry"') == len(present)
     assert all(html.escape(c) in view.legend.object for c in present)
     assert not any(isinstance(el, hv.Points) and el.label for el in view.plot.object.traverse(full_breadth=False))
-    state.set_color("louvain")  # other categories (the colour key of the datashade operation): a new plot
-    assert view.plot.object is not cat_obj
-    cat_obj = view.plot.object
+    key = dict(view._slots["other"].style.color_key)
+    state.set_color("louvain")  # other categories: the same plot, its data and colour key replaced in place
+    assert view.plot.object is cat_obj and view._slots["other"].pipe is cat_pipe
+    louvain = sorted(map(str, state.adata.obs["louvain"].cat.categories))
+    assert sorted(view._slots["other"].style.color_key) == louvain and view._slots["other"].style.color_key != key
+    assert view.legend.object.count('class="map-legend-entry"') == len(set(map(str, state.adata.obs["louvain"])))
     shown = view._slots["other"].pipe.data
     state.set_color("louvain")  # the same colouring again: the same plot, nothing sent (the shown table kept)
     assert view.plot.object is cat_obj and view._slots["other"].pipe.data is shown
@@ -209,6 +212,44 @@ def test_map_recoloured_in_place_shows_the_new_query_not_the_last_one(demo):
         shown = image(root)
         assert not np.allclose(shown, first, equal_nan=True)
         np.testing.assert_allclose(shown, image(fresh.plot.get_root(Document())), rtol=1e-6, equal_nan=True)
+
+
+def test_map_new_categories_reshade_the_shown_plot_as_a_new_plot_would(demo):
+    """Zero-shot labels or another obs column recolour the categorical map in place (no new figure), and the
+    image sent to the page is the one a freshly built map of that colouring shows."""
+    from bokeh.document import Document
+    from bokeh.models import GlyphRenderer, ImageRGBA
+
+    from app import cache
+    from app.state import AppState
+    from app.views.map import MapView
+
+    base, model = demo
+
+    def rgba(root):
+        imgs = [r.data_source.data["image"][0] for r in root.select({"type": GlyphRenderer})
+                if isinstance(r.glyph, ImageRGBA)]
+        assert len(imgs) == 1
+        return np.array(imgs[0])
+
+    def fresh(column):
+        b = AppState(cache.session_adata(base), model)
+        v = MapView(b)
+        b.set_color(column)
+        return rgba(v.plot.get_root(Document()))
+
+    a = AppState(cache.session_adata(base), model)
+    view = MapView(a)
+    a.set_color("bulk_labels")
+    obj = view.plot.object
+    root = view.plot.get_root(Document())
+    before = rgba(root)
+    for column in ("louvain", "bulk_labels"):
+        a.set_color(column)
+        assert view.plot.object is obj  # in place
+        np.testing.assert_array_equal(rgba(root), fresh(column))
+    a.set_color("louvain")
+    assert not np.array_equal(rgba(root), before)
 
 
 def test_map_colour_bar_title_follows_an_in_place_recolouring(state):

@@ -442,3 +442,26 @@ def test_wheel_zoom_recomputes_the_map_image_for_the_view(page):
         page.mouse.wheel(0, -300)
     page.wait_for_function(f"() => Math.min(...({_IMAGE_WIDTHS})()) < 0.8 * {min(before)}")
     assert "Unexpected error" not in page.content()
+
+
+def test_second_query_shows_its_own_colours(browser, served):
+    """The map recoloured in place by a second query looks exactly like a fresh page's map of that query (the
+    cells' colours, not only the colour note and bar, follow the new query)."""
+    url, _ = served
+
+    def map_after(queries):
+        ctx = browser.new_context(viewport={"width": 1500, "height": 1900})
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT)
+        pg.goto(url)
+        pg.locator(".bk-Canvas").first.wait_for(state="visible")
+        for q in queries:
+            _query(pg, q)
+            sync_api.expect(pg.locator(".colour-note-text", has_text=f"score: {q} (")).to_be_visible()
+        pg.mouse.move(2, 2)  # no hover tooltip over the map
+        pg.wait_for_timeout(500)  # the canvas repainted
+        shot = pg.locator(".bk-Canvas").first.screenshot()
+        ctx.close()
+        return shot
+
+    assert map_after(["T cells", "B cells"]) == map_after(["B cells"])

@@ -12,12 +12,13 @@ from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
 from .charts import (VOLCANO_COLORS, CategoryBars, ScoreHistogram, Volcano, category_bars, category_counts,
                      confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano, volcano_frame)
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
-                      SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, symmetric_clim)
+                      SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, category_key, symmetric_clim)
 from .png import map_png
 
 __all__ = [
     "ColorSpec",
     "MapStyle",
+    "category_key",
     "BACKGROUND_COLOR",
     "LEGEND_OPTS",
     "MAX_CATEGORIES",

@@ -14,7 +14,7 @@ import param
 from holoviews.operation.datashader import datashade, dynspread, rasterize
 
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
-                      _short)
+                      _short, category_key)
 
 __all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories", "warm_up"]
 
@@ -107,9 +107,11 @@ def cell_map_layers(
         a subplot that HoloViews updates on each recolouring (half of its cost), and a figure legend outside
         the frame is moved out and back on every update (a page-wide relayout in the browser).
     pipe, style
-        For in-place updates of continuous colourings: the points come from ``pipe`` (send a new frame to
-        recolour without rebuilding the plot), and ``clim``/``cmap``/``clabel`` follow the parameters of
-        ``style`` (:class:`MapStyle`).
+        For in-place updates: the points come from ``pipe`` (send a new frame to recolour without rebuilding
+        the plot); ``clim``/``cmap``/``clabel`` of a continuous colouring and the colour key of a categorical
+        one (set here from ``spec``) follow the parameters of ``style`` (:class:`MapStyle`). Change the style
+        silently (``param.parameterized.discard_events``) and then trigger ``pipe``: a style change alone
+        re-renders with the points the pipe last computed.
 
     Returns
     -------
@@ -161,9 +163,12 @@ def cell_map_layers(
         layers.append(bg)
     main = layers[0] if layers else None
     if spec.kind == "categorical":
-        cats = list(df["color"].cat.categories)
-        colors = {c: spec.colors.get(c, CATEGORY_COLORS[i % len(CATEGORY_COLORS)]) for i, c in enumerate(cats)}
-        shaded = datashade(points, aggregator=ds.count_cat("color"), color_key=colors, selector=selector,
+        colors = category_key(list(df["color"].cat.categories), spec.colors)
+        key = colors
+        if style is not None:  # the key follows style.color_key: new categories re-shade the same plot
+            style.color_key = colors
+            key = style.param.color_key
+        shaded = datashade(points, aggregator=ds.count_cat("color"), color_key=key, selector=selector,
                            min_alpha=180, **common)
         shaded = spread_op(shaded).opts(show_legend=False, **plot_opts)
         main = shaded

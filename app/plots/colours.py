@@ -9,7 +9,7 @@ import numpy as np
 import param
 from bokeh.palettes import Viridis256
 
-__all__ = ["ColorSpec", "MapStyle", "CATEGORY_COLORS", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "BACKGROUND_COLOR",
+__all__ = ["ColorSpec", "MapStyle", "category_key", "CATEGORY_COLORS", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "BACKGROUND_COLOR",
            "LEGEND_OPTS", "MAX_CATEGORIES", "category_colors", "symmetric_clim"]
 
 CATEGORY_COLORS: list[str] = list(cc.b_glasbey_category10)
@@ -52,15 +52,24 @@ class ColorSpec:
 
 
 class MapStyle(param.Parameterized):
-    """Colour options of a continuous map that change without rebuilding the plot."""
+    """Colour options of a map that change without rebuilding the plot: ``clim``/``cmap``/``clabel`` of a
+    continuous map, ``color_key`` (category -> hex colour) of a categorical one."""
 
     clim = param.NumericTuple(default=(0.0, 1.0), length=2)
     cmap = param.List(default=SEQUENTIAL_CMAP)
     clabel = param.String(default="")
+    color_key = param.Dict(default={})
 
     def set_from(self, spec: ColorSpec) -> None:
         self.param.update(clim=tuple(float(c) for c in (spec.clim or (0.0, 1.0))),
                           cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP, clabel=spec.name)
+
+
+def category_key(categories: Sequence, colors: dict | None = None) -> dict:
+    """The colour key of a categorical map: each category (in the order given) -> its colour in ``colors``,
+    else its :data:`CATEGORY_COLORS` colour by position."""
+    colors = colors or {}
+    return {c: colors.get(c, CATEGORY_COLORS[i % len(CATEGORY_COLORS)]) for i, c in enumerate(categories)}
 
 
 def category_colors(categories: Sequence) -> dict:

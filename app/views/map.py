@@ -251,14 +251,11 @@ class MapView(StateView):
         return self.plot.object
 
     def _mode_key(self, df, spec) -> tuple:
-        """Plots with the same key can be recoloured in place (same element types, columns, layout and, for
-        categories, colour key)."""
+        """Plots with the same key can be recoloured in place (same element types, columns and layout). New
+        categories (zero-shot labels, another obs column) keep the plot: its datashade operation takes the colour
+        key from the slot's :class:`~app.plots.MapStyle`."""
         has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
-        colour_key = ()
-        if spec.kind == "categorical":  # the datashade operation holds its colour key: new categories, new plot
-            cats = tuple(str(c) for c in df["color"].cat.categories)
-            colour_key = (cats, tuple(spec.colors.get(c) for c in cats))
-        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", has_nan, colour_key,
+        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", spec.kind == "categorical", has_nan,
                 tuple(df.columns), self.state.layout_key, len(df))
 
     def _figure(self, frame=None, slot: "_Slot | None" = None):
@@ -273,8 +270,10 @@ class MapView(StateView):
         slot.pipe = hv.streams.Pipe(data=df) if spec.kind != "none" else None
         if continuous:
             self._style.set_from(spec)
+        # a fresh style per categorical figure, like the pipe (cell_map_layers sets its colour key)
+        slot.style = plots.MapStyle() if spec.kind == "categorical" else None
         el, main = plots.cell_map_layers(df, spec, width=slot.width, height=self.height, title=title, xlim=xlim,
-                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else None,
+                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else slot.style,
                                          legend=False)
         # a fresh pipe per figure: streams shared between figures keep old plots alive
         slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
@@ -308,8 +307,17 @@ class MapView(StateView):
             kind = _slot_kind(spec)
             slot = self._slots[kind]
             if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
-                if _same_frame(slot.pipe.data, df):
+                colour_key = (plots.category_key(list(df["color"].cat.categories), spec.colors)
+                              if spec.kind == "categorical" and slot.style is not None else None)
+                if _same_frame(slot.pipe.data, df) and (colour_key is None or colour_key == slot.style.color_key):
                     pass  # the colouring shown already (e.g. the same labels again): nothing to send
+                elif colour_key is not None:
+                    # new categories keep the figure: the data and the colour key stored silently, then one
+                    # trigger re-aggregates and re-shades (as for the continuous map below)
+                    slot.pipe.update(data=df)
+                    with param.parameterized.discard_events(slot.style):
+                        slot.style.color_key = colour_key
+                    hv.streams.Stream.trigger([slot.pipe])
                 elif kind == "continuous":
                     # one update with the new cells' values and colour range: both are stored silently, then
                     # the data stream is triggered. (Letting the style's change re-render, as before 2026-12-02,
@@ -339,7 +347,7 @@ class MapView(StateView):
             for sl in self._slots.values():
                 sl.pane.object = None
                 sl.box.visible = False
-                sl.key = sl.pipe = None
+                sl.key = sl.pipe = sl.style = None
             self._update_side()
             return
         obj, main = fig
@@ -369,7 +377,7 @@ class MapView(StateView):
                 s.clear()
                 s.source = None
             slot.streams = []
-            slot.pipe = slot.outline = slot.key = None
+            slot.pipe = slot.outline = slot.key = slot.style = None
 
     def _set_categories(self, spec) -> None:
         """The "select cells of category" menu follows a categorical colouring."""
@@ -439,12 +447,14 @@ class MapView(StateView):
 
 @dataclass
 class _Slot:
-    """One map pane and what recolours it in place: its data pipe, outline pipe, selection streams and key."""
+    """One map pane and what recolours it in place: its data pipe, colour key of a categorical colouring
+    (``style.color_key``), outline pipe, selection streams and key."""
 
     pane: pn.pane.HoloViews
     box: pn.Column
-    width: int = 770
+    width: int = 720
     pipe: object = None
+    style: object = None
     outline: object = None
     key: tuple | None = None
     streams: list = field(default_factory=list)
