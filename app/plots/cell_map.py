@@ -13,7 +13,7 @@ import pandas as pd
 import param
 from holoviews.operation.datashader import datashade, dynspread, rasterize
 
-from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
+from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
 
 __all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories", "warm_up"]
@@ -239,10 +239,10 @@ def legend_html(spec: ColorSpec, *, height: int = 560, max_entries: int = 200) -
     import html
 
     present = present_categories(spec.values)
-    cats = [str(c) for c in pd.Categorical(spec.values).categories]
+    key = category_key([str(c) for c in pd.Categorical(spec.values).categories], spec.colors)  # as the map's
     rows = []
     for c in present[:max_entries]:
-        colour = spec.colors.get(c) or CATEGORY_COLORS[cats.index(c) % len(CATEGORY_COLORS)]
+        colour = key[c]
         name = html.escape(c)
         rows.append(f'<div class="map-legend-entry" title="{name}" style="display:flex;align-items:center;'
                     f'gap:5px;white-space:nowrap"><span style="flex:none;width:11px;height:11px;border-radius:2px;'

@@ -69,7 +69,7 @@ def category_key(categories: Sequence, colors: dict | None = None) -> dict:
     """The colour key of a categorical map: each category (in the order given) -> its colour in ``colors``,
     else its :data:`CATEGORY_COLORS` colour by position."""
     colors = colors or {}
-    return {c: colors.get(c, CATEGORY_COLORS[i % len(CATEGORY_COLORS)]) for i, c in enumerate(categories)}
+    return {c: colors.get(c) or CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(categories)}
 
 
 def category_colors(categories: Sequence) -> dict:
