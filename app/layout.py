@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 import weakref
 from concurrent.futures import Future
@@ -365,6 +366,8 @@ TOOL_VIEWS = {"zero_shot": ZeroShotView, "describe": DescribeView, "de": DEView,
 #: session ends (:func:`_register_session`); nothing else keeps a session's objects.
 SESSIONS: dict[str, Explorer] = {}
 _last_release = [0.0]
+_release_timer: list = [None]  # the pending release (release_memory)
+_release_lock = threading.Lock()
 
 
 def _register_session(explorer: Explorer) -> None:
@@ -388,11 +391,23 @@ def _register_session(explorer: Explorer) -> None:
 
 def release_memory(min_interval: float = 5.0) -> None:
     """Collect reference cycles and hand freed heap back to the OS (glibc ``malloc_trim``), at most every
-    ``min_interval`` seconds: closed sessions' plots and tables otherwise linger until a full collection."""
-    now = time.monotonic()
-    if now - _last_release[0] < min_interval:
-        return
-    _last_release[0] = now
+    ``min_interval`` seconds: closed sessions' plots and tables otherwise linger until a full collection.
+
+    A call within ``min_interval`` of the last release schedules one more release for when the interval ends
+    (a timer thread; at most one pending), so when many sessions close together the memory freed by the last
+    of them is returned too (before, calls within the interval were dropped).
+    """
+    with _release_lock:
+        now = time.monotonic()
+        wait = _last_release[0] + min_interval - now
+        if wait > 0:
+            if _release_timer[0] is None:
+                timer = threading.Timer(wait, _release_later, kwargs={"min_interval": min_interval})
+                timer.daemon = True
+                _release_timer[0] = timer
+                timer.start()
+            return
+        _last_release[0] = now
     gc.collect()
     try:
         import ctypes
@@ -400,6 +415,12 @@ def release_memory(min_interval: float = 5.0) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _release_later(min_interval: float) -> None:
+    with _release_lock:
+        _release_timer[0] = None
+    release_memory(min_interval)
 
 
 def _chain(source: Future, target: Future) -> None:

@@ -741,6 +741,22 @@ def test_tool_views_are_built_when_their_tab_first_opens(demo):
     assert {j for j in ex.jobs()} >= {ex.de.job, ex.zero_shot.job}
 
 
+def test_release_memory_within_its_interval_is_done_once_the_interval_ends():
+    """Sessions closing together: the first closes releases at once, the later ones get one release when the
+    interval ends (none is dropped), and never more than one is pending."""
+    from app import layout
+
+    layout.release_memory(min_interval=0.0)  # a release now
+    first = layout._last_release[0]
+    layout.release_memory(min_interval=0.5)  # within the interval: scheduled
+    timer = layout._release_timer[0]
+    assert timer is not None and layout._last_release[0] == first
+    layout.release_memory(min_interval=0.5)
+    assert layout._release_timer[0] is timer  # one pending release, not two
+    timer.join(5)
+    assert layout._release_timer[0] is None and layout._last_release[0] > first
+
+
 def test_job_of_a_closed_session_changes_nothing(demo):
     """A computation that ends after its session closed is dropped: no apply, no page update."""
     import asyncio
