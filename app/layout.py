@@ -402,12 +402,24 @@ def release_memory(min_interval: float = 5.0) -> None:
         wait = _last_release[0] + min_interval - now
         if wait > 0:
             if _release_timer[0] is None:
-                timer = threading.Timer(wait, _release_later, kwargs={"min_interval": min_interval})
+                timer = threading.Timer(wait, _release_later)
                 timer.daemon = True
                 _release_timer[0] = timer
                 timer.start()
             return
         _last_release[0] = now
+    _release()
+
+
+def _release_later() -> None:
+    """The release scheduled by :func:`release_memory` (its interval has ended)."""
+    with _release_lock:
+        _release_timer[0] = None
+        _last_release[0] = time.monotonic()
+    _release()
+
+
+def _release() -> None:
     gc.collect()
     try:
         import ctypes
@@ -415,12 +427,6 @@ def release_memory(min_interval: float = 5.0) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _release_later(min_interval: float) -> None:
-    with _release_lock:
-        _release_timer[0] = None
-    release_memory(min_interval)
 
 
 def _chain(source: Future, target: Future) -> None:
