@@ -74,7 +74,7 @@ def category_key(categories: Sequence, colors: dict | None = None) -> dict:
 
 def category_colors(categories: Sequence) -> dict:
     """Stable colours for categories: Glasbey/category10, in category order."""
-    return {str(c): CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(categories)}
+    return category_key([str(c) for c in categories])
 
 
 def symmetric_clim(values: np.ndarray, *, center: float = 0.0, quantile: float = 0.99) -> tuple[float, float]:
