@@ -252,6 +252,100 @@ def test_map_new_categories_reshade_the_shown_plot_as_a_new_plot_would(demo):
     assert not np.array_equal(rgba(root), before)
 
 
+def _shown_layer(view, root_index=-1):
+    """The coloured layer's HoloViews plot in one page showing ``view``'s active map."""
+    from app.plots.cell_map import _raster_subplot
+
+    return _raster_subplot(list(view.plot._plots.values())[root_index][0])
+
+
+def _hover_equal(a, b) -> None:
+    assert set(a.data_vars) == set(b.data_vars)
+    for var in b.data_vars:
+        x, y = a[var].values, b[var].values
+        assert x.dtype == y.dtype, var
+        if x.dtype == object:
+            assert (x == y).all(), var
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-6, equal_nan=True, err_msg=var)
+
+
+@pytest.mark.parametrize("kind", ["query", "categories"])
+def test_map_recoloured_in_place_hovers_zooms_and_opens_as_a_fresh_map(demo, kind):
+    """A map recoloured in place (app.plots.recolour_rendered, no HoloViews operation) must behave as a freshly
+    drawn map of the new colouring: the same hover values under the cursor, the same image after a zoom (the
+    zoom redraws through HoloViews from the stored table) and in a page opened afterwards."""
+    from bokeh.document import Document
+
+    from app import cache
+    from app.state import AppState
+    from app.views.map import MapView
+
+    base, model = demo
+    first, second = (("T cells", "B cells") if kind == "query" else ("bulk_labels", "louvain"))
+
+    def colour(s, what):
+        s.run_query(what) if kind == "query" else s.set_color(what)
+
+    a = AppState(cache.session_adata(base), model)
+    view = MapView(a)
+    colour(a, first)
+    view.plot.get_root(Document())
+    obj = view.plot.object
+    colour(a, second)
+    assert view.plot.object is obj  # in place
+    b = AppState(cache.session_adata(base), model)
+    fresh = MapView(b)
+    colour(b, second)
+    fresh.plot.get_root(Document())
+    shown, new = _shown_layer(view), _shown_layer(fresh)
+    _hover_equal(shown._hover_data, new._hover_data)
+    assert view.plot.get_root(Document()) is not None  # a page opened now draws the new colouring
+    np.testing.assert_allclose(np.asarray(_shown_layer(view).handles["source"].data["image"][0], dtype=float),
+                               np.asarray(new.handles["source"].data["image"][0], dtype=float), rtol=1e-6,
+                               equal_nan=True)
+    # zoom both: the ranges a wheel zoom in the page sends to the map's RangeXY streams
+    import holoviews as hv
+
+    x0 = float(np.asarray(a.map_frame()[0]["x"]).min())
+    for v in (view, fresh):
+        ranges = {s for p, _ in v.plot._plots.values() for s in p.streams if isinstance(s, hv.streams.RangeXY)}
+        for s in ranges:
+            s.update(x_range=(x0, 0.0), y_range=(-2.0, 3.0))
+        hv.streams.Stream.trigger(list(ranges))
+    for i in (0, 1):  # both pages of the recoloured view
+        zoomed, expected = _shown_layer(view, i), _shown_layer(fresh, 0)
+        assert zoomed.current_frame.bounds.lbrt() == expected.current_frame.bounds.lbrt()
+        assert zoomed.current_frame.bounds.lbrt()[2] <= 0.0 + 1e-6  # really zoomed
+        np.testing.assert_allclose(np.asarray(zoomed.handles["source"].data["image"][0], dtype=float),
+                                   np.asarray(expected.handles["source"].data["image"][0], dtype=float),
+                                   rtol=1e-6, equal_nan=True)
+        _hover_equal(zoomed._hover_data, expected._hover_data)
+
+
+def test_map_recolour_falls_back_to_holoviews_where_it_cannot_recolour(state):
+    """``recolour_rendered`` leaves maps spread with dynspread (above 50,000 cells) and density maps to
+    HoloViews: it returns False and changes nothing."""
+    from bokeh.document import Document
+
+    from app import plots
+    from app.views.map import MapView
+
+    view = MapView(state)
+    state.run_query("T cells")
+    view.plot.get_root(Document())
+    layer = _shown_layer(view)
+    image, hover = layer.handles["source"].data["image"][0], layer._hover_data
+    df, spec = state.map_frame()
+    rendered = [p for p, _ in view.plot._plots.values()]
+    df2 = df.assign(color=df["color"][::-1].to_numpy())
+    assert not plots.recolour_rendered(rendered, df2, spec, spread="dynspread")
+    assert not plots.recolour_rendered(rendered, df2, plots.ColorSpec("none"))
+    assert layer.handles["source"].data["image"][0] is image and layer._hover_data is hover
+    assert plots.recolour_rendered([], df2, spec)  # nothing drawn yet: nothing to do
+    assert plots.spread_mode(50_000) == "pixels" and plots.spread_mode(50_001) == "dynspread"
+
+
 def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
     from bokeh.document import Document
     from bokeh.models import ColorBar

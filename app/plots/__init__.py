@@ -8,7 +8,8 @@ shows the cell under the pointer. Nothing here reads application state.
 """
 from __future__ import annotations
 
-from .cell_map import aggregate, cell_frame, cell_map, cell_map_layers, warm_up
+from .cell_map import (MapPipe, aggregate, cell_frame, cell_map, cell_map_layers, recolour_rendered, spread_mode,
+                       warm_up)
 from .charts import (VOLCANO_COLORS, CategoryBars, ScoreHistogram, Volcano, category_bars, category_counts,
                      confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano, volcano_frame)
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
@@ -30,6 +31,9 @@ __all__ = [
     "cell_frame",
     "cell_map",
     "cell_map_layers",
+    "MapPipe",
+    "recolour_rendered",
+    "spread_mode",
     "aggregate",
     "histogram",
     "histogram_data",

@@ -16,7 +16,22 @@ from holoviews.operation.datashader import datashade, dynspread, rasterize
 from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
 
-__all__ = ["cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories", "warm_up"]
+__all__ = ["MapPipe", "cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories",
+           "recolour_rendered", "spread_mode", "warm_up"]
+
+
+class MapPipe(hv.streams.Pipe):
+    """The data stream of a map that is recoloured in place: :meth:`store` keeps a new table without drawing.
+
+    HoloViews memoizes a pipe's points on a counter that only a trigger advances, so a table stored with
+    ``Pipe.update`` alone would be ignored by the next redraw (a zoom would show the previous table's colours);
+    :meth:`store` advances it.
+    """
+
+    def store(self, data) -> None:
+        """Keep ``data`` without redrawing; the next redraw of any plot of this pipe (a zoom, a new page) uses it."""
+        self.update(data=data)
+        self._memoize_counter += 1  # what Pipe's own trigger does (holoviews.streams.Pipe._on_trigger)
 
 
 def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] | None = None,
@@ -47,6 +62,12 @@ def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] |
         df[k] = v
     df["index"] = np.arange(len(df), dtype=np.int64)
     return df
+
+
+def spread_mode(n_cells: int) -> str:
+    """How :func:`cell_map_layers` keeps isolated cells visible by default: ``"pixels"`` up to 50,000 cells,
+    ``"dynspread"`` above."""
+    return "pixels" if n_cells <= 50_000 else "dynspread"
 
 
 def _hover_dims(df: pd.DataFrame, spec: ColorSpec) -> list:
@@ -129,7 +150,7 @@ def cell_map_layers(
     selector = ds.first("index") if hover else None
     n = len(df)
     if spread == "auto":
-        spread = "pixels" if n <= 50_000 else "dynspread"
+        spread = spread_mode(n)
     pixel_ratio = (1 / 3 if n <= 5_000 else 1 / 2) if spread == "pixels" else 1.0
     # the image is computed for ``width`` x ``height`` and re-computed when the view zooms or pans (RangeXY);
     # HoloViews' default also listens to the plot's size in the browser (PlotSize), which sent one more event
@@ -306,3 +327,133 @@ def warm_up() -> None:
         df = cell_frame(xy, spec, cell_ids=[str(i) for i in range(64)])
         el = cell_map(df, spec, width=64, height=64, dynamic=False)
         hv.render(el, backend="bokeh")
+
+
+def _raster_subplot(plot):
+    """The coloured layer's plot in a rendered map (the last raster layer; a grey density layer comes first)."""
+    subplots = [sp for sp in getattr(plot, "subplots", {}).values() if hasattr(sp, "_hover_data")]
+    return subplots[-1] if subplots else None
+
+
+def _recolour_plan(plot):
+    """What :func:`recolour_rendered` needs from one rendered map, or None when it cannot recolour it."""
+    sp = _raster_subplot(plot)
+    if sp is None or sp.current_frame is None:
+        return None
+    hover = getattr(sp, "_hover_data", None)
+    source = sp.handles.get("source")
+    if hover is None or source is None or "__index__" not in getattr(hover, "data_vars", ()):
+        return None
+    index = hover["__index__"]
+    if index.dims != ("y", "x") or "image" not in source.data:
+        return None
+    return sp, hover, source
+
+
+def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: dict | None = None,
+                      spread: str = "pixels") -> bool:
+    """Recolour maps already drawn in pages, without going through HoloViews' operations.
+
+    A query or new labels change the cells' colour values only: the positions, the view and so the pixel of
+    every cell are those of the image shown. This aggregates the new values with datashader on the canvas of
+    the image shown (its bounds and size), then replaces the Bokeh image, the colour mapper, the colour bar's
+    title and the data the hover reads (the cell under the cursor is the same; its values are the new ones).
+    The result is the image HoloViews would draw (``tests/test_app_state.py`` compares both), for about a
+    tenth of the server time (``bench/bench_page_cost.py``).
+
+    Parameters
+    ----------
+    plots
+        The rendered HoloViews plots of one map (one per page showing it): the figures of
+        :func:`cell_map_layers` with ``hover=True``.
+    df
+        The new table (:func:`cell_frame`): same cells, positions and columns as the one drawn.
+    spec
+        The new colouring: continuous/diverging (``clim``, colour map) or categorical.
+    color_key
+        Categorical colourings: category -> colour (:func:`~app.plots.colours.category_key`).
+    spread
+        The map's spreading; ``"dynspread"`` is not handled here (returns False).
+
+    Returns
+    -------
+    bool
+        False when a plot is not one this can recolour (the caller then redraws through HoloViews); nothing
+        was changed then. True when every plot was recoloured (or no plot is drawn yet).
+    """
+    if spread == "dynspread" or spec.kind not in ("continuous", "diverging", "categorical"):
+        return False
+    plans = [_recolour_plan(p) for p in plots]
+    if any(p is None for p in plans):
+        return False
+    done = {}
+    for plot, (sp, hover, source) in zip(plots, plans):
+        l, b, r, t = sp.current_frame.bounds.lbrt()
+        h, w = hover["__index__"].shape
+        geometry = (w, h, float(l), float(r), float(b), float(t))
+        if geometry not in done:
+            done[geometry] = _recoloured(df, spec, color_key, geometry)
+        image, channels = done[geometry]
+        index = hover["__index__"].values
+        new_hover = hover.copy(deep=False)
+        for var, values in channels.items():
+            if var in new_hover.data_vars:
+                new_hover[var] = (("y", "x"), values)
+        missing = index < 0
+        for var in hover.attrs.get("selector_columns", ()):
+            if var == "__index__" or var not in df.columns or var not in new_hover.data_vars:
+                continue
+            col = df[var]
+            old = hover[var]
+            if old.dtype == object:
+                vals = np.asarray(col.astype(str) if isinstance(col.dtype, pd.CategoricalDtype) else col,
+                                  dtype=object)
+                fill = "-"
+            else:
+                vals = np.asarray(col, dtype=old.dtype)
+                fill = np.nan
+            picked = vals[np.where(missing, 0, index)]
+            picked[missing] = fill
+            new_hover[var] = (("y", "x"), picked)
+        if spec.kind != "categorical":
+            aggregated = [v for v in hover.data_vars if v not in hover.attrs.get("selector_columns", ())]
+            for var in aggregated[:1]:
+                new_hover[var] = (("y", "x"), channels["value"])
+        sp._hover_data = new_hover
+        source.data.update(image=[image])
+        if spec.kind != "categorical":
+            mapper = sp.handles.get("color_mapper")
+            cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
+            lo, hi = (float(c) for c in (spec.clim or (np.nanmin(image), np.nanmax(image))))
+            if mapper is not None:
+                # only what changed: Bokeh validates all 256 colours of a palette on every assignment
+                changes = {k: v for k, v in (("low", lo), ("high", hi)) if getattr(mapper, k) != v}
+                if list(mapper.palette) != cmap:
+                    changes["palette"] = cmap
+                if changes:
+                    mapper.update(**changes)
+            bar = sp.handles.get("colorbar")
+            if bar is not None and bar.title != spec.name:
+                bar.title = spec.name
+        if getattr(plot, "comm", None) is not None:  # Jupyter: send the changes through the plot's comm
+            plot.push()
+    return True
+
+
+def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry):
+    """The image (as Bokeh takes it) and the hover's per-pixel values of ``spec`` on one canvas."""
+    w, h, x0, x1, y0, y1 = geometry
+    cvs = ds.Canvas(plot_width=w, plot_height=h, x_range=(x0, x1), y_range=(y0, y1))
+    if spec.kind == "categorical":
+        import datashader.transfer_functions as tf
+
+        agg = cvs.points(df, "x", "y", agg=ds.count_cat("color"))
+        shaded = tf.shade(agg, color_key=color_key, how="eq_hist", min_alpha=180, alpha=255,
+                          rescale_discrete_levels=True)
+        rgba = shaded.values.copy()
+        rgba[(rgba >> 24) == 0] = 0  # transparent pixels as HoloViews sends them (no colour under alpha 0)
+        channels = dict(zip("RGBA", np.moveaxis(rgba.view(np.uint8).reshape(*rgba.shape, 4), -1, 0)))
+        return rgba, channels
+    agg = cvs.points(df, "x", "y", agg=ds.mean("color"))
+    values = agg.values.astype(np.float64, copy=False)
+    return values, {"value": values}

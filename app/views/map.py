@@ -267,7 +267,7 @@ class MapView(StateView):
         xlim, ylim = self._ranges if self._zoomed(df) else (None, None)
         title = f"{self.state.dataset_name} ({self.state.layout_key})"
         continuous = spec.kind in ("continuous", "diverging")
-        slot.pipe = hv.streams.Pipe(data=df) if spec.kind != "none" else None
+        slot.pipe = plots.MapPipe(data=df) if spec.kind != "none" else None
         if continuous:
             self._style.set_from(spec)
         # a fresh style per categorical figure, like the pipe (cell_map_layers sets its colour key)
@@ -312,21 +312,22 @@ class MapView(StateView):
                 if _same_frame(slot.pipe.data, df) and (colour_key is None or colour_key == slot.style.color_key):
                     pass  # the colouring shown already (e.g. the same labels again): nothing to send
                 elif colour_key is not None:
-                    # new categories keep the figure: the data and the colour key stored silently, then one
-                    # trigger re-aggregates and re-shades (as for the continuous map below)
-                    slot.pipe.update(data=df)
+                    # new categories keep the figure: the data and the colour key stored silently, then the
+                    # shown image is re-shaded (as for the continuous map below)
+                    slot.pipe.store(df)
                     with param.parameterized.discard_events(slot.style):
                         slot.style.color_key = colour_key
-                    hv.streams.Stream.trigger([slot.pipe])
+                    self._recolour(slot, df, spec, colour_key)
                 elif kind == "continuous":
-                    # one update with the new cells' values and colour range: both are stored silently, then
-                    # the data stream is triggered. (Letting the style's change re-render, as before 2026-12-02,
-                    # drew the *previous* values: a pipe only recomputes its points when it is triggered, so the
-                    # map kept the last query's colours under the new query's colour bar.)
-                    slot.pipe.update(data=df)
+                    # one update with the new cells' values and colour range: both are stored silently (the
+                    # next zoom redraws from them), then the shown image is recoloured. (Letting the style's
+                    # change re-render, as before 2026-12-02, drew the *previous* values: a pipe only recomputes
+                    # its points when it is triggered, so the map kept the last query's colours under the new
+                    # query's colour bar.)
+                    slot.pipe.store(df)
                     with param.parameterized.discard_events(self._style):
                         self._style.set_from(spec)
-                    hv.streams.Stream.trigger([slot.pipe])
+                    self._recolour(slot, df, spec)
                 else:
                     slot.pipe.send(df)
                 self._show(kind)
@@ -365,6 +366,18 @@ class MapView(StateView):
         self._show(kind)
         slot.outline.send(self.state.selection_geometry)
         self._after_draw(spec)
+
+    def _recolour(self, slot: "_Slot", df, spec, colour_key: dict | None = None) -> None:
+        """Recolour the slot's map in every page that shows it, after its new table and style were stored.
+
+        :func:`app.plots.recolour_rendered` replaces the shown image directly (a tenth of the server time of
+        HoloViews' operations); where it cannot (a map of more than 50,000 cells, spread by ``dynspread``), the
+        data stream is triggered and HoloViews redraws.
+        """
+        rendered = [plot for plot, _ in slot.pane._plots.values()]  # Panel keeps one HoloViews plot per page
+        if not plots.recolour_rendered(rendered, df, spec, color_key=colour_key,
+                                       spread=plots.spread_mode(len(df))):
+            hv.streams.Stream.trigger([slot.pipe])
 
     def close(self) -> None:
         """Drop the plots and detach the selection streams (a closed session's view must not stay reachable).
