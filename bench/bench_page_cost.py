@@ -75,6 +75,16 @@ async def _open(browser, url: str):
     page.set_default_timeout(300_000)
     cdp = await ctx.new_cdp_session(page)
     await cdp.send("Performance.enable")
+    await cdp.send("Network.enable")
+    frames = cdp.frames = {"n": 0, "bytes": 0, "patches": 0}
+
+    def _frame(event):
+        data = event["response"].get("payloadData", "")
+        frames["n"] += 1
+        frames["bytes"] += len(data)
+        frames["patches"] += "PATCH-DOC" in data[:300] and '"msgtype"' in data[:300]
+
+    cdp.on("Network.webSocketFrameReceived", _frame)
     await page.goto(url)
     await page.locator(".bk-Canvas").first.wait_for(state="visible")
     await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
@@ -128,6 +138,7 @@ async def run(args) -> None:
                     await _tab_action(page, "DE + enrichment", "Run DE", "logfoldchange")
                 await _idle(server.pid)
                 m0, c0, b0, lat = await _metrics(cdp), cpu_seconds(server.pid), chromium_seconds(), []
+                f0 = dict(cdp.frames)
                 for i in range(args.n):
                     t0 = time.perf_counter()
                     if args.action == "query":
@@ -139,6 +150,7 @@ async def run(args) -> None:
                     lat.append(time.perf_counter() - t0)
                     await asyncio.sleep(0.5)
                 m1, c1, b1 = await _metrics(cdp), cpu_seconds(server.pid), chromium_seconds()
+                f1 = dict(cdp.frames)
                 await browser.close()
         finally:
             server.terminate()
@@ -150,6 +162,8 @@ async def run(args) -> None:
         f"{k.replace('Duration', '').lower()} {1000 * (m1[k] - m0.get(k, 0)) / n:.0f} ms" for k in METRICS))
     print(f"all Chromium processes (renderer, compositor, browser) per action {1000 * (b1 - b0) / n:.0f} ms CPU")
     print(f"latency median {statistics.median(lat):.2f} s, max {max(lat):.2f} s")
+    print(f"websocket to the page per action: {(f1['patches'] - f0['patches']) / n:.1f} PATCH-DOC messages, "
+          f"{(f1['n'] - f0['n']) / n:.1f} frames, {(f1['bytes'] - f0['bytes']) / n / 1024:.0f} KB")
 
 
 def main(argv=None) -> int:
