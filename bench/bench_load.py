@@ -230,6 +230,11 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
     page = await ctx.new_page()
     page.set_default_timeout(timeout_ms)
+    # errors of the page's JavaScript (a Bokeh patch it could not apply leaves the page stale) count as errors
+    page.on("pageerror", lambda exc: st.errors.append(f"client {idx:02d}: page error: {str(exc)[:200]}"))
+    # (not the web fonts the page's theme asks for: the benchmark's machine is offline)
+    page.on("console", lambda msg: msg.type == "error" and "ERR_NAME_NOT_RESOLVED" not in msg.text
+            and st.errors.append(f"client {idx:02d}: console error: {msg.text[:200]}"))
     rng = random.Random(idx)
     try:
         await page.goto(url)
@@ -353,7 +358,7 @@ async def run(args) -> dict:
           f"cpu cores {os.cpu_count()}")
     print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}, box selections {st.selections}")
     print(f"errors {len(st.errors)}")
-    for e in st.errors[:20]:
+    for e in st.errors[:40]:
         print("   ", e)
     print(f"isolation failures {len(st.isolation)}")
     for e in st.isolation[:20]:

@@ -346,6 +346,21 @@ def test_map_recolour_falls_back_to_holoviews_where_it_cannot_recolour(state):
     assert plots.spread_mode(50_000) == "pixels" and plots.spread_mode(50_001) == "dynspread"
 
 
+def test_map_figures_draw_on_a_canvas_not_webgl(state):
+    """The map is an image: a WebGL figure only adds a copy of its canvas on every repaint (HoloViews' default
+    is WebGL)."""
+    from bokeh.document import Document
+    from bokeh.models import Plot
+
+    from app.views.map import MapView
+
+    view = MapView(state)
+    for colour in ("query", "louvain"):
+        state.run_query("T cells") if colour == "query" else state.set_color(colour)
+        figs = view.plot.get_root(Document()).select({"type": Plot})
+        assert figs and {f.output_backend for f in figs} == {"canvas"}
+
+
 def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
     from bokeh.document import Document
     from bokeh.models import ColorBar

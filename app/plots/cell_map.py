@@ -64,6 +64,12 @@ def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] |
     return df
 
 
+#: Options of the map's figure. A canvas, not HoloViews' default WebGL: the map is an image, which Bokeh draws
+#: with the 2-D canvas either way, and a WebGL figure copies its whole canvas on every repaint (in a browser
+#: without a GPU, 29 ms of the page's main thread per query; ``docs/serving-performance.md``).
+FIGURE_OPTS = {"backend_opts": {"plot.output_backend": "canvas"}}
+
+
 def spread_mode(n_cells: int) -> str:
     """How :func:`cell_map_layers` keeps isolated cells visible by default: ``"pixels"`` up to 50,000 cells,
     ``"dynspread"`` above."""
@@ -216,7 +222,7 @@ def cell_map_layers(
         overlay = _combine(layers)
     else:
         overlay = _combine(layers)
-    return overlay.opts(width=width, height=height, title=title, toolbar="above"), main
+    return overlay.opts(width=width, height=height, title=title, toolbar="above", **FIGURE_OPTS), main
 
 
 def _colorbar_title(style, plot, element) -> None:

@@ -49,7 +49,7 @@ def plain(text) -> str:
 
 @contextmanager
 def batched():
-    """Group the page updates made inside into one recount of the page's Bokeh models and one message.
+    """Group the page updates made inside into one recount of the page's Bokeh models.
 
     Bokeh walks every model of a page after each change of a property that refers to models, about 50 ms
     for this dashboard. Inside this block the walk happens at most once, at the end, and on a served page
@@ -66,16 +66,12 @@ def batched():
     if models is None or not hasattr(models, "freeze"):
         yield
         return
-    # the changes are also held and sent as one message when the block ends (Panel's ``unlocked``); Bokeh's
-    # server otherwise sends one message per changed property, each serialising a table of all the page's
-    # models (a query sent about nine), and the browser applies and redraws each one separately
-    with pn.io.document.unlocked():
-        frozen = models.freeze()
-        frozen.__enter__()
-        try:
-            yield
-        finally:
-            frozen.__exit__(None, None, None)  # resume the generator normally: it unfreezes (and recounts) now
+    frozen = models.freeze()
+    frozen.__enter__()
+    try:
+        yield
+    finally:
+        frozen.__exit__(None, None, None)  # resume the generator normally: it unfreezes (and recounts) now
 
 
 def plain_bokeh():

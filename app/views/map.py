@@ -13,7 +13,7 @@ import panel as pn
 import param
 
 from .. import plots
-from ..plots.cell_map import legend_html
+from ..plots.cell_map import FIGURE_OPTS, legend_html
 from ..state import GENE, AppState
 from .common import Job, StateView, batched, plain_bokeh
 from . import panes
@@ -279,7 +279,7 @@ class MapView(StateView):
         slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
         outline = hv.DynamicMap(_outline, streams=[slot.outline])
         slot.key = self._mode_key(df, spec)
-        return (el * outline).opts(toolbar="above", title=title), main
+        return (el * outline).opts(toolbar="above", title=title, **FIGURE_OPTS), main
 
     def redraw(self) -> None:
         """Redraw the map for the current colouring and layout (in place when only the values change)."""
@@ -375,8 +375,10 @@ class MapView(StateView):
         data stream is triggered and HoloViews redraws.
         """
         rendered = [plot for plot, _ in slot.pane._plots.values()]  # Panel keeps one HoloViews plot per page
-        if not plots.recolour_rendered(rendered, df, spec, color_key=colour_key,
-                                       spread=plots.spread_mode(len(df))):
+        with plain_bokeh():  # image, colour mapper and colour bar in one message to the page
+            done = plots.recolour_rendered(rendered, df, spec, color_key=colour_key,
+                                           spread=plots.spread_mode(len(df)))
+        if not done:
             hv.streams.Stream.trigger([slot.pipe])
 
     def close(self) -> None:
