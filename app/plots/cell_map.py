@@ -333,6 +333,9 @@ def warm_up() -> None:
         df = cell_frame(xy, spec, cell_ids=[str(i) for i in range(64)])
         el = cell_map(df, spec, width=64, height=64, dynamic=False)
         hv.render(el, backend="bokeh")
+        if spec.kind != "none":  # and the kernels of an in-place recolouring (recolour_rendered)
+            key = category_key(list(df["color"].cat.categories)) if spec.kind == "categorical" else None
+            _recoloured(df, spec, key, (64, 64, -3.0, 3.0, -3.0, 3.0))
 
 
 def _raster_subplot(plot):
