@@ -66,7 +66,8 @@ def cell_frame(coords: np.ndarray, spec: ColorSpec, *, cell_ids: Sequence[str] |
 
 #: Options of the map's figure. A canvas, not HoloViews' default WebGL: the map is an image, which Bokeh draws
 #: with the 2-D canvas either way, and a WebGL figure copies its whole canvas on every repaint (in a browser
-#: without a GPU, 29 ms of the page's main thread per query; ``docs/serving-performance.md``).
+#: without a GPU, 29 ms of the page's main thread per query in a JavaScript profile;
+#: ``docs/serving-performance.md``).
 FIGURE_OPTS = {"backend_opts": {"plot.output_backend": "canvas"}}
 
 
@@ -368,8 +369,8 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
     the image shown (its bounds and size), then replaces the Bokeh image, the colour mapper, the colour bar's
     title and the data the hover reads (the cell under the cursor is the same; its values are the new ones).
     The result is the image HoloViews would draw (``tests/test_app_state.py`` compares both); on the demo a
-    query with its redraw took 27 ms in-process instead of 91 ms, and 105 ms of a served session's CPU
-    instead of 154 ms (``bench/bench_page_cost.py``, 2026-12-03).
+    query with its redraw took 46 ms in-process instead of 128 ms (``bench/bench_recolour.py``) and 105 ms of a
+    served session's CPU instead of 154 ms (``bench/bench_page_cost.py``), 2026-12-03.
 
     Parameters
     ----------
