@@ -57,6 +57,75 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` in seconds (``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _kind(pid: int, server_pid: int) -> str | None:
+    if pid == server_pid:
+        return "server"
+    if pid == os.getpid():
+        return "benchmark (Python)"
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    if comm.startswith(("chromium", "chrome")):
+        # (Chromium rewrites its children's command lines as one string: split on spaces too)
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
+        kind = next((a[7:].decode() for a in args if a.startswith(b"--type=")), "browser")
+        return f"Chromium {kind}"  # renderer (the pages), gpu-process (compositing, also without a GPU), ...
+    if comm.startswith("node"):  # node-MainThread
+        return "Playwright driver"
+    return None
+
+
+class CpuMeter:
+    """CPU seconds of the server, all Chromium processes, Playwright's driver and this process while the
+    sessions run: every process is read every ``every`` seconds and its last reading kept, so that the renderers
+    of closed contexts (gone from ``/proc``) still count, up to their last reading."""
+
+    def __init__(self, server_pid: int, every: float = 2.0):
+        self.server_pid, self.every = server_pid, every
+        self.first: dict[int, tuple[str, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.t0 = self.t1 = time.time()
+
+    def sample(self) -> None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            pid = int(proc.name)
+            try:
+                kind = _kind(pid, self.server_pid)
+                if kind is None:
+                    continue
+                reading = (kind, cpu_seconds(pid))
+            except OSError:  # the process ended meanwhile
+                continue
+            self.first.setdefault(pid, reading)
+            self.last[pid] = reading
+        self.t1 = time.time()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.sample()
+        self.t0 = time.time()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.every)
+            except asyncio.TimeoutError:
+                pass
+            self.sample()
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if os.environ.get("LEXICELL_BENCH_DEBUG"):
+            for pid, (kind, last) in sorted(self.last.items()):
+                print(f"    pid {pid} {kind}: {last - self.first[pid][1]:.1f} CPU-s")
+        for pid, (kind, last) in self.last.items():
+            out[kind] = out.get(kind, 0.0) + last - self.first[pid][1]
+        return out
+
+
 def start_server(args, port: int, save_dir: str) -> subprocess.Popen:
     script = args.server_script or str(ROOT / "run_app.py")
     cmd = [sys.executable, script, "--no-show", "--port", str(port), "--host", "127.0.0.1", "--save-dir", save_dir]
@@ -161,7 +230,7 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
     instead (a busy page may not have taken the click yet): the tool's active state is awaited, and a drag that
     selected nothing within 20 s is made again, as a user would (a drag made while the map is being redrawn,
     e.g. its colour bar just changed, can be lost)."""
-    tool = page.get_by_title("Box Select", exact=True).first
+    tool = page.get_by_title("Box Select", exact=True).filter(visible=True).first
     shown = page.locator(".selection-count-text", has_text="cells selected").first
     for attempt in range(tries):
         t0 = time.perf_counter()
@@ -170,7 +239,7 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
         if not await handle.evaluate("el => el.classList.contains('bk-active')"):
             await tool.click()
         await page.wait_for_function("el => el.classList.contains('bk-active')", arg=handle, polling=100)
-        box = await page.locator(".bk-Canvas").first.bounding_box()
+        box = await page.locator(".bk-Canvas:visible").first.bounding_box()
         x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
         await page.mouse.move(x0, y0)
         await page.mouse.down()
@@ -238,7 +307,7 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
     rng = random.Random(idx)
     try:
         await page.goto(url)
-        await page.locator(".bk-Canvas").first.wait_for(state="visible")
+        await page.locator(".bk-Canvas:visible").first.wait_for(state="visible")
         await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
         selected = None
         n = 0
@@ -334,10 +403,15 @@ async def run(args) -> dict:
                 await asyncio.sleep(2)
                 rss.append(("start", rss_mb(server.pid)))
                 per_round = args.minutes * 60 / args.rounds
+                meter, stop = CpuMeter(server.pid), asyncio.Event()
+                metering = asyncio.ensure_future(meter.run(stop))
                 for r in range(args.rounds):
                     deadline = time.time() + per_round
                     await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000, args.think,
                                                    not args.no_select) for i in range(args.contexts)))
+                    if r == args.rounds - 1:
+                        stop.set()
+                        await metering
                     await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
                     rss.append((f"after round {r + 1}", rss_mb(server.pid)))
                     print(f"  round {r + 1}: RSS {rss[-1][1]:.0f} MB, {len(st.latencies)} queries, "
@@ -376,12 +450,16 @@ async def run(args) -> dict:
             if part:
                 print(f"    minute {m + 1}: {len(part)} queries, p50 {statistics.median(part):.2f} s, "
                       f"p95 {_p95(part):.2f} s")
+    cpu = meter.totals()
+    wall = meter.t1 - meter.t0
+    print(f"CPU while the sessions ran ({wall:.0f} s x {os.cpu_count()} cores = {wall * os.cpu_count():.0f} CPU-s): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])))
     print("server RSS " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss)
           + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
             f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
     return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, observed=st.observed,
                 zero_shot=st.zero_shot,
-                de=st.de, selections=st.selections, rss=rss, p50=p50, p95=p95)
+                de=st.de, selections=st.selections, rss=rss, p50=p50, p95=p95, cpu=cpu)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,6 +5,7 @@
     python bench/bench_page_cost.py --action de --n 6
     python bench/bench_page_cost.py --action page-load --n 3
     python bench/bench_page_cost.py --after-tabs    # queries once the zero-shot and DE tabs have been opened
+    python bench/bench_page_cost.py --action cycle --n 4   # a load-benchmark session's cycle, step by step
 
 Serves the demo (``run_app.py``, as ``bench/bench_load.py`` does), opens one page in Debian's Chromium and
 repeats one action. Printed per action: the server process's CPU time (``/proc``), the page's main-thread time
@@ -30,10 +31,7 @@ import bench_load as bl  # noqa: E402 - the same server start, browser and query
 METRICS = ("TaskDuration", "ScriptDuration", "RecalcStyleDuration", "LayoutDuration")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+cpu_seconds = bl.cpu_seconds  # user + system CPU seconds of a process (``/proc``)
 
 
 def chromium_seconds() -> float:
@@ -86,9 +84,52 @@ async def _open(browser, url: str):
 
     cdp.on("Network.webSocketFrameReceived", _frame)
     await page.goto(url)
-    await page.locator(".bk-Canvas").first.wait_for(state="visible")
+    await page.locator(".bk-Canvas:visible").first.wait_for(state="visible")
     await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
     return ctx, page, cdp
+
+
+async def _settle(pid: int) -> None:
+    """Wait until the server and the browser are both idle (under 6 % and 10 % of a core over 0.5 s)."""
+    while True:
+        c0, b0 = cpu_seconds(pid), chromium_seconds()
+        await asyncio.sleep(0.5)
+        if cpu_seconds(pid) - c0 < 0.03 and chromium_seconds() - b0 < 0.05:
+            return
+
+
+async def _cycle(page, pid: int, n: int) -> None:
+    """The load benchmark's cycle of one session, step by step: a query, zero-shot labels (the map turns to
+    categories), back to the query tab, another query (the map turns back to scores), a DE run, back again.
+    Each step is measured until server and browser are idle; prints server and all-Chromium CPU per step."""
+    def tab(name):
+        return page.locator(".bk-tab", has_text=name).first.click()
+
+    steps = [("query", lambda: _query(page, "B cells")),
+             ("zero-shot tab", lambda: tab("Zero-shot labels")),
+             ("zero-shot run", lambda: page.get_by_role("button", name="Label cells").click()),
+             ("query tab", lambda: tab("Query")),
+             ("query after zero-shot", lambda: _query(page, "T cells")),
+             ("DE tab", lambda: tab("DE + enrichment")),
+             ("DE run", lambda: page.get_by_role("button", name="Run DE").click()),
+             ("query tab", lambda: tab("Query"))]
+    for _, step in steps:  # once unmeasured: the tabs' first opening builds their views
+        await step()
+        await _settle(pid)
+    totals = [[0.0, 0.0] for _ in steps]
+    for _ in range(n):
+        for i, (_, step) in enumerate(steps):
+            b0, c0 = chromium_seconds(), cpu_seconds(pid)
+            await step()
+            await _settle(pid)
+            totals[i][0] += chromium_seconds() - b0
+            totals[i][1] += cpu_seconds(pid) - c0
+    print(f"cycle, {n} times, one session; cpu cores {os.cpu_count()}; CPU per step (each measured until idle, "
+          "so it includes up to 0.05 s of the browser's idle time):")
+    for (name, _), (b, c) in zip(steps, totals):
+        print(f"    {name:22s} all Chromium {1000 * b / n:5.0f} ms, server {1000 * c / n:5.0f} ms")
+    print(f"    {'whole cycle':22s} all Chromium {1000 * sum(t[0] for t in totals) / n:5.0f} ms, "
+          f"server {1000 * sum(t[1] for t in totals) / n:5.0f} ms")
 
 
 async def _idle(pid: int, window: float = 2.0, limit: float = 180.0) -> None:
@@ -133,6 +174,10 @@ async def run(args) -> None:
                               f"browser main thread {m['TaskDuration']:.2f} s")
                         await ctx.close()
                     return
+                if args.action == "cycle":
+                    await _idle(server.pid)
+                    await _cycle(page, server.pid, args.n)
+                    return
                 if args.after_tabs:  # as in a longer visit: zero-shot and DE done once, their tabs on the page
                     await _tab_action(page, "Zero-shot labels", "Label cells", "mean_confidence")
                     await _tab_action(page, "DE + enrichment", "Run DE", "logfoldchange")
@@ -168,7 +213,7 @@ async def run(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--action", choices=["query", "zero-shot", "de", "page-load"], default="query")
+    ap.add_argument("--action", choices=["query", "zero-shot", "de", "page-load", "cycle"], default="query")
     ap.add_argument("--n", type=int, default=20, help="how many times (default 20)")
     ap.add_argument("--after-tabs", action="store_true",
                     help="run zero-shot and DE once before measuring (their tabs' content is then on the page)")

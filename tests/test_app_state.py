@@ -5,6 +5,7 @@ import asyncio
 from concurrent.futures import Future
 
 import html
+import re
 
 import numpy as np
 import pandas as pd
@@ -139,6 +140,7 @@ def test_box_lasso_and_category_selection(state):
 def test_map_view_shows_count_and_redraws(state):
     import holoviews as hv
 
+    from app.views.common import on_stage
     from app.views.map import MapView
 
     view = MapView(state)
@@ -147,7 +149,10 @@ def test_map_view_shows_count_and_redraws(state):
     assert "<b>700</b> of 700 cells selected" in view.count.object
     state.run_query("T cells")
     assert "score: T cells" in view.colour_note.object
-    assert view.plot.object is not None and view.hist_pane.visible and not view.side_box.visible
+    # parts a query shows and hides are staged through CSS styles (common.stage), not ``visible``
+    assert view.plot.object is not None and on_stage(view.hist_pane) and not on_stage(view.side_box)
+    assert on_stage(view._slots["continuous"].box) and not on_stage(view._slots["other"].box)
+    assert not on_stage(view.category_select)
     assert int(np.sum(view.histogram.source.data["top"])) == 700  # the side histogram: every cell once
     from bokeh.models import HoverTool
 
@@ -158,7 +163,10 @@ def test_map_view_shows_count_and_redraws(state):
     assert view._data_pipe is pipe and np.array_equal(pipe.data["color"], state.scores)
     continuous = view.plot
     state.set_color("bulk_labels")  # categories: the other map pane, the continuous one kept (hidden)
-    assert view.plot is not continuous and not view._slots["continuous"].box.visible
+    assert view.plot is not continuous and not on_stage(view._slots["continuous"].box)
+    # (the side chart stays the query's score histogram while a query is active)
+    assert on_stage(view._slots["other"].box) and on_stage(view.hist_pane) and not on_stage(view.side_box)
+    assert on_stage(view.category_select) and "CD14+ Monocyte" in view.category_select.options
     cat_pipe, cat_obj = view._slots["other"].pipe, view.plot.object
     # the legend is HTML beside the figure, one entry per category present, not layers of the plot
     present = sorted(set(map(str, state.adata.obs["bulk_labels"])))
@@ -175,7 +183,8 @@ def test_map_view_shows_count_and_redraws(state):
     state.set_color("louvain")  # the same colouring again: the same plot, nothing sent (the shown table kept)
     assert view.plot.object is cat_obj and view._slots["other"].pipe.data is shown
     state.run_query("NK cells")  # back to a query: the kept continuous plot, recoloured in place
-    assert view.plot is continuous and view._slots["continuous"].box.visible and view._data_pipe is pipe
+    assert view.plot is continuous and on_stage(view._slots["continuous"].box) and view._data_pipe is pipe
+    assert not on_stage(view._slots["other"].box) and not on_stage(view.category_select)
     assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
 
 
@@ -883,7 +892,7 @@ def test_job_of_a_closed_session_changes_nothing(demo):
     async def main():
         task = asyncio.ensure_future(job.run(lambda: _time.sleep(0.8) or 42, applied.append, label="Slow"))
         await asyncio.sleep(0.5)  # the progress bar is showing
-        assert job.progress.visible
+        assert job.showing
         job.close()
         return await task
 
@@ -924,7 +933,7 @@ def test_job_disables_widgets_and_shows_progress_only_for_slow_work():
     button.param.watch(watch, "disabled")
     # quick work (under Job.SHOW_AFTER): nothing on the page changes but the result
     assert asyncio.run(job.run(lambda: 1, lambda r: None, disable=[button]))
-    assert seen == [] and not job.progress.visible and not button.disabled
+    assert seen == [] and not job.showing and not button.disabled
     # slow work: the button is disabled and the bar shown while it runs, both undone afterwards
 
     def slow():
@@ -932,11 +941,14 @@ def test_job_disables_widgets_and_shows_progress_only_for_slow_work():
         return 2
 
     def apply(result):
-        assert button.disabled and job.progress.visible  # still running when the result is applied
+        assert button.disabled and job.showing  # still running when the result is applied
+        # the bar stands still (an animated one costs a browser without a GPU ~13 % of a core per page);
+        # the label's elapsed seconds show the work goes on
+        assert not job.progress.active and re.search(r"… \d+ s$", job.label.object)
         seen.append(("applied", result))
 
     assert asyncio.run(job.run(slow, apply, disable=[button]))
-    assert seen == [True, ("applied", 2), False] and not job.progress.visible and not button.disabled
+    assert seen == [True, ("applied", 2), False] and not job.showing and not button.disabled
     # a failing slow job re-enables the button too and shows the error
     seen.clear()
 

@@ -88,7 +88,7 @@ def page(browser, served):
     pg = ctx.new_page()
     pg.set_default_timeout(TIMEOUT)
     pg.goto(url)
-    pg.locator(".bk-Canvas, canvas").first.wait_for(state="visible")
+    pg.locator(".bk-Canvas:visible, canvas:visible").first.wait_for(state="visible")
     yield pg
     ctx.close()
 
@@ -118,7 +118,7 @@ def test_page_loads(page):
 
 
 def _map_pixels(page) -> bytes:
-    return page.locator(".bk-Canvas").first.screenshot()
+    return page.locator(".bk-Canvas:visible").first.screenshot()
 
 
 def test_query_recolours_map(page):
@@ -160,9 +160,47 @@ def test_zero_shot_labels_and_metrics(page):
     _shot(page, "ui_zero_shot")
 
 
+# whether an element is hidden by common.stage: some ancestor (across shadow roots) has opacity 0
+_STAGED_OFF = """el => { for (let x = el; x; x = x.parentElement || (x.getRootNode() && x.getRootNode().host)) {
+    if (getComputedStyle(x).opacity === '0') return true; } return false; }"""
+
+
+def test_labels_then_a_query_show_one_map_and_its_own_legend(page):
+    """Zero-shot labels and a query draw on two map panes, one hidden (common.stage) while the other shows:
+    the hidden one's legend must not show through, its canvas must not take the drag of a box selection."""
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("button", name="Label cells").click()
+    sync_api.expect(page.locator(".colour-note-text", has_text="zero-shot label")).to_be_visible()
+    legend = page.locator(".map-legend").first
+    assert legend.evaluate(_STAGED_OFF) is False  # the categorical map's legend shows
+    _tab(page, "Query")
+    _query(page, "B cells")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
+    assert legend.evaluate(_STAGED_OFF) is True  # hidden with its map, although Panel's HTML sets visibility
+    assert page.locator(".bk-Canvas:visible").count() == 2  # the query's map and its score histogram
+    page.get_by_title("Box Select").filter(visible=True).first.click()
+    box = page.locator(".bk-Canvas:visible").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * 0.8, y0 + box["height"] * 0.9, steps=10)
+    page.mouse.up()
+    sync_api.expect(page.get_by_text("cells selected").first).to_be_visible()
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("button", name="Label cells").click()  # back to the labels: their map and legend again
+    sync_api.expect(page.locator(".colour-note-text", has_text="zero-shot label")).to_be_visible()
+    for _ in range(50):  # the pane's styles come with the recolouring; a moment later at most
+        if legend.evaluate(_STAGED_OFF) is False:
+            break
+        page.wait_for_timeout(100)
+    assert legend.evaluate(_STAGED_OFF) is False
+    assert "Unexpected error" not in page.content()
+    _shot(page, "ui_labels_then_query")
+
+
 def test_box_selection_updates_count(page):
-    page.get_by_title("Box Select").first.click()
-    canvas = page.locator(".bk-Canvas").first
+    page.get_by_title("Box Select").filter(visible=True).first.click()
+    canvas = page.locator(".bk-Canvas:visible").first
     box = canvas.bounding_box()
     x0, y0 = box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.45
     page.mouse.move(x0, y0)
@@ -236,7 +274,7 @@ def test_sessions_are_independent(browser, served):
         pg = ctx.new_page()
         pg.set_default_timeout(TIMEOUT)
         pg.goto(url)
-        pg.locator(".bk-Canvas").first.wait_for(state="visible")
+        pg.locator(".bk-Canvas:visible").first.wait_for(state="visible")
         pages.append((ctx, pg))
     (ctx_a, a), (ctx_b, b) = pages
     _query(a, "B cells")
@@ -246,7 +284,7 @@ def test_sessions_are_independent(browser, served):
     sync_api.expect(a.get_by_text("as obs column 'kept_by_a'").first).to_be_visible()
     sync_api.expect(a.get_by_role("combobox", name="Colour by")).to_contain_text("obs: kept_by_a")
     b.reload()
-    b.locator(".bk-Canvas").first.wait_for(state="visible")
+    b.locator(".bk-Canvas:visible").first.wait_for(state="visible")
     assert "kept_by_a" not in b.get_by_role("combobox", name="Colour by").inner_text()
     assert b.get_by_role("combobox", name="History (click to go back)").inner_text().strip() == ""
     assert "kept_by_a" not in base.obs
@@ -435,7 +473,7 @@ def test_wheel_zoom_recomputes_the_map_image_for_the_view(page):
     sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
     before = page.evaluate(_IMAGE_WIDTHS)
     assert before, "no image on the map"
-    canvas = page.locator(".bk-Canvas").first
+    canvas = page.locator(".bk-Canvas:visible").first
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
     for _ in range(4):
@@ -454,13 +492,13 @@ def test_second_query_shows_its_own_colours(browser, served):
         pg = ctx.new_page()
         pg.set_default_timeout(TIMEOUT)
         pg.goto(url)
-        pg.locator(".bk-Canvas").first.wait_for(state="visible")
+        pg.locator(".bk-Canvas:visible").first.wait_for(state="visible")
         for q in queries:
             _query(pg, q)
             sync_api.expect(pg.locator(".colour-note-text", has_text=f"score: {q} (")).to_be_visible()
         pg.mouse.move(2, 2)  # no hover tooltip over the map
         pg.wait_for_timeout(500)  # the canvas repainted
-        shot = pg.locator(".bk-Canvas").first.screenshot()
+        shot = pg.locator(".bk-Canvas:visible").first.screenshot()
         ctx.close()
         return shot
 

@@ -22,7 +22,8 @@ from engine.errors import CancelledError, LexicellError
 from ..state import AppState
 from . import panes
 
-__all__ = ["Job", "StateView", "batched", "csv_download", "display_table", "plain", "show_table", "table_widget", "EXECUTOR", "QUICK_EXECUTOR"]
+__all__ = ["Job", "StateView", "batched", "csv_download", "display_table", "on_stage", "plain", "show_table", "stage",
+           "table_widget", "EXECUTOR", "QUICK_EXECUTOR", "OFFSTAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,42 @@ def plain_bokeh():
     return pn.io.document.unlocked()
 
 
+#: The ``styles`` of a part of the page that is hidden by :func:`stage`: it keeps its size and drawing but takes no
+#: room, cannot be seen and takes no clicks (``opacity`` too: Panel's HTML and Markdown panes set their own
+#: ``visibility: visible``).
+OFFSTAGE = {"visibility": "hidden", "opacity": "0", "position": "absolute", "pointer-events": "none"}
+
+
+def stage(layout: pn.viewable.Viewable, shown: bool) -> None:
+    """Show or hide ``layout`` (a Panel layout, pane or widget) through its CSS ``styles``, not ``visible``.
+
+    Bokeh answers a change of ``visible`` (or ``css_classes``) by laying out the whole page again, and a figure
+    shown again after ``display: none`` is drawn anew. The parts that switching between a query and zero-shot
+    labels shows and hides (the two map panes, the side charts, the category menu) are therefore hidden with
+    :data:`OFFSTAGE` instead: the browser takes them out of the flow, and Bokeh, which does not lay out again
+    for ``styles``, keeps their drawing. Shown again, the same properties are set to None (Bokeh applies
+    ``styles`` inline and removes a property only when its value is None). Measured with
+    ``bench/bench_page_cost.py --action cycle`` (2026-12-03, two runs of each code, one machine): the
+    zero-shot run and the query after it cost a page 805 and 703 ms of Chromium CPU with ``visible``, 488 and
+    458 ms with this. Only a layout made with ``styles=OFFSTAGE`` (or no ``styles``) may be staged: its
+    other styles are replaced.
+
+    Parameters
+    ----------
+    layout
+        Any Panel object with ``styles``.
+    shown
+        Whether it is shown.
+    """
+    if on_stage(layout) != shown:
+        layout.styles = dict.fromkeys(OFFSTAGE) if shown else dict(OFFSTAGE)
+
+
+def on_stage(layout: pn.viewable.Viewable) -> bool:
+    """Whether ``layout``, shown and hidden with :func:`stage`, is shown (its ``visible`` is not looked at)."""
+    return layout.styles.get("visibility") != "hidden"
+
+
 class StateView(pn.viewable.Viewer):
     """Base class of the dashboard's views: holds the session's :class:`~app.state.AppState`."""
 
@@ -115,19 +152,29 @@ class Job(pn.viewable.Viewer):
         self._cancel = threading.Event()
         self._closed = False
         self.polls = 0
-        self.progress = pn.indicators.Progress(value=-1, active=True, visible=False, width=160, height=16,
+        # a still striped bar (``active=False``): the label's seconds, updated every second, show that the work
+        # goes on. Panel's animated stripes cost a browser without a GPU about 13 % of a core per page for as
+        # long as they show (Chromium 156, software rendering, 2026-12-03); ten busy pages on one machine slowed
+        # every page's work, which kept the bars showing longer (docs/serving-performance.md).
+        self.progress = pn.indicators.Progress(value=-1, active=False, width=160, height=16,
                                                margin=(12, 5), bar_color="primary")
-        self.label = panes.Markdown("", visible=False, margin=(4, 5), css_classes=["job-label"])
-        self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", visible=False, width=80,
+        self.label = panes.Markdown("", margin=(4, 5), css_classes=["job-label"])
+        self.cancel_button = pn.widgets.Button(label="Cancel", color="warning", visible=cancellable, width=80,
                                                margin=(4, 5))
         self.cancel_button.on_click(lambda event: self._cancel.set())
         self.cancellable = cancellable
+        #: progress bar, label and Cancel button: shown while slow work runs
+        self.busy_row = pn.Row(self.progress, self.label, self.cancel_button, margin=0, visible=False)
         self.alert = panes.Alert("", alert_type="danger", visible=False, margin=(5, 5), sizing_mode="stretch_width")
-        self._layout = pn.Column(pn.Row(self.progress, self.label, self.cancel_button, margin=0), self.alert,
-                                 margin=0, sizing_mode="stretch_width")
+        self._layout = pn.Column(self.busy_row, self.alert, margin=0, sizing_mode="stretch_width")
 
     def __panel__(self):
         return self._layout
+
+    @property
+    def showing(self) -> bool:
+        """Whether the progress row (bar, label, Cancel) is shown now."""
+        return self.busy_row.visible
 
     def cancel_requested(self) -> bool:
         self.polls += 1
@@ -173,14 +220,13 @@ class Job(pn.viewable.Viewer):
             while not done and not self._closed:
                 extra = f", {self.polls} batches" if self.polls else ""
                 with batched():
+                    self.label.object = f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}"
                     if not shown:
                         shown = True
-                        self.progress.param.update(visible=True, active=True, value=-1)
                         self.cancel_button.visible = self.cancellable
+                        self.busy_row.visible = True
                         for w in disable:
                             w.disabled = True
-                    self.label.param.update(object=f"{plain(label)}… {time.perf_counter() - t0:.0f} s{extra}",
-                                            visible=True)
                 done, _ = await asyncio.wait({fut}, timeout=0.3)
             if self._closed:  # the session ended meanwhile: its page is gone
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve, so nothing is logged
@@ -204,9 +250,7 @@ class Job(pn.viewable.Viewer):
                     if shown:
                         for w in disable:
                             w.disabled = False
-                        self.progress.param.update(visible=False, active=False)
-                        self.label.visible = False
-                        self.cancel_button.visible = False
+                        self.busy_row.visible = False
             self.running = False
         return ok
 

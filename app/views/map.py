@@ -15,7 +15,7 @@ import param
 from .. import plots
 from ..plots.cell_map import FIGURE_OPTS, legend_html
 from ..state import GENE, AppState
-from .common import Job, StateView, batched, plain_bokeh
+from .common import OFFSTAGE, Job, StateView, batched, on_stage, plain_bokeh, stage
 from . import panes
 
 __all__ = ["MapView"]
@@ -58,14 +58,15 @@ class MapView(StateView):
             label="Gene expression", options=st.gene_names(), case_sensitive=False, search_strategy="includes",
             min_characters=1, restrict=False, placeholder="type a gene, e.g. CD3D", sizing_mode="stretch_width")
         self.category_select = pn.widgets.MultiChoice(label="Select cells of category", options=[],
-                                                      sizing_mode="stretch_width", visible=False)
+                                                      sizing_mode="stretch_width", styles=OFFSTAGE)
         self.clear_button = pn.widgets.Button(label="Clear selection", color="default", width=130)
         self.count = panes.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
         # two map panes, one for continuous colourings (queries, genes, perturbation) and one for the others
         # (categories, density): switching between a query and zero-shot labels shows the other pane instead
         # of rebuilding the plot, and each is recoloured in place while its kind of colouring stays the same
-        # (each pane in its own Column, whose visibility is toggled: Panel fails to pass ``visible`` through a
-        # rendered HoloViews pane to its inner Bokeh pane)
+        # (each pane in its own Column, shown and hidden with common.stage: the hidden one keeps its drawing and
+        # the page is not laid out again; Panel fails to pass ``visible`` through a rendered HoloViews pane to
+        # its inner Bokeh pane anyway)
         self._slots = {}
         # categories get their legend as HTML beside the figure (plots.legend_html): inside the figure, every
         # legend entry was a HoloViews layer updated on each recolouring, and the legend was moved out of the
@@ -75,16 +76,16 @@ class MapView(StateView):
         for kind in ("continuous", "other"):
             width = self.width if kind == "continuous" else self.width - LEGEND_WIDTH
             pane = pn.pane.HoloViews(None, width=width + 10, height=self.height + 40, linked_axes=False)
-            box = pn.Column(pane, margin=0, visible=False) if kind == "continuous" else \
-                pn.Row(pane, self.legend, margin=0, visible=False)
+            box = pn.Column(pane, margin=0, styles=OFFSTAGE) if kind == "continuous" else \
+                pn.Row(pane, self.legend, margin=0, styles=OFFSTAGE)
             self._slots[kind] = _Slot(pane, box, width)
         self._active = "other"
         self.placeholder = panes.Alert("", alert_type="info", visible=False)
         self.bars = plots.CategoryBars(width=310, height=320)  # one Bokeh figure, its data replaced in place
         self.side = pn.pane.Bokeh(self.bars.figure)
-        self.side_box = pn.Column(self.side, margin=0, visible=False)
+        self.side_box = pn.Column(self.side, margin=0, styles=OFFSTAGE)
         self.histogram = plots.ScoreHistogram(width=310, height=300)
-        self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, visible=False)
+        self.hist_pane = pn.Column(pn.pane.Bokeh(self.histogram.figure), margin=0, styles=OFFSTAGE)
         self.side_note = panes.Markdown("", margin=(0, 10), width=300)
         self.colour_note = panes.HTML("", margin=(0, 10), css_classes=["colour-note"])
         self._ranges = None
@@ -289,16 +290,18 @@ class MapView(StateView):
         log.debug("map redrawn in %.3f s", time.perf_counter() - t0)
 
     def _show(self, kind: str) -> None:
-        """Show the map pane of ``kind`` and hide the other (cheap: no plot is rebuilt)."""
+        """Show the map pane of ``kind`` and hide the other (cheap: no plot is rebuilt, and with
+        :func:`~app.views.common.stage` the page is not laid out again either)."""
         if kind != self._active:
-            self._slots[kind].box.visible = True
-            self._slots[self._active].box.visible = False
+            stage(self._slots[kind].box, True)
+            stage(self._slots[self._active].box, False)
             self._active = kind
             slot = self._slots[kind]
-            if slot.outline is not None:
+            # the selection's outline, when it changed while this pane was hidden (a HoloViews redraw otherwise)
+            if slot.outline is not None and slot.outline.data is not self.state.selection_geometry:
                 slot.outline.send(self.state.selection_geometry)
-        elif not self._slots[kind].box.visible:
-            self._slots[kind].box.visible = True
+        else:
+            stage(self._slots[kind].box, True)
 
     def _redraw(self) -> None:
         frame = self.state.map_frame()
@@ -347,7 +350,7 @@ class MapView(StateView):
                 visible=True)
             for sl in self._slots.values():
                 sl.pane.object = None
-                sl.box.visible = False
+                stage(sl.box, False)
                 sl.key = sl.pipe = sl.style = None
             self._update_side()
             return
@@ -398,9 +401,10 @@ class MapView(StateView):
     def _set_categories(self, spec) -> None:
         """The "select cells of category" menu follows a categorical colouring."""
         cats = [str(c) for c in spec.values.categories] if spec.kind == "categorical" else []
-        if cats != list(self.category_select.options) or self.category_select.visible != bool(cats):
+        if cats != list(self.category_select.options) or on_stage(self.category_select) != bool(cats):
             with self._sync():
-                self.category_select.param.update(options=cats, value=[], visible=bool(cats))
+                self.category_select.param.update(options=cats, value=[])
+                stage(self.category_select, bool(cats))
 
     def _after_draw(self, spec) -> None:
         self.colour_note.object = self._colour_text(spec)
@@ -447,17 +451,16 @@ class MapView(StateView):
             elif spec.kind == "categorical":
                 with plain_bokeh():
                     self.bars.update(spec.values, selected=sel, name=spec.name, colors=spec.colors)
-                self.side_box.visible = True
-                self.hist_pane.visible = False
+                stage(self.side_box, True)
+                stage(self.hist_pane, False)
             else:
-                self.side_box.visible = False
-                self.hist_pane.visible = False
+                stage(self.side_box, False)
+                stage(self.hist_pane, False)
         if hist is not None:
             with plain_bokeh():
                 self.histogram.update(**hist)  # same Bokeh figure, new bins
-            if self.side_box.visible:
-                self.side_box.visible = False
-            self.hist_pane.visible = True
+            stage(self.side_box, False)
+            stage(self.hist_pane, True)
         self.side_note.object = note
 
 
