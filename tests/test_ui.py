@@ -106,6 +106,18 @@ def _query(page, text: str) -> None:
     box.press("Enter")
 
 
+def _box_select(page, start: tuple, size: tuple) -> None:
+    """Drag a box with the Box Select tool over the map shown, from ``start`` over ``size`` (fractions of the
+    canvas); the hidden map pane's tools and canvas are still in the page, so only visible ones are used."""
+    page.get_by_title("Box Select").filter(visible=True).first.click()
+    box = page.locator(".bk-Canvas:visible").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] * start[0], box["y"] + box["height"] * start[1]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x0 + box["width"] * size[0], y0 + box["height"] * size[1], steps=10)
+    page.mouse.up()
+
+
 def _tab(page, name: str) -> None:
     page.locator(".bk-tab", has_text=name).first.click()
 
@@ -178,13 +190,7 @@ def test_labels_then_a_query_show_one_map_and_its_own_legend(page):
     sync_api.expect(page.locator(".colour-note-text", has_text="score: B cells")).to_be_visible()
     assert legend.evaluate(_STAGED_OFF) is True  # hidden with its map, although Panel's HTML sets visibility
     assert page.locator(".bk-Canvas:visible").count() == 2  # the query's map and its score histogram
-    page.get_by_title("Box Select").filter(visible=True).first.click()
-    box = page.locator(".bk-Canvas:visible").first.bounding_box()
-    x0, y0 = box["x"] + box["width"] * 0.05, box["y"] + box["height"] * 0.05
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x0 + box["width"] * 0.8, y0 + box["height"] * 0.9, steps=10)
-    page.mouse.up()
+    _box_select(page, (0.05, 0.05), (0.8, 0.9))
     sync_api.expect(page.get_by_text("cells selected").first).to_be_visible()
     _tab(page, "Zero-shot labels")
     page.get_by_role("button", name="Label cells").click()  # back to the labels: their map and legend again
@@ -199,14 +205,7 @@ def test_labels_then_a_query_show_one_map_and_its_own_legend(page):
 
 
 def test_box_selection_updates_count(page):
-    page.get_by_title("Box Select").filter(visible=True).first.click()
-    canvas = page.locator(".bk-Canvas:visible").first
-    box = canvas.bounding_box()
-    x0, y0 = box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.45
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    page.mouse.move(x0 + box["width"] * 0.4, y0 + box["height"] * 0.4, steps=10)
-    page.mouse.up()
+    _box_select(page, (0.1, 0.45), (0.4, 0.4))
     sync_api.expect(page.get_by_text("cells selected").first).to_be_visible()
     text = page.locator(".selection-count-text").first.inner_text()
     n = int(text.split()[0].replace(",", ""))
