@@ -12,7 +12,9 @@ clicking without pause on 2 cores shared with their 10 browser pages). Printed: 
 "Unexpected error"/"Traceback" in the page), isolation failures (a session whose colour note or query history
 shows another session's tag, or whose selection count changed without its own action), p50/p95 query latency
 (Enter -> the page shows the new colouring; also per minute) and the server's RSS at the start, after each
-round and at the end (the server is a separate ``run_app.py`` process; RSS from ``/proc``). Targets (issue 18):
+round and at the end (the server is a separate ``run_app.py`` process; RSS from ``/proc``), and the CPU seconds
+each kind of process used while the sessions ran (server, Chromium renderer / browser / gpu-process, Playwright's
+driver, the benchmark; ``LEXICELL_BENCH_DEBUG`` also prints them per process). Targets (issue 18):
 0 errors, 0 isolation failures, RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a
 2-core machine.
 Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser.
