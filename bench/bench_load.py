@@ -211,17 +211,47 @@ class Stats:
         self.selections = 0
 
 
+# What a session checks after each query, read in one call: the page's text (its light DOM and every shadow
+# root; style sheets hold neither phrase) for an error, the history menu's options, the colour note and the
+# selection count (the first of each, in document order). Playwright locators would search every shadow root
+# once per item: four calls per query, each with a renderer task of its own.
+_PAGE_STATE = """(badPattern) => {
+  const out = {bad: false, history: null, note: null, count: null};
+  const bad = new RegExp(badPattern);
+  const walk = (root) => {
+    const text = root === document ? (document.body ? document.body.textContent : '') : root.textContent;
+    if (bad.test(text || '')) out.bad = true;
+    if (out.note === null) { const el = root.querySelector('.colour-note-text'); if (el) out.note = el.textContent; }
+    if (out.count === null) { const el = root.querySelector('.selection-count-text'); if (el) out.count = el.textContent; }
+    if (out.history === null) {
+      for (const label of root.querySelectorAll('label')) {
+        if (label.textContent.trim() === 'History (click to go back)') {
+          const select = root.querySelector('select');
+          if (select) out.history = Array.from(select.options, (o) => o.textContent).join('\\n');
+          break;
+        }
+      }
+    }
+    for (const el of root.querySelectorAll('*')) { if (el.shadowRoot) walk(el.shadowRoot); }
+  };
+  walk(document);
+  return out;
+}"""
+
+
 async def _check_page(page, idx: int, st: Stats, what: str, selected: str | None = None) -> None:
-    # locators look inside Bokeh's shadow roots (page.content() does not: it would never see an error alert)
-    if await page.get_by_text(BAD_TEXT).count():
+    """Count an error shown in the page and an isolation failure (another session's tag in the history or the
+    colour note; a selection count other than the session's own), from one read of the page (``_PAGE_STATE``)."""
+    shown = await page.evaluate(_PAGE_STATE, BAD_TEXT.pattern)
+    if shown["bad"]:
         st.errors.append(f"client {idx:02d} {what}: 'Unexpected error' or 'Traceback' in the page")
-    history = await page.get_by_role("combobox", name="History (click to go back)").inner_text()
-    note = await page.locator(".colour-note-text").first.inner_text()
-    others = {int(m) for m in TAG.findall(history + " " + note)} - {idx}
+    others = {int(m) for m in TAG.findall(f"{shown['history'] or ''} {shown['note'] or ''}")} - {idx}
     if others:
         st.isolation.append(f"client {idx:02d} {what}: sees client(s) {sorted(others)}")
+    if shown["note"] is None or shown["history"] is None:
+        st.errors.append(f"client {idx:02d} {what}: no colour note or query history in the page")
     if selected is not None:  # the session's own box selection, unchanged by the other sessions
-        count = await page.locator(".selection-count-text").first.inner_text()
+        count = (shown["count"] or "").strip()
         if count != selected:
             st.isolation.append(f"client {idx:02d} {what}: selection shows {count!r}, expected {selected!r}")
 
@@ -261,7 +291,7 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
         if os.environ.get("LEXICELL_BENCH_DEBUG"):
             print(f"client {idx:02d} selection (try {attempt + 1}): drag {t1 - t0:.1f} s, answered "
                   f"{time.perf_counter() - t1:.1f} s", flush=True)
-        return await shown.inner_text()
+        return (await shown.evaluate("el => el.textContent")).strip()  # as _check_page reads it
     raise RuntimeError("unreachable")
 
 

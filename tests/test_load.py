@@ -44,3 +44,49 @@ def _app_tracebacks(log: str) -> list[str]:
     blocks = re.split(r"\n(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log)
     return [b[:2000] for b in blocks if "Traceback" in b
             and not ("WebSocketClosedError" in b or "StreamClosedError" in b)]
+
+
+def test_the_load_check_reads_shadow_roots_and_finds_an_error_shown():
+    """The load benchmark's one-call page check (``_PAGE_STATE``) finds the history menu, colour note and
+    selection count inside shadow roots, as Bokeh's pages hold them, and an error message wherever it shows."""
+    from playwright.sync_api import sync_playwright
+
+    bl = _bench_load()
+    if not Path(bl.CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {bl.CHROMIUM}")
+    page_html = """<body><div id="a"></div><div id="b"></div><script>
+      const a = document.getElementById('a').attachShadow({mode: 'open'});
+      a.innerHTML = '<label for="h">History (click to go back)</label><select id="h">'
+        + '<option>B cells (client 03 #2)</option><option>T cells (client 03 #1)</option></select>';
+      const inner = document.createElement('div'); a.appendChild(inner);
+      inner.attachShadow({mode: 'open'}).innerHTML =
+        '<span class="colour-note-text">Colour: score: B cells (client 03 #2)</span>'
+        + '<span class="selection-count-text"> 42 cells selected </span>';
+    </script></body>"""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=bl.CHROMIUM, args=bl.ARGS)
+        page = browser.new_page()
+        page.set_content(page_html)
+        clean = page.evaluate(bl._PAGE_STATE, bl.BAD_TEXT.pattern)
+        page.evaluate("""() => { const b = document.getElementById('b').attachShadow({mode: 'open'});
+                                  b.innerHTML = '<div class="alert">Unexpected error (ValueError): boom</div>'; }""")
+        shown = page.evaluate(bl._PAGE_STATE, bl.BAD_TEXT.pattern)
+        browser.close()
+    assert clean == {"bad": False, "history": "B cells (client 03 #2)\nT cells (client 03 #1)",
+                     "note": "Colour: score: B cells (client 03 #2)", "count": " 42 cells selected "}
+    st = bl.Stats()
+    asyncio.run(_check(bl, clean, st))
+    assert st.errors == [] and st.isolation == []
+    assert shown["bad"] is True
+    st = bl.Stats()
+    asyncio.run(_check(bl, shown, st, idx=4, selected="41 cells selected"))
+    assert len(st.errors) == 1 and "Unexpected error" in st.errors[0]
+    assert len(st.isolation) == 2  # client 04 sees client 03's queries, and another selection count
+
+
+async def _check(bl, shown: dict, st, idx: int = 3, selected: str | None = "42 cells selected") -> None:
+    class _Page:  # _check_page's one call to the page, answered with ``shown``
+        async def evaluate(self, *_):
+            return shown
+
+    await bl._check_page(_Page(), idx, st, "query 1", selected)

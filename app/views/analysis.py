@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import QUERY, AppState
-from .common import Job, StateView, csv_download, plain, plain_bokeh, show_table, table_widget
+from .common import Job, StateView, csv_download, plain, plain_bokeh, show_table, set_table, table_widget
 from . import panes
 
 __all__ = ["DescribeView", "DEView"]
@@ -62,7 +62,7 @@ class DescribeView(StateView):
             t = table.copy()
             t["zscore"] = t["zscore"].round(2)
             t["logit"] = t["logit"].round(2)
-            self.table.value = t
+            set_table(self.table, t)
 
         await self.job.run(lambda: st.compute_describe(libraries=libs, top_n=top_n), apply, label="Describing selection", disable=[self.run_button])
 

@@ -22,8 +22,8 @@ from engine.errors import CancelledError, LexicellError
 from ..state import AppState
 from . import panes
 
-__all__ = ["Job", "StateView", "batched", "csv_download", "display_table", "on_stage", "plain", "show_table", "stage",
-           "table_widget", "EXECUTOR", "QUICK_EXECUTOR", "OFFSTAGE"]
+__all__ = ["Job", "StateView", "batched", "column_widths", "csv_download", "display_table", "on_stage", "plain",
+           "set_table", "show_table", "stage", "table_widget", "EXECUTOR", "QUICK_EXECUTOR", "OFFSTAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +271,78 @@ class Job(pn.viewable.Viewer):
 
 
 def table_widget(**kw) -> pn.widgets.Tabulator:
-    """A read-only, sortable, paginated table."""
+    """A read-only, sortable, paginated table.
+
+    Unless ``widths`` is given, its columns get fixed widths from their text (:func:`column_widths`): with
+    widths left to it, Tabulator measures every cell of a column after each new ``value`` (about 30 ms of the
+    browser's time per update for the DE table, more than the rest of the update). Use :func:`set_table` to
+    change the rows later.
+    """
     opts = dict(value=pd.DataFrame(), pagination="local", page_size=12, disabled=True, show_index=False,
-                sizing_mode="stretch_width", height=360, layout="fit_data_table")
+                sizing_mode="stretch_width", height=360, layout="fit_data_table",
+                # a cut text shows whole on hover; a page's rows drawn at once, not one by one with a layout each
+                configuration={"columnDefaults": {"tooltip": True}, "renderVertical": "basic"})
     opts.update(kw)
+    if "widths" not in kw and opts["layout"].startswith("fit_data"):
+        opts["widths"] = column_widths(opts["value"], opts.get("formatters"))
     return pn.widgets.Tabulator(**opts)
+
+
+#: Column widths in pixels for the Tabulator theme's 14-px font, measured in Chromium: about 8 px per digit or
+#: bold header letter, 6.5 per letter of text on average; the cell's padding; the header's padding and sort
+#: arrow; the widest column.
+DIGIT_PX, LETTER_PX, CELL_PAD_PX, HEADER_PAD_PX, MAX_COLUMN_PX = 8, 7, 18, 30, 600
+
+
+def column_widths(table: pd.DataFrame, formatters: dict | None = None) -> dict[str, int]:
+    """Pixel widths for the columns of ``table`` in a Tabulator: the longer of the header and the longest cell
+    text (as the browser shows it: numbers rounded by :func:`display_table`, p-values in scientific notation),
+    at most :data:`MAX_COLUMN_PX` (a longer text is cut; its tooltip shows it whole).
+
+    Parameters
+    ----------
+    table
+        The table shown (any columns; an empty table gives ``{}``).
+    formatters
+        Tabulator formatters by column; a column with a ``ScientificFormatter`` is sized for ``1.23e-10``.
+
+    Returns
+    -------
+    dict of str to int
+        Column name -> width in pixels (``Tabulator.widths``).
+    """
+    formatters = formatters or {}
+    out = {}
+    for c in table.columns:
+        s = table[c]
+        if c in formatters:
+            px = DIGIT_PX * 9 + CELL_PAD_PX
+        elif len(s) == 0:
+            px = 0
+        elif s.dtype.kind in "fiu":
+            # numpy writes each number as short as its dtype allows (float32 0.773 as 0.773), as the page does;
+            # one more character where JavaScript writes an exponent out (1e-05 as 0.00001)
+            px = DIGIT_PX * (int(s.astype(str).str.len().max()) + (s.dtype.kind == "f")) + CELL_PAD_PX
+        else:
+            px = LETTER_PX * int(s.astype(str).str.len().max()) + CELL_PAD_PX
+        px = max(DIGIT_PX * len(str(c)) + HEADER_PAD_PX, px)
+        out[str(c)] = int(min(px, MAX_COLUMN_PX))
+    return out
+
+
+def set_table(widget: pn.widgets.Tabulator, shown: pd.DataFrame, **extra) -> None:
+    """Show the rows of ``shown`` in ``widget``, widening a column whose new text is longer than its fixed
+    width (:func:`column_widths`; tables laid out with ``fit_columns`` share the table's width instead);
+    ``extra`` are more Tabulator parameters to set with them.
+    Only what changed is sent to the page, in one update."""
+    widths = dict(widget.widths) if isinstance(widget.widths, dict) else {}
+    new = column_widths(shown, widget.formatters) if widget.layout.startswith("fit_data") else {}
+    if any(new[c] > widths.get(c, 0) for c in new):
+        extra["widths"] = {c: max(new[c], widths.get(c, 0)) for c in new}
+    if extra:
+        widget.param.update(value=shown, **extra)
+    else:
+        widget.value = shown
 
 
 def show_table(holder: pn.Column, table: pd.DataFrame, **kw) -> pn.widgets.Tabulator:
@@ -304,10 +371,7 @@ def show_table(holder: pn.Column, table: pd.DataFrame, **kw) -> pn.widgets.Tabul
     shown, fmt = display_table(table) if len(table.columns) else (table, {})
     old = holder.objects[0] if len(holder.objects) == 1 else None
     if isinstance(old, pn.widgets.Tabulator) and _same_layout(old, shown, fmt):
-        if old.page != 1:
-            old.param.update(value=shown, page=1)
-        else:
-            old.value = shown
+        set_table(old, shown, **({"page": 1} if old.page != 1 else {}))
         return old
     widget = table_widget(value=shown, formatters=fmt, **kw)
     holder.objects = [widget]

@@ -6,7 +6,7 @@ import panel as pn
 
 from .. import plots
 from ..state import AppState
-from .common import Job, StateView, csv_download, plain, show_table, table_widget
+from .common import Job, StateView, csv_download, plain, show_table, set_table, table_widget
 from . import panes
 
 __all__ = ["PerturbView"]
@@ -93,7 +93,7 @@ class PerturbView(StateView):
             for c in shown.columns:
                 if shown[c].dtype.kind == "f":
                     shown[c] = shown[c].round(4)
-            self.cells_table.value = shown
+            set_table(self.cells_table, shown)
 
         await self.job.run(lambda: st.compute_perturb(genes, mode=mode, goal_label=goal, cancel=self.job.cancel_requested),
                            apply, label="Perturbing cells", disable=[self.run_button])

@@ -13,7 +13,7 @@ from .. import plots
 from ..cache import SMOOTH_KEY
 from ..label_sets import LABEL_SETS, label_names
 from ..state import AppState
-from .common import Job, StateView, csv_download, plain, table_widget
+from .common import Job, StateView, csv_download, plain, set_table, table_widget
 from . import panes
 
 __all__ = ["ZeroShotView"]
@@ -134,7 +134,7 @@ class ZeroShotView(StateView):
         """Fill the definitions table lazily (the ontology takes a few seconds to load the first time)."""
         if self.definitions_card.collapsed or self.label_set.value == CUSTOM:
             return
-        self.definitions.value = _definitions(self.label_set.value)
+        set_table(self.definitions, _definitions(self.label_set.value))
 
     def _on_map_version(self, *_):
         opts = [NO_TRUTH] + self.state.truth_columns()
@@ -164,7 +164,7 @@ class ZeroShotView(StateView):
         summ = df.groupby("label", observed=True).agg(cells=("confidence", "size"), mean_confidence=("confidence", "mean"))
         summ = summ.reset_index().sort_values("cells", ascending=False)
         summ["mean_confidence"] = summ["mean_confidence"].round(3)
-        self.summary.value = summ
+        set_table(self.summary, summ)
 
     async def _evaluate(self, event=None):
         key = self.truth.value
@@ -195,7 +195,7 @@ class ZeroShotView(StateView):
                 v = m.get(k)
                 row[level] = round(v, 3) if isinstance(v, float) else v
             rows.append(row)
-        self.metrics.value = pd.DataFrame(rows)
+        set_table(self.metrics, pd.DataFrame(rows))
         pc = res.get("per_cell") or {}
         notes = " ".join(f"Note: {n}." for n in res.get("notes") or [])
         self.eval_info.object = (
