@@ -289,25 +289,19 @@ class MapView(StateView):
             self._redraw()
         log.debug("map redrawn in %.3f s", time.perf_counter() - t0)
 
-    def _show(self, kind: str, outline: bool = True) -> None:
+    def _show(self, kind: str) -> None:
         """Show the map pane of ``kind`` and hide the other (cheap: no plot is rebuilt, and with
-        :func:`~app.views.common.stage` the page is not laid out again either); with ``outline``, also re-send
-        the selection's outline if it changed while this pane was hidden (:meth:`_send_outline_if_stale`)."""
+        :func:`~app.views.common.stage` the page is not laid out again either)."""
         if kind != self._active:
             stage(self._slots[kind].box, True)
             stage(self._slots[self._active].box, False)
             self._active = kind
+            slot = self._slots[kind]
+            # the selection's outline, when it changed while this pane was hidden (a HoloViews redraw otherwise)
+            if slot.outline is not None and slot.outline.data is not self.state.selection_geometry:
+                slot.outline.send(self.state.selection_geometry)
         else:
             stage(self._slots[kind].box, True)
-        if outline:
-            self._send_outline_if_stale(kind)
-
-    def _send_outline_if_stale(self, kind: str) -> None:
-        """Send the selection's outline to the map pane of ``kind`` when it changed while the pane was hidden
-        (only then: each send is a HoloViews redraw of the outline)."""
-        slot = self._slots[kind]
-        if slot.outline is not None and slot.outline.data is not self.state.selection_geometry:
-            slot.outline.send(self.state.selection_geometry)
 
     def _redraw(self) -> None:
         frame = self.state.map_frame()
@@ -318,7 +312,6 @@ class MapView(StateView):
             if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
                 colour_key = (plots.category_key(list(df["color"].cat.categories), spec.colors)
                               if spec.kind == "categorical" and slot.style is not None else None)
-                recolour = None
                 if _same_frame(slot.pipe.data, df) and (colour_key is None or colour_key == slot.style.color_key):
                     pass  # the colouring shown already (e.g. the same labels again): nothing to send
                 elif colour_key is not None:
@@ -327,7 +320,7 @@ class MapView(StateView):
                     slot.pipe.store(df)
                     with param.parameterized.discard_events(slot.style):
                         slot.style.color_key = colour_key
-                    recolour = colour_key
+                    self._recolour(slot, df, spec, colour_key)
                 elif kind == "continuous":
                     # one update with the new cells' values and colour range: both are stored silently (the
                     # next zoom redraws from them), then the shown image is recoloured. (Letting the style's
@@ -337,22 +330,12 @@ class MapView(StateView):
                     slot.pipe.store(df)
                     with param.parameterized.discard_events(self._style):
                         self._style.set_from(spec)
-                    recolour = True
+                    self._recolour(slot, df, spec)
                 else:
-                    slot.pipe.send(df)  # HoloViews redraws (its own messages)
-                    self._shown_after(kind, spec)
-                    return
-                # the new image, colour bar, shown pane, colour note, legend and side chart reach the page as one
-                # message (no new Bokeh models among them): the browser applies them in one task and draws once,
-                # instead of once per message
-                with plain_bokeh():
-                    done = recolour is None or self._recolour(slot, df, spec, None if recolour is True else recolour)
-                    if done:
-                        self._shown_after(kind, spec, outline=False)
-                if not done:
-                    hv.streams.Stream.trigger([slot.pipe])  # HoloViews redraws (its own messages)
-                    self._shown_after(kind, spec, outline=False)
-                self._send_outline_if_stale(kind)  # a HoloViews redraw of the outline: its own messages
+                    slot.pipe.send(df)
+                self._show(kind)
+                self._set_categories(spec)
+                self._after_draw(spec)
                 return
         else:
             kind = self._active
@@ -387,25 +370,20 @@ class MapView(StateView):
         slot.outline.send(self.state.selection_geometry)
         self._after_draw(spec)
 
-    def _shown_after(self, kind: str, spec, outline: bool = True) -> None:
-        """After the map of ``kind`` was drawn or recoloured: show its pane (``outline``: see :meth:`_show`), the
-        category menu, notes and side chart."""
-        self._show(kind, outline)
-        self._set_categories(spec)
-        self._after_draw(spec)
-
-    def _recolour(self, slot: "_Slot", df, spec, colour_key: dict | None = None) -> bool:
+    def _recolour(self, slot: "_Slot", df, spec, colour_key: dict | None = None) -> None:
         """Recolour the slot's map in every page that shows it, after its new table and style were stored.
 
         :func:`app.plots.recolour_rendered` replaces the shown image directly, without HoloViews' operations
         (a query in 46 ms instead of 128 ms in-process on the demo,
-        ``bench/bench_recolour.py``). Returns False where it cannot (a map of more than 50,000 cells, spread
-        by ``dynspread``): the caller then triggers the data stream and HoloViews redraws.
+        ``bench/bench_recolour.py``); where it cannot (a map of more than 50,000 cells,
+        spread by ``dynspread``), the data stream is triggered and HoloViews redraws.
         """
         rendered = [plot for plot, _ in slot.pane._plots.values()]  # Panel keeps one HoloViews plot per page
         with plain_bokeh():  # image, colour mapper and colour bar in one message to the page
-            return plots.recolour_rendered(rendered, df, spec, color_key=colour_key,
+            done = plots.recolour_rendered(rendered, df, spec, color_key=colour_key,
                                            spread=plots.spread_mode(len(df)))
+        if not done:
+            hv.streams.Stream.trigger([slot.pipe])
 
     def close(self) -> None:
         """Drop the plots and detach the selection streams (a closed session's view must not stay reachable).

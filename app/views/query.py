@@ -4,7 +4,7 @@ from __future__ import annotations
 import panel as pn
 
 from ..state import AppState
-from .common import Job, StateView, plain_bokeh
+from .common import Job, StateView
 from . import panes
 
 __all__ = ["QueryView"]
@@ -61,9 +61,8 @@ class QueryView(StateView):
         st.notify("")  # a new query replaces older notices
 
         def apply(rec):
-            with plain_bokeh():  # the history menu and the timing reach the page as one message
-                st.apply_query(rec)
-                self.timing.object = f"Scored {st.n_cells:,} cells in {rec.seconds * 1000:.0f} ms."
+            st.apply_query(rec)
+            self.timing.object = f"Scored {st.n_cells:,} cells in {rec.seconds * 1000:.0f} ms."
 
         await self.job.run(lambda: st.compute_query(text), apply, label="Scoring cells", disable=[self.search])
 
