@@ -989,3 +989,35 @@ def test_category_bars_update_in_place():
     assert fig.title.text == "cell type: selected"
     bars.update(pd.Categorical([]), name="empty")  # nothing to count: an empty chart, no error
     assert len(source.data["label"]) == 0 and list(fig.y_range.factors) == []
+
+
+def test_tables_get_fixed_column_widths_and_widen_for_longer_text():
+    """Read-only tables are sized from their text (Tabulator would measure every cell after each update);
+    new rows keep the widths unless a text is longer; fit_columns tables share the table's width."""
+    import panel as pn
+
+    from app.views.common import column_widths, display_table, set_table, show_table, table_widget
+
+    table = pd.DataFrame({"gene": ["CD79A", "MS4A1"], "logfoldchange": [10.67, -5.603], "cells": [197, 34],
+                          "pval": [3.3e-38, 0.2]})
+    shown_widths = column_widths(table)
+    assert set(shown_widths) == {"gene", "logfoldchange", "cells", "pval"}
+    assert all(40 <= w <= 600 for w in shown_widths.values())
+    assert shown_widths["logfoldchange"] >= 8 * len("logfoldchange")  # the header fits
+    assert column_widths(pd.DataFrame({"term": ["x" * 500]}))["term"] == 600  # capped; the tooltip shows it all
+    assert column_widths(pd.DataFrame()) == {}
+
+    holder = pn.Column()
+    widget = show_table(holder, table, height=400, page_size=12)
+    assert widget.widths == column_widths(*display_table(table))
+    assert widget._configuration["renderVertical"] == "basic"  # (Panel keeps the constructor's configuration there)
+    before = dict(widget.widths)
+    set_table(widget, table.assign(gene=["A", "B"]))  # shorter text: the widths stay
+    assert widget.widths == before and list(widget.value["gene"]) == ["A", "B"]
+    set_table(widget, table.assign(gene=["A-VERY-LONG-GENE-NAME", "B"]))
+    assert widget.widths["gene"] > before["gene"]
+    assert {c: w for c, w in widget.widths.items() if c != "gene"} == {c: w for c, w in before.items() if c != "gene"}
+
+    shared = table_widget(layout="fit_columns")
+    set_table(shared, table)
+    assert not shared.widths and len(shared.value) == 2

@@ -273,9 +273,11 @@ class Job(pn.viewable.Viewer):
 def table_widget(**kw) -> pn.widgets.Tabulator:
     """A read-only, sortable, paginated table.
 
-    Unless ``widths`` is given, its columns get fixed widths from their text (:func:`column_widths`): with
-    widths left to it, Tabulator measures every cell of a column after each new ``value`` (about 30 ms of the
-    browser's time per update for the DE table, more than the rest of the update). Use :func:`set_table` to
+    Unless ``widths`` is given (or the layout is ``fit_columns``), its columns get fixed widths from their text
+    (:func:`column_widths`), and a page's rows are drawn at once (Tabulator's ``renderVertical: "basic"``):
+    with widths left to it, Tabulator re-measured every cell of every column after each new ``value``, and its
+    virtual renderer each row as it drew it, most of the zero-shot and DE runs' JavaScript in the browser
+    (86 and 98 ms per run; ``docs/serving-performance.md``, 2026-12-03 evening). Use :func:`set_table` to
     change the rows later.
     """
     opts = dict(value=pd.DataFrame(), pagination="local", page_size=12, disabled=True, show_index=False,
