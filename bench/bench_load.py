@@ -65,7 +65,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+EXITING = "exiting"
+
+
 def _kind(pid: int, server_pid: int) -> str | None:
+    """What process ``pid`` is (server, benchmark, a kind of Chromium process, Playwright's driver), None for
+    others, :data:`EXITING` for a Chromium process whose command line can no longer be read."""
     if pid == server_pid:
         return "server"
     if pid == os.getpid():
@@ -74,6 +79,8 @@ def _kind(pid: int, server_pid: int) -> str | None:
     if comm.startswith(("chromium", "chrome")):
         # (Chromium rewrites its children's command lines as one string: split on spaces too)
         args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
+        if not args:  # an exiting process (a closed page's renderer): its command line reads empty
+            return EXITING
         kind = next((a[7:].decode() for a in args if a.startswith(b"--type=")), "browser")
         return f"Chromium {kind}"  # renderer (the pages), gpu-process (compositing, also without a GPU), ...
     if comm.startswith("node"):  # node-MainThread
@@ -99,6 +106,10 @@ class CpuMeter:
             pid = int(proc.name)
             try:
                 kind = _kind(pid, self.server_pid)
+                if kind == EXITING:
+                    # keeps the kind it had: closed pages' renderers, exiting when the last reading is taken,
+                    # were counted as the browser process before 2026-12-03 (their command line reads empty)
+                    kind = self.last.get(pid, (None,))[0]
                 if kind is None:
                     continue
                 reading = (kind, cpu_seconds(pid))
