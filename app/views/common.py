@@ -291,8 +291,8 @@ def table_widget(**kw) -> pn.widgets.Tabulator:
 
 
 #: Column widths in pixels for the Tabulator theme's 14-px font, measured in Chromium: about 8 px per digit or
-#: bold header letter, 6.5 per letter of text on average; the cell's padding; the header's padding and sort
-#: arrow; the widest column.
+#: bold header letter, 6.5 per letter of text on average (7 taken, for wider words); the cell's padding; the
+#: header's padding and sort arrow; the widest column.
 DIGIT_PX, LETTER_PX, CELL_PAD_PX, HEADER_PAD_PX, MAX_COLUMN_PX = 8, 7, 18, 30, 600
 
 
