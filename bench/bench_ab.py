@@ -45,15 +45,6 @@ def _steps(page) -> list:
             lambda: tab("Query")]
 
 
-async def _first_query(page) -> None:
-    for i in range(60):  # the first page waits for the model and embeddings: retried until a query works
-        try:
-            await asyncio.wait_for(pc._query(page, f"warm-up {i}"), 10)
-            return
-        except Exception:  # noqa: BLE001 - a timeout
-            continue
-
-
 async def run(base_script: str, n: int) -> dict:
     """Serve both versions, run ``n`` measured cycles (after one unmeasured), print the medians; returns
     ``{(step, version): [(main-thread ms, script ms, server CPU ms, all-Chromium CPU ms), ...]}``."""
@@ -71,7 +62,7 @@ async def run(base_script: str, n: int) -> dict:
             browser = await p.chromium.launch(executable_path=bl.CHROMIUM, args=bl.ARGS)
             for version, (server, url) in servers.items():
                 _, page, cdp = await pc._open(browser, url)
-                await _first_query(page)
+                await pc._first_query(page)
                 pages[version] = (page, cdp, server, _steps(page))
             for _, _, server, _ in pages.values():
                 await pc._idle(server.pid)
@@ -114,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help="run_app.py of the version to compare against")
     ap.add_argument("--n", type=int, default=5, help="measured cycles (default 5)")
     args = ap.parse_args(argv)
+    if not Path(bl.CHROMIUM).exists():
+        raise SystemExit(f"no Chromium at {bl.CHROMIUM} (apt-get install chromium)")
     asyncio.run(run(args.base, args.n))
     return 0
 

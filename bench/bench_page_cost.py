@@ -60,6 +60,17 @@ async def _query(page, text: str) -> None:
     await page.locator(".colour-note-text", has_text=f"score: {text}").first.wait_for()
 
 
+async def _first_query(page) -> None:
+    """A first query, retried (up to 60 times, 10 s each) until it works: the first page waits for the model
+    and embeddings."""
+    for i in range(60):
+        try:
+            await asyncio.wait_for(_query(page, f"warm-up {i}"), 10)
+            return
+        except Exception:  # noqa: BLE001 - a timeout: the embeddings are not ready yet
+            continue
+
+
 async def _tab_action(page, tab: str, button: str, done: str) -> None:
     await page.locator(".bk-tab", has_text=tab).first.click()
     await page.get_by_role("button", name=button).click()
@@ -156,12 +167,7 @@ async def run(args) -> None:
             async with async_playwright() as p:
                 browser = await p.chromium.launch(executable_path=bl.CHROMIUM, args=bl.ARGS)
                 ctx, page, cdp = await _open(browser, url)  # the first page waits for model and embeddings
-                for i in range(60):
-                    try:
-                        await asyncio.wait_for(_query(page, f"warm-up {i}"), 10)
-                        break
-                    except Exception:  # noqa: BLE001 - a timeout: the embeddings are not ready yet
-                        continue
+                await _first_query(page)
                 if args.action == "page-load":
                     await ctx.close()
                     for i in range(args.n):
