@@ -574,6 +574,44 @@ def test_plot_functions_are_pure_and_correct():
     assert png[:4] == b"\x89PNG"
 
 
+def test_typed_tex_reaches_bokeh_titles_as_plain_text(state):
+    """A query, an obs column or a label holding TeX delimiters is shown as typed in the figures' titles and
+    labels (BokehJS would typeset ``$$...$$``, ``\\(...\\)``, ``\\[...\\]`` there), and text panes never typeset
+    math (their Bokeh models' ``disable_math``)."""
+    import re
+
+    import holoviews as hv
+    from bokeh.models import ColorBar, Title
+
+    from app import plots
+    from app.views import panes
+    from app.views.map import MapView
+
+    tex = re.compile(r"\$\$|\\[()\[\]]")
+    assert plots.no_tex("B cells (naive)") == "B cells (naive)"  # ordinary text unchanged
+    shown = plots.no_tex("$$x^2$$ \\(y\\) \\[z\\]")
+    assert not tex.search(shown) and shown.replace(plots.text.ZERO_WIDTH_SPACE, "") == "$$x^2$$ \\(y\\) \\[z\\]"
+
+    view = MapView(state)
+    state.run_query("$$x^2$$ \\(y\\)")
+    hist = view.histogram.figure
+    assert "x^2" in hist.title.text and not tex.search(hist.title.text), hist.title.text
+    assert not tex.search(hist.xaxis.axis_label or "")
+    fig = hv.render(view.plot.object)
+    bars = [m for m in fig.references() if isinstance(m, ColorBar)]
+    titles = [m.text for m in fig.references() if isinstance(m, Title)] + [b.title for b in bars]
+    assert bars and all(not tex.search(t or "") for t in titles), titles
+    for pane in (panes.Markdown("$$x^2$$"), panes.Alert("\\(y\\)"), panes.HTML("$$z$$")):
+        assert pane.get_root().disable_math is True
+    v = np.random.default_rng(0).normal(size=50)
+    for el in (plots.histogram(v, name="$$a$$", title="$$b$$"), plots.category_bars(pd.Categorical(["p", "q"]),
+               name="\\(c\\)"), plots.confusion_heatmap(["a"], [[1]], title="$$d$$")):
+        rendered = hv.render(el)
+        labels = [m.text for m in rendered.references() if isinstance(m, Title)]
+        labels += [a.axis_label for a in rendered.xaxis + rendered.yaxis]
+        assert not any(tex.search(t or "") for t in labels), labels
+
+
 # ---------------------------------------------------------------------- views: errors appear in the page
 def test_job_shows_engine_errors_not_tracebacks(state):
     from app.views.query import QueryView

@@ -319,6 +319,28 @@ PAYLOADS = {
 }
 
 
+_DEEP_COUNT = """(sel) => { let n = 0; const walk = (r) => { n += r.querySelectorAll(sel).length;
+  for (const el of r.querySelectorAll('*')) if (el.shadowRoot) walk(el.shadowRoot); }; walk(document); return n; }"""
+
+
+def test_typed_tex_shows_as_typed_and_the_page_loads_no_mathjax(page):
+    """TeX typed into the query box and a custom zero-shot template is shown as typed: no MathJax formula in
+    the page (a template ``$$x^2$$ {label}`` was typeset before 2026-12-03), and the page never loads Bokeh's
+    MathJax bundle (1.8 MB that no Lexicell pane needs)."""
+    scripts = page.evaluate("Array.from(document.scripts, (s) => s.src).join(' ')")
+    assert "mathjax" not in scripts.lower() and "bokeh.min.js" in scripts
+    _query(page, "$$x^2$$ \\(y\\)")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: $$x^2$$").first).to_be_visible()
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("combobox", name="Template").select_option("custom")
+    template = page.get_by_role("textbox", name="Custom template ({label}, {definition})")
+    template.fill("$$x^2$$ {label}")
+    template.press("Enter")
+    sync_api.expect(page.get_by_text("$$x^2$$ {label}").first).to_be_visible()  # the label text, as typed
+    assert page.evaluate(_DEEP_COUNT, "mjx-container, mjx-math, .MathJax") == 0
+    _shot(page, "ui_typed_tex")
+
+
 def test_hostile_text_in_every_input_shows_literally_and_never_runs(page):
     """HTML, Markdown and script typed into every text input: nothing executes (no dialog, ``window.__pwned``
     stays unset, no new script or image element) and the text appears literally where the page echoes it."""

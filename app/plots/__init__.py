@@ -15,8 +15,10 @@ from .charts import (VOLCANO_COLORS, CategoryBars, ScoreHistogram, Volcano, cate
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
                       SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, category_key, symmetric_clim)
 from .png import map_png
+from .text import no_tex
 
 __all__ = [
+    "no_tex",
     "ColorSpec",
     "MapStyle",
     "category_key",

@@ -13,6 +13,7 @@ import pandas as pd
 import param
 from holoviews.operation.datashader import datashade, dynspread, rasterize
 
+from .text import no_tex
 from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
 
@@ -171,7 +172,7 @@ def cell_map_layers(
 
     plot_opts = dict(
         width=width, height=height, tools=["box_select", "lasso_select"] + (["hover"] if hover else []),
-        xaxis=None, yaxis=None, title=title, default_tools=["pan", "wheel_zoom", "reset", "save"],
+        xaxis=None, yaxis=None, title=no_tex(title), default_tools=["pan", "wheel_zoom", "reset", "save"],
         active_tools=["pan", "wheel_zoom"], padding=0.04,
     )
     if xlim is not None:
@@ -210,7 +211,7 @@ def cell_map_layers(
     elif spec.kind in ("continuous", "diverging"):
         cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
         img = rasterize(points, aggregator=ds.mean("color"), selector=selector, **common)
-        opts = dict(cmap=cmap, colorbar=True, clabel=spec.name, **plot_opts)
+        opts = dict(cmap=cmap, colorbar=True, clabel=no_tex(spec.name), **plot_opts)
         if spec.clim is not None:
             opts["clim"] = tuple(float(c) for c in spec.clim)
         if style is not None:
@@ -223,7 +224,7 @@ def cell_map_layers(
         overlay = _combine(layers)
     else:
         overlay = _combine(layers)
-    return overlay.opts(width=width, height=height, title=title, toolbar="above", **FIGURE_OPTS), main
+    return overlay.opts(width=width, height=height, title=no_tex(title), toolbar="above", **FIGURE_OPTS), main
 
 
 def _colorbar_title(style, plot, element) -> None:
@@ -444,8 +445,8 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
                 if changes:
                     mapper.update(**changes)
             bar = sp.handles.get("colorbar")
-            if bar is not None and bar.title != spec.name:
-                bar.title = spec.name
+            if bar is not None and bar.title != no_tex(spec.name):
+                bar.title = no_tex(spec.name)
         if getattr(plot, "comm", None) is not None:  # Jupyter: send the changes through the plot's comm
             plot.push()
     return True

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .colours import _short
+from .text import no_tex
 
 __all__ = ["histogram", "histogram_data", "ScoreHistogram", "category_bars", "category_counts", "CategoryBars",
            "volcano", "volcano_frame", "Volcano", "VOLCANO_COLORS", "enrichment_bars", "confusion_heatmap"]
@@ -61,8 +62,8 @@ class ScoreHistogram:
         data, center, any_sel = histogram_data(values, selected=selected, bins=bins, diverging_center=diverging_center)
         self.source.data = data
         self.span.location = center
-        self.figure.title.text = title
-        self.figure.xaxis.axis_label = name
+        self.figure.title.text = no_tex(title)
+        self.figure.xaxis.axis_label = no_tex(name)
         self.figure.legend.visible = any_sel
         self._selected.visible = any_sel
 
@@ -85,14 +86,14 @@ def histogram(values: np.ndarray, *, selected: np.ndarray | None = None, name: s
     data, center, any_sel = histogram_data(values, selected=selected, bins=bins, diverging_center=diverging_center)
     edges = np.append(data["left"], data["right"][-1:])
     counts, c2 = data["top"], data["sel"]
-    dim = hv.Dimension("value", label=name)
-    opts = dict(width=width, height=height, tools=["hover"], line_color=None, xlabel=name, ylabel="cells",
+    dim = hv.Dimension("value", label=no_tex(name))
+    opts = dict(width=width, height=height, tools=["hover"], line_color=None, xlabel=no_tex(name), ylabel="cells",
                 toolbar=None, framewise=True)
     return (hv.Histogram((edges, counts), kdims=[dim], vdims=["cells"], label="all cells").opts(color="#9aa4b1", **opts)
             * hv.Histogram((edges, c2), kdims=[dim], vdims=["cells"], label="selected").opts(
                 color="#f28e2b", alpha=0.85, **opts)
             * hv.VLine(center).opts(color="black", line_dash="dashed", line_width=1)).opts(
-        title=title, legend_position="top_right", show_legend=any_sel, framewise=True)
+        title=no_tex(title), legend_position="top_right", show_legend=any_sel, framewise=True)
 
 
 def category_bars(values, *, selected: np.ndarray | None = None, name: str = "category", colors: dict | None = None,
@@ -110,9 +111,9 @@ def category_bars(values, *, selected: np.ndarray | None = None, name: str = "ca
         title = _short(name, 24)
     df = df.drop(columns="category").rename(columns={"label": "category"})
     df = df.iloc[::-1]
-    return hv.Bars(df, kdims=[hv.Dimension("category", label=name)], vdims=vdims).opts(
+    return hv.Bars(df, kdims=[hv.Dimension("category", label=no_tex(name))], vdims=vdims).opts(
         invert_axes=True, width=width, height=height, tools=["hover"], color="fill", xlabel="", ylabel="cells",
-        title=title, fontsize={"yticks": "8pt", "title": "10pt"}, toolbar=None)
+        title=no_tex(title), fontsize={"yticks": "8pt", "title": "10pt"}, toolbar=None)
 
 
 def category_counts(values, *, selected: np.ndarray | None = None, colors: dict | None = None,
@@ -214,7 +215,7 @@ class CategoryBars:
         self.figure.y_range.factors = df["label"].tolist()
         self._selected.visible = any_sel
         # the frame starts after the long category ticks, so the title gets little room; the axis says "cells"
-        self.figure.title.text = f"{_short(name, 22)}: selected" if any_sel else _short(name, 24)
+        self.figure.title.text = no_tex(f"{_short(name, 22)}: selected" if any_sel else _short(name, 24))
 
 
 #: Volcano classes in drawing order (grey first, so that significant genes are drawn on top) and their colours.
@@ -351,7 +352,7 @@ class Volcano:
         y1 += 0.05 * (y1 - y0)  # room for the labels above the highest points
         self.figure.x_range.update(start=x0, end=x1, reset_start=x0, reset_end=x1)
         self.figure.y_range.update(start=y0, end=y1, reset_start=y0, reset_end=y1)
-        self.figure.title.text = title
+        self.figure.title.text = no_tex(title)
 
 
 def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: int = 480, height: int = 380,
@@ -369,7 +370,7 @@ def volcano(table: pd.DataFrame, *, fdr: float = 0.05, lfc: float = 0.5, width: 
                          vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "gene", "class",
                                 hv.Dimension("lfc_exact", label="log2 fold change (exact)")]).opts(
         color="class", cmap=VOLCANO_COLORS, size=5, alpha=0.8, tools=["hover"], width=width, height=height,
-        title=title, legend_position="bottom_right", show_legend=True)
+        title=no_tex(title), legend_position="bottom_right", show_legend=True)
     labels = hv.Labels(top.drop(columns="pval_adj"), kdims=["logfoldchange", "neg_log10_padj"], vdims=["gene"]).opts(
         text_font_size="8pt", yoffset=0.0, text_color="#333333", text_baseline="bottom")
     return (scatter * labels).opts(width=width, height=height, shared_axes=False)
@@ -380,7 +381,7 @@ def enrichment_bars(table: pd.DataFrame, *, n: int = 15, width: int = 520, heigh
     """Horizontal bars of ``-log10(pval_adj)`` for the ``n`` best terms of an enrichment table."""
     if table is None or len(table) == 0:
         return hv.Bars(pd.DataFrame({"term": [], "neg_log10_padj": []}), kdims=["term"], vdims=["neg_log10_padj"]).opts(
-            width=width, height=height, title=title + " (no terms)")
+            width=width, height=height, title=no_tex(title + " (no terms)"))
     df = table.copy()
     df["neg_log10_padj"] = -np.log10(np.clip(pd.to_numeric(df["pval_adj"], errors="coerce").fillna(1.0), 1e-300, 1.0))
     df = df.sort_values("neg_log10_padj", ascending=False).head(n)
@@ -388,7 +389,7 @@ def enrichment_bars(table: pd.DataFrame, *, n: int = 15, width: int = 520, heigh
     df = df.iloc[::-1]
     return hv.Bars(df, kdims=[hv.Dimension("label", label="term")],
                    vdims=[hv.Dimension("neg_log10_padj", label="-log10 adj. p"), "overlap", "library"]).opts(
-        invert_axes=True, width=width, height=height, tools=["hover"], color="#4c78a8", title=title,
+        invert_axes=True, width=width, height=height, tools=["hover"], color="#4c78a8", title=no_tex(title),
         yaxis="left", fontsize={"yticks": "7pt"}, shared_axes=False)  # not linked to the volcano's -log10 p axis
 
 
@@ -405,5 +406,5 @@ def confusion_heatmap(labels: Sequence[str], matrix, *, predicted_labels: Sequen
     recs = [(p, t, m[i, j]) for i, t in enumerate(truth) for j, p in enumerate(pred)]
     df = pd.DataFrame(recs, columns=["predicted", "true", "fraction" if normalize else "cells"])
     return hv.HeatMap(df, kdims=["predicted", "true"]).opts(
-        cmap="Blues", colorbar=True, width=width, height=height, tools=["hover"], xrotation=60, title=title,
+        cmap="Blues", colorbar=True, width=width, height=height, tools=["hover"], xrotation=60, title=no_tex(title),
         invert_yaxis=True, clim=(0, 1) if normalize else (None, None), fontsize={"xticks": "7pt", "yticks": "7pt"})

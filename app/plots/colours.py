@@ -9,6 +9,8 @@ import numpy as np
 import param
 from bokeh.palettes import Viridis256
 
+from .text import no_tex
+
 __all__ = ["ColorSpec", "MapStyle", "category_key", "CATEGORY_COLORS", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "BACKGROUND_COLOR",
            "LEGEND_OPTS", "MAX_CATEGORIES", "category_colors", "symmetric_clim"]
 
@@ -62,7 +64,8 @@ class MapStyle(param.Parameterized):
 
     def set_from(self, spec: ColorSpec) -> None:
         self.param.update(clim=tuple(float(c) for c in (spec.clim or (0.0, 1.0))),
-                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP, clabel=spec.name)
+                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP,
+                          clabel=no_tex(spec.name))  # a colour-bar title: shown as typed, never as TeX
 
 
 def category_key(categories: Sequence, colors: dict | None = None) -> dict:
