@@ -90,3 +90,49 @@ async def _check(bl, shown: dict, st, idx: int = 3, selected: str | None = "42 c
             return shown
 
     await bl._check_page(_Page(), idx, st, "query 1", selected)
+
+
+# ---------------------------------------------------------------------- the server alone (bench/bench_server_load.py)
+def _bench_server_load():
+    spec = importlib.util.spec_from_file_location("bench_server_load", ROOT / "bench" / "bench_server_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_protocol_sessions_at_once_stay_correct_and_isolated(tmp_path):
+    """Three sessions of the browserless load benchmark (Bokeh's protocol, as a page speaks it) for 30 s: each
+    loads the page, queries, labels zero-shot and runs DE; every action is answered, no error text reaches a
+    session's document, none sees another's query, and the server logs no traceback."""
+    sl = _bench_server_load()
+    args = sl.parse_args(["--sessions", "3", "--minutes", "0.5", "--think", "0.5", "--settle", "2",
+                          "--timeout", "90", "--server-log", str(tmp_path / "server.log")])
+    res = asyncio.run(sl.run(args))
+    log = (tmp_path / "server.log").read_text()
+    assert res["errors"] == [], f"{res['errors']}\nserver log tail:\n{log[-3000:]}"
+    assert res["isolation"] == []
+    assert len(res["page_loads"]) == 3 and len(res["latencies"]) >= 9
+    assert len(res["runs"]["zero-shot"]) >= 3 and len(res["runs"]["DE"]) >= 1
+    assert _app_tracebacks(log) == []
+    assert "reference already known" not in log  # patches name the models the server sent by id
+
+
+def test_the_protocol_check_finds_another_sessions_query_and_an_error():
+    """The browserless benchmark's check reads the history menu and colour note of a session's document, and
+    counts another session's tag there as an isolation failure and an error text as an error."""
+    from bokeh.models import Div, Select
+
+    sl = _bench_server_load()
+    s = sl.ProtocolSession("http://127.0.0.1:1/")
+    note = Div(text='<span class="colour-note-text">Colour: <b>score: B cells (client 03 #2)</b></span>')
+    history = Select(title=sl.HISTORY, options=["B cells (client 03 #2)", "T cells (client 03 #1)"])
+    s.doc.add_root(note)
+    s.doc.add_root(history)
+    st = sl.Stats()
+    sl._check(s, 3, st, "query 2")
+    assert st.errors == [] and st.isolation == []
+    assert s.colour_note() == "Colour: score: B cells (client 03 #2)"
+    history.options = ["NK cells (client 05 #1)"] + history.options
+    s.doc.add_root(Div(text="Unexpected error (ValueError): boom"))
+    sl._check(s, 3, st, "query 3")
+    assert len(st.errors) == 1 and st.isolation == ["session 03 query 3: sees session(s) [5]"]
