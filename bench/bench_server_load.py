@@ -53,6 +53,7 @@ import pkgutil  # noqa: E402
 import holoviews.plotting.bokeh  # noqa: E402,F401
 import panel.models  # noqa: E402
 from bokeh.document import Document  # noqa: E402
+from bokeh.client.websocket import WebSocketClientConnectionWrapper  # noqa: E402
 from bokeh.core.serialization import Serializable  # noqa: E402
 from bokeh.document.events import MessageSentEvent, ModelChangedEvent  # noqa: E402
 from bokeh.models import Button, ColumnDataSource, Select, Tabs, TextAreaInput, TextInput  # noqa: E402
@@ -73,17 +74,6 @@ _TOKEN = re.compile(r'"token":\s*"([^"]+)"')
 _STATIC = re.compile(r'<(?:script[^>]*\ssrc|link[^>]*\shref)="((?:\./)?static/[^"]+)"')
 #: the column that marks each run's result table
 DONE_COLUMN = {"zero-shot": "mean_confidence", "DE": "logfoldchange"}
-
-
-class _Socket:
-    """Tornado's websocket with the ``write_lock`` and ``write_message(..., locked=)`` Bokeh's messages expect."""
-
-    def __init__(self, ws):
-        from bokeh.client.websocket import WebSocketClientConnectionWrapper
-        self.wrapper = WebSocketClientConnectionWrapper(ws)
-
-    def __getattr__(self, name):
-        return getattr(self.wrapper, name)
 
 
 _PROPS: dict[type, set[str]] = {}
@@ -141,7 +131,7 @@ class ProtocolSession:
             await client.fetch(self.url + path.removeprefix("./"), request_timeout=timeout)
         ws_url = self.url.replace("http://", "ws://").replace("https://", "wss://") + "ws"
         ws = await websocket_connect(ws_url, subprotocols=["bokeh", token.group(1)], max_message_size=1 << 30)
-        self.ws = _Socket(ws)
+        self.ws = WebSocketClientConnectionWrapper(ws)  # the write lock Bokeh's Message.send expects
         ack = await asyncio.wait_for(self._read(), timeout)
         if ack is None or ack.msgtype != "ACK":
             raise RuntimeError(f"expected ACK, got {ack and ack.msgtype}")
@@ -461,7 +451,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60, help="seconds one action may take (default 60)")
     ap.add_argument("--first-timeout", type=float, default=300, help="seconds the first session may take")
-    ap.add_argument("--settle", type=float, default=25.0, help="seconds to wait before the last RSS reading")
+    ap.add_argument("--settle", type=float, default=45.0,
+                    help="seconds to wait before the last RSS reading (default 45: Bokeh frees closed sessions "
+                         "after 15-17 s, and ten at once took longer)")
     ap.add_argument("--server-log", metavar="FILE", help="write the server's output to FILE")
     ap.add_argument("--server-script", metavar="PY", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
