@@ -17,7 +17,9 @@ each kind of process used while the sessions ran (server, Chromium renderer / br
 driver, the benchmark; ``LEXICELL_BENCH_DEBUG`` also prints them per process). Targets (issue 18):
 0 errors, 0 isolation failures, RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a
 2-core machine.
-Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser.
+Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser. The ten pages need more
+CPU than a 2-core machine has (one alone about 0.19 of a core, 2026-12-03); ``bench/bench_server_load.py`` runs
+the same sessions without browsers, for the server's own figures.
 """
 from __future__ import annotations
 
