@@ -166,6 +166,39 @@ def start_server(args, port: int, save_dir: str) -> subprocess.Popen:
     raise SystemExit("the server did not answer within 5 minutes")
 
 
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the served app (SIGTERM; killed after 30 s)."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def per_minute(latencies: list[float], times: list[float]) -> list[tuple[int, list[float]]]:
+    """The latencies answered in each minute of a run (``times``: wall-clock time of each answer), as
+    ``[(minute, sorted latencies), ...]`` from minute 1, minutes without an answer left out."""
+    if not times:
+        return []
+    t_start = min(times)
+    out = []
+    for m in range(int((max(times) - t_start) // 60) + 1):
+        part = sorted(v for v, t in zip(latencies, times) if m * 60 <= t - t_start < (m + 1) * 60)
+        if part:
+            out.append((m + 1, part))
+    return out
+
+
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The served app's flags every load benchmark takes: ``--data``, ``--model``, ``--port``, ``--server-log``
+    (and the hidden ``--server-script``, a wrapper of ``run_app.py`` for profiling or another version)."""
+    ap.add_argument("--data", help="dataset (default: the demo)")
+    ap.add_argument("--model", help="model folder (default: the bundled model)")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--server-log", metavar="FILE", help="write the server's output to FILE (default: discarded)")
+    ap.add_argument("--server-script", metavar="PY", help=argparse.SUPPRESS)
+
 # Timing a query in the page itself, on the page's clock: from the Enter key (a capture listener on ``window``,
 # which sees keys typed inside Bokeh's shadow roots) to the moment the colour note in the DOM shows the query (a
 # MutationObserver on the note's shadow root; a 100-ms check also finds a note whose pane was rebuilt). Waiting
@@ -463,11 +496,7 @@ async def run(args) -> dict:
                           f"{len(st.errors)} errors", flush=True)
                 await browser.close()
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
     lat = sorted(st.latencies)
     p50 = statistics.median(lat) if lat else float("nan")
     p95 = _p95(lat)
@@ -488,13 +517,8 @@ async def run(args) -> dict:
     if obs:
         print(f"    as the benchmark noticed it (Playwright polls): p50 {statistics.median(obs):.2f} s, "
               f"p95 {_p95(obs):.2f} s")
-    if st.times:
-        t_start = min(st.times)
-        for m in range(int((max(st.times) - t_start) // 60) + 1):
-            part = sorted(l for l, t in zip(st.latencies, st.times) if m * 60 <= t - t_start < (m + 1) * 60)
-            if part:
-                print(f"    minute {m + 1}: {len(part)} queries, p50 {statistics.median(part):.2f} s, "
-                      f"p95 {_p95(part):.2f} s")
+    for minute, part in per_minute(st.latencies, st.times):
+        print(f"    minute {minute}: {len(part)} queries, p50 {statistics.median(part):.2f} s, p95 {_p95(part):.2f} s")
     cpu = meter.totals()
     wall = meter.t1 - meter.t0
     print(f"CPU while the sessions ran ({wall:.0f} s x {os.cpu_count()} cores = {wall * os.cpu_count():.0f} CPU-s): "
@@ -518,16 +542,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "session fires its next action at once, a saturation test)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
     ap.add_argument("--no-select", action="store_true", help="sessions never box-select cells")
-    ap.add_argument("--data", help="dataset (default: the demo)")
-    ap.add_argument("--model", help="model folder (default: the bundled model)")
-    ap.add_argument("--port", type=int, default=0)
+    add_server_args(ap)
     ap.add_argument("--timeout", type=int, default=60, help="seconds one page action may take (default 60)")
     ap.add_argument("--first-timeout", type=int, default=300, help="seconds the first page may take (default 300)")
     ap.add_argument("--settle", type=float, default=25.0,
                     help="seconds to wait after a round before reading RSS (Bokeh frees a closed session after "
                          "about 15-17 s)")
-    ap.add_argument("--server-log", metavar="FILE", help="write the server's output to FILE (default: discarded)")
-    ap.add_argument("--server-script", metavar="PY", help=argparse.SUPPRESS)  # a wrapper of run_app.py (profiling)
     args = ap.parse_args(argv)
     if args.quick:
         args.contexts, args.minutes = 3, 1.0

@@ -37,7 +37,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -402,11 +401,7 @@ async def run(args) -> dict:
             await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
             rss.append(("end", bl.rss_mb(server.pid)))
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            bl.stop_server(server)
     lat = sorted(st.latencies)
     p95 = bl._p95(lat)
     print(f"\nprotocol sessions {args.sessions}, {args.minutes:g} min, think time {args.think:g} s; "
@@ -420,12 +415,8 @@ async def run(args) -> dict:
         print("   ", e)
     print(f"page load (GET / to the document pulled and built): {_pct(st.page_loads)}")
     print(f"query latency (enter-pressed sent -> the session's document holds the colour note): {_pct(lat)}")
-    if st.times:
-        t_start = min(st.times)
-        for m in range(int((max(st.times) - t_start) // 60) + 1):
-            part = [v for v, t in zip(st.latencies, st.times) if m * 60 <= t - t_start < (m + 1) * 60]
-            if part:
-                print(f"    minute {m + 1}: {len(part)} queries, {_pct(part)}")
+    for minute, part in bl.per_minute(st.latencies, st.times):
+        print(f"    minute {minute}: {len(part)} queries, {_pct(part)}")
     for what, values in st.runs.items():
         print(f"{what} run (click -> result table): {_pct(values)}")
     cpu = meter.totals()
@@ -446,16 +437,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--think", type=float, default=3.0, metavar="S",
                     help="a user's pause before each action, uniform in 0.5-1.5 x S seconds (default 3)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
-    ap.add_argument("--data", help="dataset (default: the demo)")
-    ap.add_argument("--model", help="model folder (default: the bundled model)")
-    ap.add_argument("--port", type=int, default=0)
+    bl.add_server_args(ap)
     ap.add_argument("--timeout", type=float, default=60, help="seconds one action may take (default 60)")
     ap.add_argument("--first-timeout", type=float, default=300, help="seconds the first session may take")
     ap.add_argument("--settle", type=float, default=45.0,
                     help="seconds to wait before the last RSS reading (default 45: Bokeh frees closed sessions "
                          "after 15-17 s, and ten at once took longer)")
-    ap.add_argument("--server-log", metavar="FILE", help="write the server's output to FILE")
-    ap.add_argument("--server-script", metavar="PY", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.sessions, args.minutes = 3, 1.0

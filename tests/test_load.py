@@ -15,15 +15,16 @@ pytest.importorskip("playwright.async_api")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_load():
-    spec = importlib.util.spec_from_file_location("bench_load", ROOT / "bench" / "bench_load.py")
+def _bench(name: str = "bench_load"):
+    """A benchmark module of ``bench/`` (not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
 def test_three_sessions_at_once_stay_correct_and_isolated(tmp_path):
-    bl = _bench_load()
+    bl = _bench()
     if not Path(bl.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {bl.CHROMIUM}")
     args = bl.parse_args(["--contexts", "3", "--minutes", "0.67", "--think", "1", "--settle", "2",
@@ -51,7 +52,7 @@ def test_the_load_check_reads_shadow_roots_and_finds_an_error_shown():
     selection count inside shadow roots, as Bokeh's pages hold them, and an error message wherever it shows."""
     from playwright.sync_api import sync_playwright
 
-    bl = _bench_load()
+    bl = _bench()
     if not Path(bl.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {bl.CHROMIUM}")
     page_html = """<body><div id="a"></div><div id="b"></div><script>
@@ -93,18 +94,11 @@ async def _check(bl, shown: dict, st, idx: int = 3, selected: str | None = "42 c
 
 
 # ---------------------------------------------------------------------- the server alone (bench/bench_server_load.py)
-def _bench_server_load():
-    spec = importlib.util.spec_from_file_location("bench_server_load", ROOT / "bench" / "bench_server_load.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_protocol_sessions_at_once_stay_correct_and_isolated(tmp_path):
     """Three sessions of the browserless load benchmark (Bokeh's protocol, as a page speaks it) for 30 s: each
     loads the page, queries, labels zero-shot and runs DE; every action is answered, no error text reaches a
     session's document, none sees another's query, and the server logs no traceback."""
-    sl = _bench_server_load()
+    sl = _bench("bench_server_load")
     args = sl.parse_args(["--sessions", "3", "--minutes", "0.5", "--think", "0.5", "--settle", "2",
                           "--timeout", "90", "--server-log", str(tmp_path / "server.log")])
     res = asyncio.run(sl.run(args))
@@ -122,7 +116,7 @@ def test_the_protocol_check_finds_another_sessions_query_and_an_error():
     counts another session's tag there as an isolation failure and an error text as an error."""
     from bokeh.models import Div, Select
 
-    sl = _bench_server_load()
+    sl = _bench("bench_server_load")
     s = sl.ProtocolSession("http://127.0.0.1:1/")
     note = Div(text='<span class="colour-note-text">Colour: <b>score: B cells (client 03 #2)</b></span>')
     history = Select(title=sl.HISTORY, options=["B cells (client 03 #2)", "T cells (client 03 #1)"])
