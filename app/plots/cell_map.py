@@ -13,9 +13,9 @@ import pandas as pd
 import param
 from holoviews.operation.datashader import datashade, dynspread, rasterize
 
-from .text import no_tex
 from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
+from .text import no_tex
 
 __all__ = ["MapPipe", "cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories",
            "recolour_rendered", "spread_mode", "warm_up"]
