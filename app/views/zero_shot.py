@@ -88,7 +88,10 @@ class ZeroShotView(StateView):
 
     def __panel__(self):
         left = pn.Column(
-            pn.Row(self.label_set, self.template, self.custom_template),
+            # wraps: with the custom template shown the three are wider than this half of the tab (in a Row the
+            # template box was drawn under the "Predicted labels" heading beside it)
+            pn.FlexBox(self.label_set, self.template, self.custom_template, flex_wrap="wrap",
+                       align_items="flex-start", sizing_mode="stretch_width"),
             pn.Row(self.template_text, self.smooth, self.smooth_help), self.labels, self.definitions_card,
             pn.Row(self.run_button, self.accept_name, self.accept), self.job,
             sizing_mode="stretch_width")
