@@ -117,6 +117,8 @@ class ProtocolSession:
         self.ws = None
         self.reader: asyncio.Task | None = None
         self.closed_reason: str | None = None
+        self.default_labels: list[str] | None = None  # the zero-shot tab's label list as first shown
+        self._note = None  # the colour note's model, once found
 
     # -- connection ------------------------------------------------------------------------------------------
     async def open(self, timeout: float) -> None:
@@ -225,7 +227,7 @@ class ProtocolSession:
 
     def colour_note(self) -> str | None:
         """The colour note's text (the model found once, again when its pane was rebuilt)."""
-        note = getattr(self, "_note", None)
+        note = self._note
         if note is None or note.document is None or "colour-note-text" not in note.text:
             note = self._note = next((m for m in self.doc.models if _has(m, "text") and isinstance(m.text, str)
                                       and "colour-note-text" in m.text), None)
@@ -284,7 +286,7 @@ async def _run(s: ProtocolSession, what: str, tab: str, label: str, timeout: flo
         box = s.find(TextAreaInput, title=LABELS)
         if box is None:
             raise RuntimeError("no label list in the zero-shot tab")
-        if not hasattr(s, "default_labels"):
+        if s.default_labels is None:
             s.default_labels = [x for x in box.value.splitlines() if x.strip()]
         labels = list(s.default_labels)
         labels.pop(run % len(labels))

@@ -445,8 +445,9 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
                 if changes:
                     mapper.update(**changes)
             bar = sp.handles.get("colorbar")
-            if bar is not None and bar.title != no_tex(spec.name):
-                bar.title = no_tex(spec.name)
+            title = no_tex(spec.name)
+            if bar is not None and bar.title != title:
+                bar.title = title
         if getattr(plot, "comm", None) is not None:  # Jupyter: send the changes through the plot's comm
             plot.push()
     return True
