@@ -119,6 +119,7 @@ class ProtocolSession:
         self.closed_reason: str | None = None
         self.default_labels: list[str] | None = None  # the zero-shot tab's label list as first shown
         self._note = None  # the colour note's model, once found
+        self.patches = 0  # PATCH-DOC messages received since the document was pulled
 
     # -- connection ------------------------------------------------------------------------------------------
     async def open(self, timeout: float) -> None:
@@ -175,6 +176,7 @@ class ProtocolSession:
                     self.closed_reason = "the server closed the websocket"
                     break
                 if msg.msgtype == "PATCH-DOC":
+                    self.patches += 1
                     msg.apply_to_document(self.doc, self)
                 elif msg.msgtype == "ERROR":
                     self.closed_reason = f"the server answered ERROR: {msg.content}"
@@ -200,9 +202,16 @@ class ProtocolSession:
 
     async def set_property(self, model, attr: str, value) -> None:
         """A property changed in the page (``Tabs.active`` on a tab click)."""
-        setattr(model, attr, value)
-        event = ModelChangedEvent(self.doc, model, attr, value)
-        await self.protocol.create("PATCH-DOC", [event]).send(self.ws)
+        await self.set_properties(model, **{attr: value})
+
+    async def set_properties(self, model, **values) -> None:
+        """Properties changed in the page at once, in one message (a text box's ``value_input`` and ``value``
+        when Enter is pressed)."""
+        events = []
+        for attr, value in values.items():
+            setattr(model, attr, value)
+            events.append(ModelChangedEvent(self.doc, model, attr, value))
+        await self.protocol.create("PATCH-DOC", events).send(self.ws)
 
     async def wait_for(self, predicate, timeout: float) -> None:
         """Wait until ``predicate()`` holds for the session's document (checked after each applied message)."""
@@ -261,6 +270,8 @@ async def _query(s: ProtocolSession, text: str, timeout: float) -> float:
         raise RuntimeError("no query box in the document")
     shown = text if len(text) <= 40 else text[:39] + "…"  # the colour note shortens long queries
     t0 = time.perf_counter()
+    # as a page: the box's text (typed, then committed by Enter), then Enter's event
+    await s.set_properties(box, value_input=text, value=text)
     await s.send_event("enter-pressed", {"model": box, "value_input": text})
     await s.wait_for(lambda: f"score: {shown}" in (s.colour_note() or ""), timeout)
     return time.perf_counter() - t0

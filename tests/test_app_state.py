@@ -661,6 +661,33 @@ def test_explorer_builds_and_waits_for_a_loading_model(demo):
     assert len(ex2.tabs) == 7 and ex2.adata is not ex.adata
 
 
+def test_a_served_page_is_built_with_one_model_recount_and_validates(demo):
+    """``app.layout._one_recount``: the page's roots are added inside one freeze of the document's model
+    registry, so Bokeh walks the model graph once (ten times before, 2026-12-03) and the registry holds the
+    same models as a fresh walk. Served pages skip Bokeh's validation (``_no_document_validation``); here it
+    runs: no errors, and no warnings but the empty holders of the tabs not opened yet."""
+    from bokeh.core.validation import check_integrity
+    from bokeh.document import Document
+
+    from app.layout import Explorer
+
+    base, model = demo
+    ex = Explorer(base, model, name="demo")
+    doc = Document()
+    walks = []
+    recompute = doc.models.recompute
+    doc.models.recompute = lambda: (walks.append(1), recompute())[1]
+    ex.template().server_doc(doc)
+    assert len(walks) == 1
+    ids = {m.id for m in doc.models}
+    recompute()
+    assert ids == {m.id for m in doc.models} and len(ids) > 100
+    issues = check_integrity(list(doc.models))
+    assert issues.error == []
+    assert {w.name for w in issues.warning} <= {"EMPTY_LAYOUT"}
+    assert len(issues.warning) == len(ex.tabs) - 1  # every tab but the open one: an empty holder
+
+
 # ---------------------------------------------------------------------- command line
 def test_cli_options_reach_pn_serve():
     import run_app

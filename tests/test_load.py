@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,57 @@ def test_the_protocol_check_finds_another_sessions_query_and_an_error():
     s.doc.add_root(Div(text="Unexpected error (ValueError): boom"))
     sl._check(s, 3, st, "query 3")
     assert len(st.errors) == 1 and st.isolation == ["session 03 query 3: sees session(s) [5]"]
+
+
+def test_a_query_and_a_de_run_reach_the_page_in_one_or_two_messages(tmp_path):
+    """``app.messages.combine_patch_messages`` and ``Job`` applying results under the session's lock: a query
+    reaches its page as at most two websocket messages (its results, then the map recoloured on the next tick;
+    eight before 2026-12-03), a DE run as one (three before), and the page's document then holds all of it."""
+    import socket
+
+    from bokeh.models import Select
+
+    bl, sl = _bench(), _bench("bench_server_load")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = bl.parse_args(["--server-log", str(tmp_path / "server.log")])
+    server = bl.start_server(args, port, str(tmp_path / "exports"))
+    url = f"http://127.0.0.1:{port}/"
+
+    async def messages_for(s, action, settle=1.5):
+        n0 = s.patches
+        await action()
+        await asyncio.sleep(settle)  # anything the action sends late would arrive meanwhile
+        return s.patches - n0
+
+    async def go():
+        await sl._warm_up(url, 240)  # the model and embeddings loaded, one query answered
+        s = sl.ProtocolSession(url)
+        await s.open(240)
+        try:
+            await s.wait_for(lambda: s.find(sl.TextInput, placeholder=bl.QUERY_BOX) is not None, 240)
+            await sl._query(s, "warm-up query", 240)
+            await asyncio.sleep(1.5)
+            query = await messages_for(s, lambda: sl._query(s, "B cells", 120))
+            history = s.find(Select, title=sl.HISTORY).options
+            await sl._tab(s, "DE + enrichment")  # the tab's models arrive when it is first opened
+            await s.wait_for(lambda: s.find(sl.Button, label="Run DE") is not None, 120)
+            await asyncio.sleep(1.5)
+            t0 = time.perf_counter()
+            de = await messages_for(s, lambda: sl._run(s, "DE", "DE + enrichment", "Run DE", 240))
+            de_seconds = time.perf_counter() - t0 - 1.5
+            return query, history, de, de_seconds, s.colour_note()
+        finally:
+            await s.close()
+
+    try:
+        query, history, de, de_seconds, note = asyncio.run(go())
+    finally:
+        bl.stop_server(server)
+    assert 1 <= query <= 2, f"{query} messages for a query"
+    assert history[0] == "B cells" and "score: B cells" in note
+    # the results in one message; a run slower than Job.SHOW_AFTER (0.4 s) also shows its progress row and
+    # updates its label once a second (the click and the tab switch back are the page's own changes: no echo)
+    assert de <= 1 + (2 + int(de_seconds) if de_seconds > 0.4 else 0), f"{de} messages for a DE run ({de_seconds:.1f} s)"
+    assert _app_tracebacks((tmp_path / "server.log").read_text()) == []

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from panel.io.state import set_curdoc
 
 from engine.errors import CancelledError, LexicellError
 
@@ -233,8 +234,8 @@ class Job(pn.viewable.Viewer):
                 return False
             result = fut.result()
             t1 = time.perf_counter()
-            with batched():
-                apply(result)
+            if not await self._on_session(apply, result):
+                return False
             ok = True
             log.debug("%s: compute %.3f s, apply %.3f s", label, t1 - t0, time.perf_counter() - t1)
         except CancelledError:
@@ -253,6 +254,42 @@ class Job(pn.viewable.Viewer):
                         self.busy_row.visible = False
             self.running = False
         return ok
+
+    async def _on_session(self, fn: Callable, *args) -> bool:
+        """Run ``fn(*args)`` as a callback of the page's session (under its document lock) and wait for it.
+
+        A served page then gets the callback's changes as one websocket message
+        (:func:`app.messages.combine_patch_messages`); run here, in the job's own task outside the lock, Panel
+        sent one message per pane or widget changed (a query's results five, a DE run's three), and the
+        browser laid out and painted the page after each. Outside a served page ``fn`` runs at once. Errors of
+        ``fn`` are raised here. Returns False when the page closed before ``fn`` ran (it never runs then).
+        """
+        doc = pn.state.curdoc
+        if doc is None or getattr(doc, "session_context", None) is None:
+            with batched():
+                fn(*args)
+            return True
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def callback():
+            if done.done():  # the page closed meanwhile
+                return
+            try:
+                with set_curdoc(doc), batched():
+                    fn(*args)
+            except BaseException as err:  # noqa: BLE001 - raised again in run(), which shows it
+                done.set_exception(err)
+            else:
+                done.set_result(True)
+
+        doc.add_next_tick_callback(callback)
+        while not done.done():
+            await asyncio.wait({done}, timeout=1.0)
+            if self._closed and not done.done():  # a destroyed session runs no more callbacks
+                done.cancel()
+                return False
+        return done.result()
 
     def guard(self, fn: Callable[[], object]) -> bool:
         """Run a quick synchronous action, showing engine errors in the page."""
