@@ -261,6 +261,54 @@ def test_map_new_categories_reshade_the_shown_plot_as_a_new_plot_would(demo):
     assert not np.array_equal(rgba(root), before)
 
 
+def test_map_aggregations_are_shared_between_identical_maps_only(demo):
+    """``app.plots.shared``: a second page opening on the same map takes its aggregations from the first (the
+    same image), and a map differing in its colouring or in one cell's value is aggregated anew."""
+    from bokeh.document import Document
+    from bokeh.models import GlyphRenderer, Image, ImageRGBA
+
+    from app import cache
+    from app.plots import shared
+    from app.state import AppState
+    from app.views.map import MapView
+
+    base, model = demo
+
+    def page(column, edit=None):
+        s = AppState(cache.session_adata(base), model)
+        if edit is not None:
+            edit(s.adata)
+        view = MapView(s)
+        s.set_color(column)
+        root = view.plot.get_root(Document())
+        return [np.array(r.data_source.data["image"][0]) for r in root.select({"type": GlyphRenderer})
+                if isinstance(r.glyph, (Image, ImageRGBA))]
+
+    shared.clear()
+    try:
+        first = page("louvain")
+        computed = shared.stats()
+        assert computed["hits"] == 0 and computed["misses"] >= 1
+        second = page("louvain")
+        assert shared.stats()["hits"] >= computed["misses"] and shared.stats()["misses"] == computed["misses"]
+        assert len(first) == len(second) == 1
+        np.testing.assert_array_equal(first[0], second[0])
+        other = page("bulk_labels")
+        assert shared.stats()["misses"] > computed["misses"] and not np.array_equal(other[0], first[0])
+        n = shared.stats()["misses"]
+
+        def one_cell(adata):
+            col = adata.obs["louvain"]
+            cats = list(col.cat.categories)
+            adata.obs["louvain"] = col.cat.set_categories(cats)
+            adata.obs.iloc[0, adata.obs.columns.get_loc("louvain")] = next(c for c in cats if c != col.iloc[0])
+
+        page("louvain", one_cell)
+        assert shared.stats()["misses"] > n
+    finally:
+        shared.clear()
+
+
 def _shown_layer(view, root_index=-1):
     """The coloured layer's HoloViews plot in one page showing ``view``'s active map."""
     from app.plots.cell_map import _raster_subplot

@@ -11,10 +11,11 @@ import holoviews.plotting.bokeh  # noqa: F401 - registers the backend so .opts()
 import numpy as np
 import pandas as pd
 import param
-from holoviews.operation.datashader import datashade, dynspread, rasterize
+from holoviews.operation.datashader import dynspread
 
 from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
+from .shared import SharedDatashade, SharedRasterize
 from .text import no_tex
 
 __all__ = ["MapPipe", "cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories",
@@ -184,7 +185,7 @@ def cell_map_layers(
         spec.kind != "categorical" and not np.isfinite(np.asarray(df["color"], dtype=np.float64)).all()
     )
     if needs_background:
-        bg = rasterize(points, aggregator=ds.count(), selector=None if spec.kind != "none" else selector, **common)
+        bg = SharedRasterize(points, aggregator=ds.count(), selector=None if spec.kind != "none" else selector, **common)
         bg = spread_op(bg).opts(
             cmap=[BACKGROUND_COLOR, BACKGROUND_COLOR] if spec.kind != "none" else list(cc.kbc)[::-1][40:],
             cnorm="eq_hist", colorbar=spec.kind == "none", **plot_opts,
@@ -197,7 +198,7 @@ def cell_map_layers(
         if style is not None:  # the key follows style.color_key: new categories re-shade the same plot
             style.color_key = colors
             key = style.param.color_key
-        shaded = datashade(points, aggregator=ds.count_cat("color"), color_key=key, selector=selector,
+        shaded = SharedDatashade(points, aggregator=ds.count_cat("color"), color_key=key, selector=selector,
                            min_alpha=180, **common)
         shaded = spread_op(shaded).opts(show_legend=False, **plot_opts)
         main = shaded
@@ -210,7 +211,7 @@ def cell_map_layers(
             overlay = _combine(layers + [shaded])
     elif spec.kind in ("continuous", "diverging"):
         cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
-        img = rasterize(points, aggregator=ds.mean("color"), selector=selector, **common)
+        img = SharedRasterize(points, aggregator=ds.mean("color"), selector=selector, **common)
         opts = dict(cmap=cmap, colorbar=True, clabel=no_tex(spec.name), **plot_opts)
         if spec.clim is not None:
             opts["clim"] = tuple(float(c) for c in spec.clim)
