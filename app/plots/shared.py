@@ -29,7 +29,7 @@ __all__ = ["SharedDatashade", "SharedRasterize", "clear", "stats", "MAX_BYTES", 
 #: the most cells a cached aggregation's table may hold
 MAX_ROWS = 200_000
 #: the most bytes of cached results (images and hover data) kept in all
-MAX_BYTES = 64 * 2**20
+MAX_BYTES = 32 * 2**20
 
 _lock = threading.Lock()
 _results: OrderedDict = OrderedDict()  # key -> (element, nbytes)
