@@ -17,6 +17,7 @@ from engine.errors import CancelledError, LexicellError
 
 from . import cache, files
 from .messages import combine_patch_messages
+from .pages import mathjax_only_for_math, no_document_validation, one_recount
 from .state import AppState
 from .views.analysis import DEView, DescribeView
 from .views.common import batched, plain
@@ -41,61 +42,23 @@ CSS = """
 """
 
 
-def _mathjax_only_for_math() -> None:
-    """Have Panel add Bokeh's MathJax bundle to a served page only when a text pane there may show math.
-
-    Panel 1.9 adds it (1.8 MB of JavaScript; about 100 ms of a page load's main thread and 50 ms of parsing in
-    Chromium, measured 2026-12-03) to every page whose roots hold an HTML model, whether or not that model
-    typesets math (``disable_math``). Lexicell's text panes never do (:mod:`app.views.panes`), so its pages
-    load without it; a page holding a pane that typesets math still gets it. Installed once per process; a
-    Panel without the hook (``panel.io.resources._panel_use_mathjax``) is left as it is.
-    """
-    from panel.io import resources
-    from panel.models.markup import HTML
-
-    current = getattr(resources, "_panel_use_mathjax", None)
-    if current is None or getattr(current, "_lexicell", False):
-        return
-
-    def use_mathjax(roots) -> bool:
-        return any(isinstance(obj, HTML) and not obj.disable_math for obj in roots)
-
-    use_mathjax._lexicell = True
-    resources._panel_use_mathjax = use_mathjax
-
-
-def _no_document_validation() -> None:
-    """Skip Bokeh's validation of each new served page, unless ``BOKEH_VALIDATE_DOC`` asks for it.
-
-    Bokeh checks every model of a new session's document for layout and glyph mistakes, which it can only log
-    as warnings nobody on a lab server reads; that was about a tenth of the server's time for a page (cProfile
-    of a page build, 2026-12-03). The tests build the pages with validation on (``tests/test_app_state.py``).
-    """
-    import os
-
-    from bokeh.settings import settings
-
-    if "BOKEH_VALIDATE_DOC" not in os.environ:
-        settings.perform_document_validation.set_value(False)
-
-
 def ensure_extensions() -> None:
     """Load Panel's Tabulator and HoloViews' Bokeh extensions (per session, or per notebook cell).
 
     In a served session HoloViews' extension is loaded once per process: its backend is process-wide, and
     loading it again for every page cost each page load 17 ms or more (it resets the log level of every logger).
     A notebook loads it every time (its output carries the JavaScript the notebook needs). Pages get Bokeh's
-    MathJax bundle only when a pane may typeset math (:func:`_mathjax_only_for_math`); served pages get one
+    MathJax bundle only when a pane may typeset math (:func:`app.pages.mathjax_only_for_math`); served pages get one
     websocket message per server callback (:func:`app.messages.combine_patch_messages`), and Bokeh does not
-    validate each new page (:func:`_no_document_validation`).
+    validate each new page (:func:`app.pages.no_document_validation`).
     """
-    _mathjax_only_for_math()
+    mathjax_only_for_math()
     pn.extension("tabulator", raw_css=[CSS], notifications=False)
     doc = pn.state.curdoc
     served = doc is not None and getattr(doc, "session_context", None) is not None
     if served:
         combine_patch_messages()
-        _no_document_validation()
+        no_document_validation()
     if served and hv.Store.current_backend == "bokeh" and "bokeh" in hv.Store.renderers:
         return
     hv.extension("bokeh", logo=False)
@@ -391,31 +354,7 @@ class Explorer(pn.viewable.Viewer):
 
 
 def _template(sidebar: list, main: list) -> pn.template.FastListTemplate:
-    return _one_recount(_fast_template(sidebar, main))
-
-
-def _one_recount(template: pn.template.BaseTemplate) -> pn.template.BaseTemplate:
-    """Have ``template`` build a served page with one walk of its Bokeh model graph instead of one per root.
-
-    Bokeh recounts a document's models (a walk of every property of every model) at the end of each
-    ``models.freeze()`` block that changed the graph; building this page added its roots one by one and walked
-    the growing graph ten times, about a tenth of the server's time for a page (cProfile of a page build,
-    2026-12-03). Inside one outer freeze the walks happen once, when the page is complete; nothing reads the
-    registry meanwhile (Panel's own ``hold(freeze=True)`` relies on the same). The wrapper is set on this one
-    instance; its class (and so the template's bundled files, found by class name) stays Panel's.
-    """
-    server_doc = template.server_doc
-
-    def frozen_server_doc(doc=None, title=None, location=True):
-        target = doc if doc is not None else pn.state.curdoc
-        models = getattr(target, "models", None)
-        if models is None or not hasattr(models, "freeze"):
-            return server_doc(doc, title, location)
-        with models.freeze():
-            return server_doc(target, title, location)
-
-    template.server_doc = frozen_server_doc
-    return template
+    return one_recount(_fast_template(sidebar, main))
 
 
 def _fast_template(sidebar: list, main: list) -> pn.template.FastListTemplate:

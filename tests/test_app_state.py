@@ -710,10 +710,10 @@ def test_explorer_builds_and_waits_for_a_loading_model(demo):
 
 
 def test_a_served_page_is_built_with_one_model_recount_and_validates(demo):
-    """``app.layout._one_recount``: the page's roots are added inside one freeze of the document's model
+    """``app.pages.one_recount``: the page's roots are added inside one freeze of the document's model
     registry, so Bokeh walks the model graph once (ten times before, 2026-12-03) and the registry holds the
-    same models as a fresh walk. Served pages skip Bokeh's validation (``_no_document_validation``); here it
-    runs: no errors, and no warnings but the empty holders of the tabs not opened yet."""
+    same models as a fresh walk. Served pages skip Bokeh's validation (``app.pages.no_document_validation``);
+    here it runs: no errors, and no warnings but the empty holders of the tabs not opened yet."""
     from bokeh.core.validation import check_integrity
     from bokeh.document import Document
 
