@@ -6,10 +6,12 @@ served app sent its page eight messages (history menu, timing line, image with c
 histogram, its note, ...) and the page drew nine frames for it (Chrome trace, 2026-12-03).
 
 :func:`combine_patch_messages` changes that inside Bokeh's own write path: while a session holds its document
-lock (every browser message and every callback runs under it), the changes for each connected page are
-collected, and one ``PATCH-DOC`` holding all of them, in the order they were made, is written when the
-callback ends, where Bokeh writes its messages anyway (Bokeh writes nothing before the callback ends either).
-Bokeh's protocol allows several events per ``PATCH-DOC``; BokehJS applies them in one task.
+lock (every browser message and every scheduled callback runs under it), the document holds its changes
+(Panel, which otherwise writes each widget's or pane's updates to the socket itself, then leaves them with the
+hold); when the callback ends they are dispatched, and one ``PATCH-DOC`` per page holding all of them, in the
+order they were made, is written where Bokeh writes its messages anyway (after the callback; Bokeh writes
+nothing before it ends either). Bokeh's protocol allows several events per ``PATCH-DOC``; BokehJS applies them
+in one task.
 
 Panel's ``unlocked()``, which also sends many changes as one message, writes to the socket itself, beside
 Bokeh's writes; tried for the same purpose on 2026-12-03, it lost a page's first query updates under load.
@@ -29,8 +31,8 @@ class _PatchBatch:
     """The changes for one connection made under one hold of a session's document lock.
 
     Awaited (by Bokeh, after the callback, with its other pending writes) it sends them as one ``PATCH-DOC``.
-    The message is made then, as Bokeh makes one message per change: values are encoded as they are at the
-    end of the callback, which for each property is the last value set (the page ends in the same state).
+    Bokeh made each change's message when the change was made; this one is made when the callback ends, so a
+    property set twice is encoded with its last value both times (the page ends in the same state).
     """
 
     __slots__ = ("connection", "events")
@@ -119,8 +121,9 @@ def _handle_patch(self, message, connection):
 def combine_patch_messages() -> bool:
     """Have the Bokeh server send a page one ``PATCH-DOC`` per callback instead of one per change.
 
-    Callbacks scheduled on a session (Panel's widget callbacks, ``pn.state.execute``, periodic callbacks) run
-    with the document's changes held (``Document.hold("combine")``: a property set twice is sent once, with
+    Callbacks scheduled on a session (``pn.state.execute``, periodic callbacks, a ``Job``'s result) and the
+    messages a page sends (Panel runs a widget's callbacks while Bokeh applies them) run with the document's
+    changes held (``Document.hold("combine")``: a property set twice is sent once, with
     its last value); at the callback's end they go, in order, into one message per page, written where and when
     Bokeh writes its own. Callbacks that run without the lock (``nolock``, Panel's async callbacks) and Panel's
     updates from other threads keep their own path. Installed once per process (served mode); a Bokeh whose
