@@ -1,7 +1,8 @@
 """Served pages made cheaper to build and load: one model recount per page build, no validation, no MathJax.
 
-Installed by :func:`app.layout.ensure_extensions` (served sessions) and :func:`app.layout._template`; the
-figures behind each are in ``docs/serving-performance.md`` (2026-12-03).
+Installed by :func:`app.layout.ensure_extensions` (MathJax for every page, validation for served ones) and
+:func:`app.layout._template` (the recount); the figures behind each are in ``docs/serving-performance.md``
+(2026-12-03).
 """
 from __future__ import annotations
 
