@@ -5,8 +5,11 @@
     python bench/bench_load.py --contexts 8 --minutes 2 --rounds 3   # sessions closed and reopened per round
     python bench/bench_load.py --think 0          # no pauses: every session fires its next action at once
 
-Each session loops: a query (its text carries the session's tag), now and then zero-shot labels and a
-top-vs-bottom DE (after its second query it also box-selects a region of its own size), with a user's pause
+The pages of all sessions are requested at once (printed: the seconds each took to open); the measured minutes
+begin when the last is open, so that they are N open sessions at work (``--query-while-opening``: from the first
+request, each session acting as soon as its own page is open, its first queries competing with the other
+pages' loads). Each session loops: a query (its text carries the session's tag), now and then zero-shot labels
+and a top-vs-bottom DE (after its second query it also box-selects a region of its own size), with a user's pause
 (``--think``, default 3 s on average) before each action; ``--think 0`` is a saturation test (10 sessions
 clicking without pause on 2 cores shared with their 10 browser pages). Printed: errors (timeouts,
 "Unexpected error"/"Traceback" in the page), isolation failures (a session whose colour note or query history
@@ -176,12 +179,14 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def per_minute(latencies: list[float], times: list[float]) -> list[tuple[int, list[float]]]:
-    """The latencies answered in each minute of a run (``times``: wall-clock time of each answer), as
-    ``[(minute, sorted latencies), ...]`` from minute 1, minutes without an answer left out."""
+def per_minute(latencies: list[float], times: list[float], start: float | None = None
+               ) -> list[tuple[int, list[float]]]:
+    """The latencies answered in each minute of a run (``times``: wall-clock time of each answer; ``start``:
+    when minute 1 began, default the first answer), as ``[(minute, sorted latencies), ...]`` from minute 1,
+    minutes without an answer left out."""
     if not times:
         return []
-    t_start = min(times)
+    t_start = min(times) if start is None else min(start, min(times))
     out = []
     for m in range(int((max(times) - t_start) // 60) + 1):
         part = sorted(v for v, t in zip(latencies, times) if m * 60 <= t - t_start < (m + 1) * 60)
@@ -245,8 +250,40 @@ _ARM_QUERY_TIMER = """([note, expected]) => {
 }"""
 
 
+class Opening:
+    """When the measured minutes of a round begin: by default once every session's page is open (the ten pages
+    are requested at once, and no session acts before the last is open: the 5 minutes are ten open sessions at
+    work); with ``together=False`` (``--query-while-opening``) at the first page's request, each session acting
+    as soon as its own page is open, so that the first queries compete with the other pages' loads.
+
+    Each session calls :meth:`wait` once its page is open (or failed to open) and gets the round's deadline."""
+
+    def __init__(self, sessions: int, seconds: float, together: bool = True):
+        self.left, self.seconds, self.together = sessions, seconds, together
+        self.began = time.time()
+        self.deadline = self.began + seconds
+        self.all_open = asyncio.Event()
+
+    def arrived(self) -> None:
+        """One session's page is open, or failed to open (called once per session)."""
+        self.left -= 1
+        if self.left == 0:
+            if self.together:
+                self.began = time.time()
+                self.deadline = self.began + self.seconds
+            self.all_open.set()
+
+    async def wait(self) -> float:
+        """Mark this session's page open and return the deadline (with ``together``, once all are open)."""
+        self.arrived()
+        if self.together:
+            await self.all_open.wait()
+        return self.deadline
+
+
 class Stats:
     def __init__(self):
+        self.opened: list[float] = []  # seconds from a page's request to its map and tabs showing
         self.latencies: list[float] = []  # Enter -> the page shows the new colouring, timed in the page
         self.observed: list[float] = []  # the same, as the benchmark's polling noticed it
         self.times: list[float] = []  # wall-clock time of each answered query
@@ -372,7 +409,7 @@ async def _think(rng: random.Random, think: float) -> None:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * think)
 
 
-async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeout_ms: int,
+async def session(browser, url: str, idx: int, opening: Opening, st: Stats, timeout_ms: int,
                   think: float = 0.0, select: bool = True) -> None:
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1200})
     page = await ctx.new_page()
@@ -383,10 +420,17 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
     page.on("console", lambda msg: msg.type == "error" and "ERR_NAME_NOT_RESOLVED" not in msg.text
             and st.errors.append(f"client {idx:02d}: console error: {msg.text[:200]}"))
     rng = random.Random(idx)
+    waited = False
     try:
-        await page.goto(url)
-        await page.locator(".bk-Canvas:visible").first.wait_for(state="visible")
-        await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+        t0 = time.perf_counter()
+        try:
+            await page.goto(url)
+            await page.locator(".bk-Canvas:visible").first.wait_for(state="visible")
+            await page.locator(".bk-tab", has_text="Zero-shot labels").first.wait_for(state="visible")
+            st.opened.append(time.perf_counter() - t0)
+        finally:
+            waited = True
+            deadline = await opening.wait()  # (a page that failed to open still lets the others begin)
         selected = None
         n = 0
         while time.time() < deadline:
@@ -428,6 +472,8 @@ async def session(browser, url: str, idx: int, deadline: float, st: Stats, timeo
     except Exception as err:  # noqa: BLE001
         st.errors.append(f"client {idx:02d}: {type(err).__name__}: {str(err)[:200]}")
     finally:
+        if not waited:
+            opening.arrived()
         await ctx.close()
 
 
@@ -481,12 +527,14 @@ async def run(args) -> dict:
                 await asyncio.sleep(2)
                 rss.append(("start", rss_mb(server.pid)))
                 per_round = args.minutes * 60 / args.rounds
+                began: list[float] = []  # when each round's measured minutes began
                 meter, stop = CpuMeter(server.pid), asyncio.Event()
                 metering = asyncio.ensure_future(meter.run(stop))
                 for r in range(args.rounds):
-                    deadline = time.time() + per_round
-                    await asyncio.gather(*(session(browser, url, i, deadline, st, args.timeout * 1000, args.think,
+                    opening = Opening(args.contexts, per_round, together=not args.query_while_opening)
+                    await asyncio.gather(*(session(browser, url, i, opening, st, args.timeout * 1000, args.think,
                                                    not args.no_select) for i in range(args.contexts)))
+                    began.append(opening.began)
                     if r == args.rounds - 1:
                         stop.set()
                         await metering
@@ -504,6 +552,12 @@ async def run(args) -> dict:
     first = rss[1][1] if len(rss) > 1 else end
     print(f"\nsessions {args.contexts} x {args.rounds} round(s), {args.minutes:g} min, think time {args.think:g} s; "
           f"cpu cores {os.cpu_count()}")
+    opened = sorted(st.opened)
+    print(f"pages opened {len(opened)} ({args.contexts} requested at once per round): "
+          f"p50 {statistics.median(opened) if opened else float('nan'):.1f} s, "
+          f"last {max(opened, default=float('nan')):.1f} s; "
+          + ("sessions acted as soon as their own page was open (--query-while-opening)" if args.query_while_opening
+             else "the measured minutes began when all were open"))
     print(f"queries {len(lat)}, zero-shot runs {st.zero_shot}, DE runs {st.de}, box selections {st.selections}")
     print(f"errors {len(st.errors)}")
     for e in st.errors[:40]:
@@ -517,7 +571,7 @@ async def run(args) -> dict:
     if obs:
         print(f"    as the benchmark noticed it (Playwright polls): p50 {statistics.median(obs):.2f} s, "
               f"p95 {_p95(obs):.2f} s")
-    for minute, part in per_minute(st.latencies, st.times):
+    for minute, part in per_minute(st.latencies, st.times, began[0] if args.rounds == 1 else None):
         print(f"    minute {minute}: {len(part)} queries, p50 {statistics.median(part):.2f} s, p95 {_p95(part):.2f} s")
     cpu = meter.totals()
     wall = meter.t1 - meter.t0
@@ -527,6 +581,7 @@ async def run(args) -> dict:
           + f"; growth {100 * (end - start) / start:+.1f} % (target <= 20 %), after the first round "
             f"{100 * (end - first) / first:+.1f} % (target <= 5 %)")
     return dict(errors=st.errors, isolation=st.isolation, latencies=st.latencies, observed=st.observed,
+                opened=st.opened,
                 zero_shot=st.zero_shot,
                 de=st.de, selections=st.selections, rss=rss, p50=p50, p95=p95, cpu=cpu)
 
@@ -542,6 +597,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "session fires its next action at once, a saturation test)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
     ap.add_argument("--no-select", action="store_true", help="sessions never box-select cells")
+    ap.add_argument("--query-while-opening", action="store_true",
+                    help="each session acts as soon as its own page is open and the minutes count from the first "
+                         "page's request (default: all pages are requested at once and the minutes begin when the "
+                         "last is open)")
     add_server_args(ap)
     ap.add_argument("--timeout", type=int, default=60, help="seconds one page action may take (default 60)")
     ap.add_argument("--first-timeout", type=int, default=300, help="seconds the first page may take (default 300)")

@@ -18,9 +18,10 @@ does what a page's BokehJS does on the wire, and nothing more:
 - zero-shot labels and a top-vs-bottom DE: a tab switch (``Tabs.active``), a ``button_click``, timed until the
   result table's data arrives, and back to the query tab,
 
-in the cycle of ``bench_load.py`` (query; zero-shot after the 1st, 5th, ... query; DE after the 3rd, 7th, ...;
-a pause of ``--think`` seconds on average before each action; no box selection). Nothing is drawn: the
-latencies are the server's (compute, Bokeh messages, the network stack) plus the client's decoding, which
+in the cycle of ``bench_load.py`` (all pages requested at once, the minutes counted once the last is open, or
+from the first request with ``--query-while-opening``; query; zero-shot after the 1st, 5th, ... query; DE after
+the 3rd, 7th, ...; a pause of ``--think`` seconds on average before each action; no box selection). Nothing is
+drawn: the latencies are the server's (compute, Bokeh messages, the network stack) plus the client's decoding, which
 is small (its process's CPU is printed). Printed: errors, isolation failures (another session's tag in the
 colour note or query history), p50/p95 latency of queries (also per minute), of zero-shot and of DE runs,
 the CPU seconds of the server and of the clients, the server's RSS at the start and the end.
@@ -320,7 +321,7 @@ def _check(s: ProtocolSession, idx: int, st: Stats, what: str) -> None:
         st.isolation.append(f"session {idx:02d} {what}: sees session(s) {sorted(others)}")
 
 
-async def session(url: str, idx: int, deadline: float, st: Stats, timeout: float, think: float) -> None:
+async def session(url: str, idx: int, opening: "bl.Opening", st: Stats, timeout: float, think: float) -> None:
     rng = random.Random(idx)
     s = ProtocolSession(url)
 
@@ -328,12 +329,17 @@ async def session(url: str, idx: int, deadline: float, st: Stats, timeout: float
         if think > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * think)
 
+    waited = False
     try:
         t0 = time.perf_counter()
-        await s.open(timeout)
-        await s.wait_for(lambda: s.find(TextInput, placeholder=bl.QUERY_BOX) is not None and s.main_tabs()
-                         is not None, timeout)
-        st.page_loads.append(time.perf_counter() - t0)
+        try:
+            await s.open(timeout)
+            await s.wait_for(lambda: s.find(TextInput, placeholder=bl.QUERY_BOX) is not None and s.main_tabs()
+                             is not None, timeout)
+            st.page_loads.append(time.perf_counter() - t0)
+        finally:
+            waited = True
+            deadline = await opening.wait()  # (a session that failed to open still lets the others begin)
         n = 0
         runs = {"zero-shot": 0, "DE": 0}
         while time.time() < deadline:
@@ -360,6 +366,8 @@ async def session(url: str, idx: int, deadline: float, st: Stats, timeout: float
     except Exception as err:  # noqa: BLE001
         st.errors.append(f"session {idx:02d}: {type(err).__name__}: {str(err)[:200]}")
     finally:
+        if not waited:
+            opening.arrived()
         await s.close()
 
 
@@ -406,8 +414,8 @@ async def run(args) -> dict:
             rss = [("start", bl.rss_mb(server.pid))]
             meter, stop = bl.CpuMeter(server.pid), asyncio.Event()
             metering = asyncio.ensure_future(meter.run(stop))
-            deadline = time.time() + args.minutes * 60
-            await asyncio.gather(*(session(url, i, deadline, st, args.timeout, args.think)
+            opening = bl.Opening(args.sessions, args.minutes * 60, together=not args.query_while_opening)
+            await asyncio.gather(*(session(url, i, opening, st, args.timeout, args.think)
                                    for i in range(args.sessions)))
             stop.set()
             await metering
@@ -428,7 +436,7 @@ async def run(args) -> dict:
         print("   ", e)
     print(f"page load (GET / to the document pulled and built): {_pct(st.page_loads)}")
     print(f"query latency (enter-pressed sent -> the session's document holds the colour note): {_pct(lat)}")
-    for minute, part in bl.per_minute(st.latencies, st.times):
+    for minute, part in bl.per_minute(st.latencies, st.times, opening.began):
         print(f"    minute {minute}: {len(part)} queries, {_pct(part)}")
     for what, values in st.runs.items():
         print(f"{what} run (click -> result table): {_pct(values)}")
@@ -450,6 +458,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--think", type=float, default=3.0, metavar="S",
                     help="a user's pause before each action, uniform in 0.5-1.5 x S seconds (default 3)")
     ap.add_argument("--quick", action="store_true", help="3 sessions for 1 minute")
+    ap.add_argument("--query-while-opening", action="store_true",
+                    help="each session acts as soon as its own page is open and the minutes count from the first "
+                         "page's request (default: all pages are requested at once and the minutes begin when the "
+                         "last is open)")
     bl.add_server_args(ap)
     ap.add_argument("--timeout", type=float, default=60, help="seconds one action may take (default 60)")
     ap.add_argument("--first-timeout", type=float, default=300, help="seconds the first session may take")
