@@ -380,6 +380,43 @@ def test_map_recoloured_in_place_hovers_zooms_and_opens_as_a_fresh_map(demo, kin
         _hover_equal(zoomed._hover_data, expected._hover_data)
 
 
+def test_a_first_query_labels_query_cycle_recolours_the_maps_it_has_drawn(demo):
+    """A session's first zero-shot run after a query and its first query after that recolour the maps already
+    drawn (their hover rows, fixed when drawn, always hold the zero-shot label and the query score), and the
+    hover then shows the new labels and scores."""
+    from bokeh.document import Document
+
+    from app import cache
+    from app.state import AppState
+    from app.views.map import MapView
+
+    base, model = demo
+    a = AppState(cache.session_adata(base), model)
+    view = MapView(a)
+    view.plot.get_root(Document())
+    opening = view._slots["other"].pane.object
+    assert set(_shown_layer(view)._hover_data["label"].values.ravel()) <= {"–", "-"}  # none predicted yet
+    xy = a.coords()
+    a.select_box(float(xy[:, 0].min()), float(xy[:, 1].min()), float(np.median(xy[:, 0])), float(xy[:, 1].max()))
+    a.run_query("B cells")
+    view.plot.get_root(Document())
+    scores = view._slots["continuous"].pane.object
+    # the new map shows the selection's outline (its pipe is created with the selection)
+    fig = list(view.plot._plots.values())[-1][0].state
+    lines = [r for r in fig.renderers if type(r.glyph).__name__ == "MultiLine"]
+    assert lines and len(lines[0].data_source.data["xs"][0]) == 5  # the box's corners, closed
+    a.run_zero_shot(["B cell", "T cell", "monocyte"])
+    assert view._active == "other" and view._slots["other"].pane.object is opening  # recoloured, not redrawn
+    shown = set(_shown_layer(view)._hover_data["label"].values.ravel()) - {"-"}
+    assert shown and shown <= {"B cell", "T cell", "monocyte"}
+    score = _shown_layer(view)._hover_data["score"].values
+    assert np.isfinite(score[score == score]).all() and np.isfinite(score).any()  # the query's scores
+    a.run_query("T cells")
+    assert view._active == "continuous" and view._slots["continuous"].pane.object is scores
+    shown = set(_shown_layer(view)._hover_data["label"].values.ravel()) - {"-"}
+    assert shown and shown <= {"B cell", "T cell", "monocyte"}
+
+
 def test_map_recolour_falls_back_to_holoviews_where_it_cannot_recolour(state):
     """``recolour_rendered`` leaves maps spread with dynspread (above 50,000 cells) and density maps to
     HoloViews: it returns False and changes nothing."""
@@ -781,7 +818,7 @@ def test_build_app_serves_shared_data_to_each_session(demo):
     cache.put_model("shared-tiny", model)
     try:
         page = build_app("shared-demo", "shared-tiny", name="demo")
-        assert isinstance(page, pn.template.FastListTemplate)
+        assert isinstance(page, pn.template.VanillaTemplate)
         assert cache.get_dataset("shared-demo") is base and cache.get_model("shared-tiny") is model
     finally:
         cache.clear()

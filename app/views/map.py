@@ -366,8 +366,7 @@ class MapView(StateView):
         spec = frame[1]
         self._set_categories(spec)
         slot.pane.object = obj
-        self._show(kind)
-        slot.outline.send(self.state.selection_geometry)
+        self._show(kind)  # (the outline's pipe was created with the current selection: nothing to send)
         self._after_draw(spec)
 
     def _recolour(self, slot: "_Slot", df, spec, colour_key: dict | None = None) -> None:
