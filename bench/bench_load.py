@@ -391,12 +391,21 @@ async def _debug_failed_selection(page, idx: int, attempt: int, tool, box) -> No
           f"colour note {note!r}, {canvases} canvases, first canvas at {box}; screenshot {path}", flush=True)
 
 
-async def _run_tab(page, tab: str, button: str, done_text: str, idx: int, st: Stats, what: str) -> bool:
-    """Open ``tab``, click ``button`` and wait for ``done_text``; an error is counted, not raised."""
+#: What shows that a run is done. Zero-shot labels colour the map (each run follows a query, so the colour note
+#: turns from the query's score to the labels); a DE run's summary line appears (from the second run on it
+#: already shows, as the volcano and table do: later DE runs are not waited for). Both tables show their columns
+#: before the first run (since 2026-12-03; their headers were waited for before).
+DONE = {"zero-shot": lambda page: page.locator(".colour-note-text", has_text="zero-shot label").first,
+        "DE": lambda page: page.get_by_text(re.compile(r"\d+ top vs \d+ bottom cells")).first}
+
+
+async def _run_tab(page, tab: str, button: str, idx: int, st: Stats, what: str) -> bool:
+    """Open ``tab``, click ``button`` and wait until the run shows (:data:`DONE`); an error is counted, not
+    raised."""
     try:
         await page.locator(".bk-tab", has_text=tab).first.click()
         await page.get_by_role("button", name=button).click()
-        await page.get_by_text(done_text).first.wait_for(state="visible")
+        await DONE[what](page).wait_for(state="visible")
         return True
     except Exception as err:  # noqa: BLE001 - counted
         st.errors.append(f"client {idx:02d} {what}: {type(err).__name__}")
@@ -465,9 +474,9 @@ async def session(browser, url: str, idx: int, opening: Opening, st: Stats, time
                     st.errors.append(f"client {idx:02d} box selection: {type(err).__name__}")
             if n % 4 in (1, 3):
                 await _think(rng, think)
-            if n % 4 == 1 and await _run_tab(page, "Zero-shot labels", "Label cells", "mean_confidence", idx, st, "zero-shot"):
+            if n % 4 == 1 and await _run_tab(page, "Zero-shot labels", "Label cells", idx, st, "zero-shot"):
                 st.zero_shot += 1
-            elif n % 4 == 3 and await _run_tab(page, "DE + enrichment", "Run DE", "logfoldchange", idx, st, "DE"):
+            elif n % 4 == 3 and await _run_tab(page, "DE + enrichment", "Run DE", idx, st, "DE"):
                 st.de += 1
     except Exception as err:  # noqa: BLE001
         st.errors.append(f"client {idx:02d}: {type(err).__name__}: {str(err)[:200]}")
@@ -521,7 +530,7 @@ async def run(args) -> dict:
                 # and one zero-shot run: the server's warm-up ends with the neighbour graph behind smoothed labels
                 await page.locator(".bk-tab", has_text="Zero-shot labels").first.click()
                 await page.get_by_role("button", name="Label cells").click()
-                await page.get_by_text("mean_confidence").first.wait_for(state="visible")
+                await DONE["zero-shot"](page).wait_for(state="visible")
                 await warm.close()
                 print(f"first page, query and zero-shot done after {time.perf_counter() - t0:.1f} s", flush=True)
                 await asyncio.sleep(2)

@@ -71,10 +71,11 @@ async def _first_query(page) -> None:
             continue
 
 
-async def _tab_action(page, tab: str, button: str, done: str) -> None:
+async def _tab_action(page, tab: str, button: str, what: str) -> None:
+    """Open ``tab``, click ``button``, wait until the run shows (``bench_load.DONE[what]``), back to the query tab."""
     await page.locator(".bk-tab", has_text=tab).first.click()
     await page.get_by_role("button", name=button).click()
-    await page.get_by_text(done).first.wait_for(state="visible")
+    await bl.DONE[what](page).wait_for(state="visible")
     await page.locator(".bk-tab", has_text="Query").first.click()
 
 
@@ -182,14 +183,17 @@ async def run(args) -> None:
                         await ctx.close()
                     return
                 if args.action == "cycle":  # on a second page: the first one's query waited for the model
+                    # and one zero-shot run, as bench_load.py's warm-up: the neighbour graph behind smoothed labels
+                    # and the default labels' text embeddings are built once per process
+                    await _tab_action(page, "Zero-shot labels", "Label cells", "zero-shot")
                     await ctx.close()
                     ctx, page, cdp = await _open(browser, url)
                     await _idle(server.pid)
                     await _cycle(page, server.pid, args.n)
                     return
                 if args.after_tabs:  # as in a longer visit: zero-shot and DE done once, their tabs on the page
-                    await _tab_action(page, "Zero-shot labels", "Label cells", "mean_confidence")
-                    await _tab_action(page, "DE + enrichment", "Run DE", "logfoldchange")
+                    await _tab_action(page, "Zero-shot labels", "Label cells", "zero-shot")
+                    await _tab_action(page, "DE + enrichment", "Run DE", "DE")
                 await _idle(server.pid)
                 m0, c0, b0, lat = await _metrics(cdp), cpu_seconds(server.pid), chromium_seconds(), []
                 f0 = dict(cdp.frames)
@@ -198,9 +202,9 @@ async def run(args) -> None:
                     if args.action == "query":
                         await _query(page, f"B cells {i}")
                     elif args.action == "zero-shot":
-                        await _tab_action(page, "Zero-shot labels", "Label cells", "mean_confidence")
+                        await _tab_action(page, "Zero-shot labels", "Label cells", "zero-shot")
                     else:
-                        await _tab_action(page, "DE + enrichment", "Run DE", "logfoldchange")
+                        await _tab_action(page, "DE + enrichment", "Run DE", "DE")
                     lat.append(time.perf_counter() - t0)
                     await asyncio.sleep(0.5)
                 m1, c1, b1 = await _metrics(cdp), cpu_seconds(server.pid), chromium_seconds()

@@ -62,6 +62,7 @@ _EXPORTS = {
     # analysis
     "de_top_vs_bottom": "tools.de",
     "de_groups": "tools.de",
+    "empty_de_table": "tools.de",
     "enrich": "tools.enrichment",
     "list_libraries": "io.genesets",
     "load_library": "io.genesets",

@@ -417,6 +417,25 @@ def test_a_first_query_labels_query_cycle_recolours_the_maps_it_has_drawn(demo):
     assert shown and shown <= {"B cell", "T cell", "monocyte"}
 
 
+def test_first_zero_shot_and_de_runs_send_rows_into_tables_that_show_their_columns(state):
+    """The zero-shot summary and the DE table show their result's columns before the first run; the first run
+    then fills the same table (the browser keeps it) rather than bringing a table of new columns."""
+    from app.views.analysis import DEView
+    from app.views.zero_shot import ZeroShotView
+
+    zs, de = ZeroShotView(state), DEView(state)
+    summary, de_table = zs.summary, de.de_table
+    summary_columns, de_columns = list(summary.value.columns), list(de_table.value.columns)
+    assert summary_columns == ["label", "cells", "mean_confidence"] and len(summary.value) == 0
+    assert de_columns[:5] == ["gene", "logfoldchange", "score", "pval", "pval_adj"] and len(de_table.value) == 0
+    state.run_query("B cells")
+    asyncio.run(zs._run())
+    asyncio.run(de._run_de())
+    assert zs.summary is summary and list(summary.value.columns) == summary_columns and len(summary.value) > 0
+    assert de.de_table is de_table and list(de_table.value.columns) == de_columns and len(de_table.value) > 0
+    assert de_table.value["gene"].iloc[0] == state.de_table["gene"].iloc[0]
+
+
 def test_map_recolour_falls_back_to_holoviews_where_it_cannot_recolour(state):
     """``recolour_rendered`` leaves maps spread with dynspread (above 50,000 cells) and density maps to
     HoloViews: it returns False and changes nothing."""

@@ -161,6 +161,8 @@ def test_zero_shot_labels_and_metrics(page):
     smooth = page.get_by_text("Smooth over neighbours").first  # Bokeh's checkbox: label and input share a shadow root
     assert smooth.evaluate("e => e.getRootNode().querySelector('input[type=checkbox]').checked") is True
     page.get_by_role("button", name="Label cells").click()
+    # (the summary shows its columns before the first run: the labels colouring the map say the run is done)
+    sync_api.expect(page.locator(".colour-note-text", has_text="zero-shot label")).to_be_visible()
     sync_api.expect(page.get_by_text("mean_confidence").first).to_be_visible()
     page.get_by_role("combobox", name="Ground-truth column").select_option("bulk_labels")
     page.get_by_role("button", name="Evaluate").click()
@@ -410,7 +412,7 @@ def test_unknown_gene_then_buttons_still_work(page):
     _shot(page, "ui_unknown_gene")
     _tab(page, "Zero-shot labels")
     page.get_by_role("button", name="Label cells").click()
-    sync_api.expect(page.get_by_text("mean_confidence").first).to_be_visible()
+    sync_api.expect(page.locator(".colour-note-text", has_text="zero-shot label")).to_be_visible()
     _tab(page, "Save / export")
     box = page.get_by_role("textbox", name="File name (saved in the server's export folder; an existing file is never replaced)")
     box.fill("after_unknown_gene")

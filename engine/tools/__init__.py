@@ -33,6 +33,7 @@ _EXPORTS = {
     "TEMPLATES": "queries",
     "de_top_vs_bottom": "de",
     "de_groups": "de",
+    "empty_de_table": "de",
     "enrich": "enrichment",
     "perturb": "perturbation",
     "perturb_scan": "perturbation",

@@ -283,23 +283,49 @@ def _run_test(adata, rows_a: np.ndarray, rows_b: np.ndarray, labels: tuple[str, 
     r = sub.uns["_de"]
     g = keep[np.asarray(r["names"][la]).astype(np.int64)]  # positions in var_names
     score = np.nan_to_num(np.asarray(r["scores"][la], dtype=np.float64), nan=0.0)
-    res = pd.DataFrame({
-        "gene": names[g] if gene_symbols is None else symbols[g],
-        "logfoldchange": np.asarray(r["logfoldchanges"][la], dtype=np.float64),
-        "score": score,
-        "pval": np.nan_to_num(np.asarray(r["pvals"][la], dtype=np.float64), nan=1.0),
-        "pval_adj": np.nan_to_num(np.asarray(r["pvals_adj"][la], dtype=np.float64), nan=1.0),
-        "mean_" + la: sum_a[g] / n_a,
-        "mean_" + lb: sum_b[g] / n_b,
-        "pct_" + la: nnz_a[g] / n_a,
-        "pct_" + lb: nnz_b[g] / n_b,
-        "direction": pd.Categorical(np.where(score > 0, "up", "down"), categories=["up", "down"]),
-    })
-    if gene_symbols is not None:
-        res.insert(1, "gene_id", names[g])
+    res = result_frame(
+        labels, names[g] if gene_symbols is None else symbols[g],
+        logfoldchange=r["logfoldchanges"][la], score=score,
+        pval=np.nan_to_num(np.asarray(r["pvals"][la], dtype=np.float64), nan=1.0),
+        pval_adj=np.nan_to_num(np.asarray(r["pvals_adj"][la], dtype=np.float64), nan=1.0),
+        mean=(sum_a[g] / n_a, sum_b[g] / n_b), pct=(nnz_a[g] / n_a, nnz_b[g] / n_b),
+        gene_id=names[g] if gene_symbols is not None else None)
     res = res.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     info = {"matrix": source, "n_genes_tested": int(keep.size), "n_genes_total": int(len(names))}
     return res, info
+
+
+def result_frame(labels: tuple[str, str], gene, *, logfoldchange, score, pval, pval_adj, mean: tuple, pct: tuple,
+                 gene_id=None) -> pd.DataFrame:
+    """The DE result table of two groups ``labels = (a, b)``, one row per gene (the order given): ``gene``
+    (object), [``gene_id``,] ``logfoldchange``, ``score``, ``pval``, ``pval_adj``, ``mean_<a>``, ``mean_<b>``,
+    ``pct_<a>``, ``pct_<b>`` (float64) and ``direction`` (categorical ``up``/``down``, the sign of ``score``).
+    Empty arrays give the empty table of the same columns and dtypes."""
+    la, lb = labels
+    score = np.asarray(score, dtype=np.float64)
+    res = pd.DataFrame({
+        "gene": np.asarray(gene, dtype=object),
+        "logfoldchange": np.asarray(logfoldchange, dtype=np.float64),
+        "score": score,
+        "pval": np.asarray(pval, dtype=np.float64),
+        "pval_adj": np.asarray(pval_adj, dtype=np.float64),
+        "mean_" + la: np.asarray(mean[0], dtype=np.float64),
+        "mean_" + lb: np.asarray(mean[1], dtype=np.float64),
+        "pct_" + la: np.asarray(pct[0], dtype=np.float64),
+        "pct_" + lb: np.asarray(pct[1], dtype=np.float64),
+        "direction": pd.Categorical(np.where(score > 0, "up", "down"), categories=["up", "down"]),
+    })
+    if gene_id is not None:
+        res.insert(1, "gene_id", np.asarray(gene_id, dtype=object))
+    return res
+
+
+def empty_result(labels: tuple[str, str], *, gene_ids: bool = False) -> pd.DataFrame:
+    """The columns and dtypes of a DE result of groups ``labels`` (:func:`result_frame`), with no rows."""
+    none = np.zeros(0)
+    return result_frame(labels, np.zeros(0, dtype=object), logfoldchange=none, score=none, pval=none,
+                        pval_adj=none, mean=(none, none), pct=(none, none),
+                        gene_id=np.zeros(0, dtype=object) if gene_ids else None)
 
 
 def _store(adata, key_added: str, labels: tuple[str, str], rows_a, rows_b, res: pd.DataFrame, params: dict) -> None:

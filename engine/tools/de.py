@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AnalysisError, DataError, EmptySelectionError
-from ._de_common import _MIN_CELLS, _MIN_N, Method, _check_method, _finish, _resolve_scores, _run_test, _store, _to_mask
+from ._de_common import (_MIN_CELLS, _MIN_N, Method, _check_method, _finish, _resolve_scores, _run_test, _store,
+                         _to_mask, empty_result)
 
-__all__ = ["de_top_vs_bottom", "de_groups"]
+__all__ = ["de_top_vs_bottom", "de_groups", "empty_de_table"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,25 @@ def de_top_vs_bottom(
         "n_used": int(n_used), "reduced_from": reduced_from, "n_ranked": n_ranked, "n_nan": n_nan,
         "method": method, "key_added": key_added, "scores": score_source, "messages": messages, **info,
     })
+
+
+def empty_de_table(*, gene_symbols: bool = False) -> pd.DataFrame:
+    """The table :func:`de_top_vs_bottom` returns, with its columns and dtypes but no rows: for a view that shows
+    the result's columns before the first run (and then only replaces the rows).
+
+    Parameters
+    ----------
+    gene_symbols
+        Whether the run passes ``gene_symbols`` (the table then has a ``gene_id`` column after ``gene``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        0 rows; ``gene`` (object), [``gene_id`` (object),] ``logfoldchange``, ``score``, ``pval``, ``pval_adj``,
+        ``mean_top``, ``mean_bottom``, ``pct_top``, ``pct_bottom`` (float64), ``direction`` (categorical
+        ``up``/``down``).
+    """
+    return empty_result(("top", "bottom"), gene_ids=gene_symbols)
 
 
 def de_groups(
