@@ -88,7 +88,7 @@ class DEView(StateView):
         self.volcano_plot.figure.title.text = "Run DE to draw the volcano plot"
         self.volcano = pn.pane.Bokeh(self.volcano_plot.figure)
         # the result's columns from the start: the first run then sends its rows only, as every later run does
-        # (a first run that replaced an empty table made the browser build a new one: about 0.5 s)
+        # (a first run that replaced an empty table made the browser build a new one)
         shown, fmt = display_table(engine.empty_de_table())
         self.de_table = table_widget(value=shown, formatters=fmt, height=400, page_size=12)
         self.de_holder = pn.Column(self.de_table, sizing_mode="stretch_width")

@@ -69,7 +69,7 @@ class ZeroShotView(StateView):
             margin=(8, 0, 0, 0))
         self.run_button = pn.widgets.Button(label="Label cells", color="primary", width=130)
         # the summary's columns from the start: a run then sends its rows only (a first run that brought the
-        # columns made the browser set the table up again: 0.2-0.3 s of a page's main thread)
+        # columns made the browser set the table up again)
         self.summary = table_widget(value=SUMMARY_COLUMNS.copy(), height=260, page_size=10)
         self.truth = pn.widgets.Select(label="Ground-truth column", options=[NO_TRUTH] + state.truth_columns(), width=220)
         self.eval_button = pn.widgets.Button(label="Evaluate", color="default", width=110, margin=(23, 5, 5, 5))
