@@ -158,7 +158,8 @@ def warm_up(args: argparse.Namespace) -> None:
     """Prepare in background threads while the server starts.
 
     First the dataset and the plotting kernels (datashader's numba compilation), which the first paint
-    needs; then the model, the embeddings and the neighbour-smoothed embeddings of zero-shot labelling.
+    needs; then the model, the embeddings, the neighbour-smoothed embeddings of zero-shot labelling and the
+    DE test's kernels (:func:`app.cache.warm_de`).
     """
     import threading
 
@@ -189,6 +190,7 @@ def warm_up(args: argparse.Namespace) -> None:
             # served backed starts with smoothing off (its graph takes minutes), computed when a user asks
             if not (args.backed and adata.n_obs >= LARGE_LAYOUT_FROM):
                 cache.smoothed_key(adata, None, model)
+            cache.warm_de(adata)  # the DE test's numba kernels (compiled once per installation)
         except Exception as err:  # noqa: BLE001 - the page shows errors to the user
             log.warning("warm-up: %s", err)
         freeze_startup_objects()

@@ -69,6 +69,17 @@ def test_embedding_job_runs_in_background(demo, tiny_text_dir):
     np.testing.assert_allclose(fresh.obsm["transcriptome_embeds"], base.obsm["transcriptome_embeds"], atol=1e-5)
 
 
+def test_the_servers_de_warm_up_runs_on_a_copy_and_leaves_the_dataset_as_it_was(demo):
+    from app import cache
+
+    base, _ = demo
+    obs, uns, x = list(base.obs.columns), set(base.uns.keys()), base.X.copy()
+    assert cache.warm_de(base) is True
+    assert list(base.obs.columns) == obs and set(base.uns.keys()) == uns  # no de_top_vs_bottom keys
+    np.testing.assert_array_equal(base.X, x)
+    assert cache.warm_de(base[:5]) is False  # too few cells for 3 top and 3 bottom
+
+
 # ---------------------------------------------------------------------- colouring and queries
 def test_default_colour_is_a_cell_type_column(state):
     assert state.color_by == "bulk_labels"
