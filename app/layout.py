@@ -249,9 +249,6 @@ class Explorer(pn.viewable.Viewer):
             self.status.start()
         else:
             self.state.notify_data_warnings()
-        doc = pn.state.curdoc
-        if doc is not None and doc.session_context is not None:  # served: once the page is shown, on a later tick
-            pn.state.onload(lambda: pn.state.execute(self.prepare, schedule=True))
 
     @property
     def adata(self):
@@ -288,17 +285,6 @@ class Explorer(pn.viewable.Viewer):
     perturb = property(lambda self: self._view("perturb"), doc="The perturbation tab.")
     export = property(lambda self: self._view("export"), doc="The save / export tab.")
     about = property(lambda self: self._view("about"), doc="The about tab.")
-
-    def prepare(self) -> None:
-        """What a served page draws ahead once it is shown, while its user reads and types: the map of a query's
-        scores (:meth:`app.views.map.MapView.prepare_score_map`), so that the session's first query recolours
-        a drawn map instead of drawing one. Errors are logged only: the first query then draws its map."""
-        if self._closed:
-            return
-        try:
-            self.map.prepare_score_map()
-        except Exception:  # noqa: BLE001 - work ahead only; the first query draws the map itself
-            log.warning("preparing the score map failed", exc_info=True)
 
     def jobs(self) -> list:
         """Every :class:`~app.views.common.Job` of this page's views."""
