@@ -485,7 +485,10 @@ def test_closed_sessions_free_their_state(demo, tmp_path):
     port = free_port()
     server = pn.serve({"/": lambda: build_app("lab-demo", "lab-tiny", name="demo", save_dir=str(tmp_path))},
                       port=port, address="127.0.0.1", threaded=True, show=False,
-                      check_unused_sessions_milliseconds=200, unused_session_lifetime_milliseconds=5000)
+                      # a session nobody connects to expires this long after its page was built: long enough
+                      # for the pages below to be built and used first on a slow machine (with 5 s, a session
+                      # built early expired before its turn on a machine running three times slower, 2026-12-04)
+                      check_unused_sessions_milliseconds=200, unused_session_lifetime_milliseconds=20000)
     try:
         url = f"http://127.0.0.1:{port}/"
         deadline = time.time() + 60
@@ -518,7 +521,7 @@ def test_closed_sessions_free_their_state(demo, tmp_path):
             refs.append((weakref.ref(ex.state), ex))
         del use
         del explorers, ex
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while ids & set(SESSIONS) and time.time() < deadline:
             time.sleep(0.1)
         assert not ids & set(SESSIONS)
