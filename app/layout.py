@@ -388,11 +388,17 @@ def _page_template(sidebar: list, main: list) -> pn.template.VanillaTemplate:
         # page in the browser; each job shows its own progress bar instead (app.views.common.Job)
         busy_indicator=None)
     page.config.raw_css.append(PAGE_FONT_CSS)
+    # Panel's template links Google's Lato stylesheet into every page. Lexicell pages load nothing from outside
+    # the server: a lab's browsers do not tell Google who opens the app, and a network that drops outside
+    # traffic does not hold the page's first paint until that request times out. (An instance attribute: the
+    # class, which names the template's bundled files, stays Panel's.)
+    page._resources = {rt: {k: v for k, v in res.items() if "//" not in str(v)} if isinstance(res, dict) else res
+                       for rt, res in type(page)._resources.items()}
     return page
 
 
-#: System fonts: the app works offline (the template still asks Google for Lato; a miss is harmless). Set on
-#: ``body``, which wins over the template's own ``:root`` value; shadow roots (Bokeh's views) inherit it.
+#: System fonts: the app loads nothing from outside the server (no web fonts). Set on ``body``, which wins
+#: over the template's own ``:root`` value; shadow roots (Bokeh's views) inherit it.
 PAGE_FONT_CSS = "body { --bokeh-base-font: -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif; }"
 
 
