@@ -128,12 +128,13 @@ class EmbeddingStatus(pn.viewable.Viewer):
     def _say(self) -> None:
         st = self.explorer.state
         if st.model is None:
-            text = "Loading the model… The map shows the dataset's own layout meanwhile."
+            text = ("Loading the model… The map shows the dataset's own layout meanwhile; a query typed now is "
+                    "scored once the cells are embedded.")
         else:
             job = self.job
             detail = f": {job.stage} ({job.batches_done}/{job.n_batches} batches)" if job is not None else ""
             text = (f"Embedding {st.n_cells:,} cells with model **{plain(st.model.name)}**{plain(detail)}. The map shows the "
-                    "existing layout meanwhile; queries and labels become available when this is done.")
+                    "existing layout meanwhile; a query typed now is scored when this is done.")
         self.alert.param.update(object=text, alert_type="info", visible=True)
 
     async def wait(self) -> None:
@@ -181,6 +182,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
             return
         self.progress.visible = False
         self.cancel.visible = False
+        pending = self.explorer.query.pending  # typed meanwhile: scored on the next tick (QueryView)
         st.attach_embeddings(self.explorer.base)
         log.debug("state %x embeddings attached: ready=%s, model=%s, obsm=%s, base obsm=%s", id(st), st.embeds_ready,
                   st.model is not None, list(st.adata.obsm.keys()), list(self.explorer.base.obsm.keys()))
@@ -189,7 +191,8 @@ class EmbeddingStatus(pn.viewable.Viewer):
         if notes:  # e.g. mouse genes read through human orthologs, repeated gene names summed
             st.notify(f"Embeddings ready for {st.n_cells:,} cells. Note: " + " ".join(notes), "warning")
         else:
-            st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: type a query.", "success")
+            st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: "
+                      + (f"scoring “{plain(pending.strip()[:80])}”." if pending else "type a query."), "success")
 
 
 class Explorer(pn.viewable.Viewer):
@@ -287,16 +290,9 @@ class Explorer(pn.viewable.Viewer):
     about = property(lambda self: self._view("about"), doc="The about tab.")
 
     def prepare(self) -> bool:
-        """Draw ahead, hidden, the map of a query's scores (:meth:`app.views.map.MapView.prepare_score_map`), so
-        that the session's first query recolours a drawn map instead of drawing one. Served pages call this
-        before their first document is made (:func:`build_app`); in Jupyter it is optional. Errors are logged
-        only: the first query then draws its map itself.
-
-        Returns
-        -------
-        bool
-            Whether the map was drawn now.
-        """
+        """Draw ahead, hidden, the map of a query's scores (:meth:`app.views.map.MapView.prepare_score_map`);
+        served pages do before their first document is made (:func:`build_app`). Returns whether it was drawn
+        now; errors are logged only (the first query then draws its map itself)."""
         if self._closed:
             return False
         try:
@@ -528,9 +524,8 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     if data_future.done() and data_future.exception() is None:
         explorer = Explorer(data_future.result(), cache.model_future(model), **opts)
         _register_session(explorer)
-        # the map of a query's scores is drawn, hidden, into the page's first document, so that the session's
-        # first query recolours it instead of drawing a new map (MapView.prepare_score_map); pages built while
-        # the dataset loads (below) draw it at their first query, as before
+        # the map of a query's scores, drawn hidden into the page's first document: the first query recolours it
+        # (pages built while the dataset loads, below, draw it at their first query)
         explorer.prepare()
         return explorer.template()
 

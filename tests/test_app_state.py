@@ -124,6 +124,31 @@ def test_query_before_embeddings_is_a_clear_error(demo):
     assert st.color_spec().kind == "categorical"  # the map works without the model
 
 
+def test_a_query_typed_before_the_embeddings_waits_for_them_then_runs(demo):
+    """The page is usable while the model loads: a query typed then is kept (the last one typed) and scored once
+    the cells are embedded, with the "embeddings ready" notice left in place, instead of an error."""
+    import asyncio
+
+    from app import cache
+    from app.state import AppState
+    from app.views.query import QueryView
+
+    base, model = demo
+    st = AppState(cache.session_adata(base), None)
+    view = QueryView(st)
+    for text in ("T cells", "B cells"):
+        view.text.param.update(value=text, value_input=text)
+        asyncio.run(view._search())
+    assert view.pending == "B cells" and st.scores is None and st.message_kind == "info"
+    assert "“B cells” will be scored as soon as the cells are embedded" in st.message
+    st.notify("Embeddings ready. Note: 12 repeated gene names were summed.", "warning")  # as the page says
+    st.set_model(model)
+    st.attach_embeddings(base)
+    assert st.query == "B cells" and st.scores is not None and view.pending is None
+    assert list(view.history.options) == ["B cells"]
+    assert st.message.startswith("Embeddings ready. Note:")  # the waiting query leaves the page's notice
+
+
 def test_gene_colouring(state):
     state.set_gene("cd3d")  # case-insensitive
     spec = state.color_spec()

@@ -1,6 +1,8 @@
 """Free-text query: type a description, cells are coloured by how well they match (CellWhisperer's search)."""
 from __future__ import annotations
 
+from functools import partial
+
 import panel as pn
 
 from ..state import AppState
@@ -29,6 +31,8 @@ class QueryView(StateView):
         self.keep = pn.widgets.Button(label="Keep as obs column", color="default", width=160, margin=(23, 5, 5, 5))
         self.timing = panes.Markdown("", margin=(0, 5))
         self._syncing = False
+        #: a query typed before the cells were embedded, run once they are (the latest one typed)
+        self.pending: str | None = None
 
         self.search.on_click(self._search)
         self.text.param.watch(self._search, "enter_pressed")
@@ -37,6 +41,7 @@ class QueryView(StateView):
         self.keep.on_click(lambda event: self.job.guard(lambda: self.state.keep_query(self.keep_name.value or None)))
         self.state.param.watch(self._on_history, "history")
         self.state.param.watch(self._on_query, "query")
+        self.state.param.watch(self._on_embeds_ready, "embeds_ready")
 
     def bar(self) -> pn.Column:
         """The query bar shown above the map."""
@@ -55,16 +60,33 @@ class QueryView(StateView):
             sizing_mode="stretch_width",
         )
 
-    async def _search(self, event=None):
-        text = self.text.value_input if self.text.value_input is not None else self.text.value
+    async def _search(self, event=None, *, text: str | None = None, clear_notice: bool = True):
+        if text is None:
+            text = self.text.value_input if self.text.value_input is not None else self.text.value
         st = self.state
-        st.notify("")  # a new query replaces older notices
+        if not st.embeds_ready and text and text.strip():
+            # the page is usable while the model loads and the cells are embedded: the query waits for them
+            # (the last one typed), instead of failing with "still being embedded"
+            self.pending = text
+            st.notify(f"“{text.strip()[:80]}” will be scored as soon as the cells are embedded (progress above).",
+                      "info")
+            return
+        if clear_notice:
+            st.notify("")  # a new query replaces older notices
 
         def apply(rec):
             st.apply_query(rec)
             self.timing.object = f"Scored {st.n_cells:,} cells in {rec.seconds * 1000:.0f} ms."
 
         await self.job.run(lambda: st.compute_query(text), apply, label="Scoring cells", disable=[self.search])
+
+    def _on_embeds_ready(self, event) -> None:
+        """Run the query typed while the cells were being embedded, on a later tick (after the page has taken
+        over the embeddings and shown that they are ready; that notice is kept)."""
+        if not event.new or self.pending is None:
+            return
+        text, self.pending = self.pending, None
+        pn.state.execute(partial(self._search, text=text, clear_notice=False))
 
     async def _example(self, event):
         if event.new:
