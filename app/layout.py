@@ -289,18 +289,6 @@ class Explorer(pn.viewable.Viewer):
     export = property(lambda self: self._view("export"), doc="The save / export tab.")
     about = property(lambda self: self._view("about"), doc="The about tab.")
 
-    def prepare(self) -> bool:
-        """Draw ahead, hidden, the map of a query's scores (:meth:`app.views.map.MapView.prepare_score_map`);
-        served pages do before their first document is made (:func:`build_app`). Returns whether it was drawn
-        now; errors are logged only (the first query then draws its map itself)."""
-        if self._closed:
-            return False
-        try:
-            return self.map.prepare_score_map()
-        except Exception:  # noqa: BLE001 - work ahead only; the first query draws the map itself
-            log.warning("preparing the score map failed", exc_info=True)
-            return False
-
     def jobs(self) -> list:
         """Every :class:`~app.views.common.Job` of this page's views."""
         from .views.common import Job
@@ -524,9 +512,6 @@ def build_app(data: str | None = None, model: str | None = None, *, name: str | 
     if data_future.done() and data_future.exception() is None:
         explorer = Explorer(data_future.result(), cache.model_future(model), **opts)
         _register_session(explorer)
-        # the map of a query's scores, drawn hidden into the page's first document: the first query recolours it
-        # (pages built while the dataset loads, below, draw it at their first query)
-        explorer.prepare()
         return explorer.template()
 
     sidebar = pn.Column(panes.Markdown(f"**{plain(name)}**  \nloading…"), sizing_mode="stretch_width")

@@ -453,51 +453,6 @@ def test_a_first_query_labels_query_cycle_recolours_the_maps_it_has_drawn(demo):
     assert shown and shown <= {"B cell", "T cell", "monocyte"}
 
 
-def test_a_score_map_drawn_ahead_is_recoloured_by_the_first_query_unless_the_view_was_zoomed(demo):
-    """A served page draws the map of a query's scores while hidden (``prepare_score_map``); the first query
-    then shows and recolours that map. Zoomed in before the first query, the user gets a new map at the zoom."""
-    from bokeh.document import Document
-
-    from app import cache
-    from app.state import AppState
-    from app.views.map import MapView
-
-    base, model = demo
-    a = AppState(cache.session_adata(base), model)
-    view = MapView(a)
-    view.plot.get_root(Document())
-    cont = view._slots["continuous"]
-    assert view.prepare_score_map() is True and view.prepare_score_map() is False  # once
-    prepared = cont.pane.object
-    cont.pane.get_root(Document())  # the page renders the hidden pane too
-    assert view._active == "other" and cont.unseen
-    a.run_query("B cells")
-    assert view._active == "continuous" and cont.pane.object is prepared and not cont.unseen
-    layer = _shown_layer(view)
-    hover = layer._hover_data["score"].values
-    hover = hover[np.isfinite(hover)]  # pixels without cells are NaN
-    assert hover.size and set(hover.tolist()) <= set(a.scores.astype(np.float32).tolist())  # not the NaN drawn ahead
-    mapper = layer.handles["color_mapper"]
-    lo, hi = a.color_spec().clim
-    assert (mapper.low, mapper.high) == pytest.approx((lo, hi))
-
-    b = AppState(cache.session_adata(base), model)
-    zoomed = MapView(b)
-    zoomed.plot.get_root(Document())
-    zoomed.prepare_score_map()
-    prepared = zoomed._slots["continuous"].pane.object
-    xy = b.coords()
-    x0, x1 = float(np.quantile(xy[:, 0], 0.2)), float(np.quantile(xy[:, 0], 0.6))
-    y0, y1 = float(np.quantile(xy[:, 1], 0.2)), float(np.quantile(xy[:, 1], 0.6))
-    zoomed._on_range(x_range=(x0, x1), y_range=(y0, y1))  # the user zoomed the cell-type map
-    b.run_query("B cells")
-    new = zoomed._slots["continuous"].pane.object
-    assert new is not prepared
-    zoomed.plot.get_root(Document())
-    fig = list(zoomed.plot._plots.values())[-1][0].state
-    assert (fig.x_range.start, fig.x_range.end) == pytest.approx((x0, x1))
-
-
 def test_first_zero_shot_and_de_runs_send_rows_into_tables_that_show_their_columns(state):
     """The zero-shot summary and the DE table show their result's columns before the first run; the first run
     then fills the same table (the browser keeps it) rather than bringing a table of new columns."""

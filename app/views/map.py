@@ -297,7 +297,6 @@ class MapView(StateView):
             stage(self._slots[self._active].box, False)
             self._active = kind
             slot = self._slots[kind]
-            slot.unseen = False
             # the selection's outline, when it changed while this pane was hidden (a HoloViews redraw otherwise)
             if slot.outline is not None and slot.outline.data is not self.state.selection_geometry:
                 slot.outline.send(self.state.selection_geometry)
@@ -310,8 +309,6 @@ class MapView(StateView):
             df, spec = frame
             kind = _slot_kind(spec)
             slot = self._slots[kind]
-            if slot.unseen and slot.ranges != (self._ranges if self._zoomed(df) else None):
-                slot.key = None  # prepared at another zoom than the view's now: drawn anew at the view's
             if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
                 colour_key = (plots.category_key(list(df["color"].cat.categories), spec.colors)
                               if spec.kind == "categorical" and slot.style is not None else None)
@@ -343,7 +340,11 @@ class MapView(StateView):
         else:
             kind = self._active
             slot = self._slots[kind]
-        if not self._draw_new(slot, frame):
+        for s in slot.streams:
+            s.clear()
+            s.source = None
+        fig = self._figure(frame, slot)
+        if fig is None:
             self.placeholder.param.update(
                 object="This dataset has no 2-D layout yet: it appears when the embeddings and UMAP are ready.",
                 visible=True)
@@ -353,22 +354,8 @@ class MapView(StateView):
                 sl.key = sl.pipe = sl.style = None
             self._update_side()
             return
-        self.placeholder.visible = False
-        spec = frame[1]
-        self._set_categories(spec)
-        self._show(kind)  # (the outline's pipe was created with the current selection: nothing to send)
-        self._after_draw(spec)
-
-    def _draw_new(self, slot: "_Slot", frame) -> bool:
-        """Draw ``frame`` as a new figure in ``slot``'s pane, with its selection streams (shown or not, as the
-        slot is); False when there is nothing to draw (no layout)."""
-        for s in slot.streams:
-            s.clear()
-            s.source = None
-        fig = self._figure(frame, slot)
-        if fig is None:
-            return False
         obj, main = fig
+        self.placeholder.visible = False
         bounds = hv.streams.BoundsXY(source=main)
         lasso = hv.streams.Lasso(source=main)
         rng = hv.streams.RangeXY(source=main)
@@ -376,44 +363,11 @@ class MapView(StateView):
         lasso.add_subscriber(self._on_lasso)
         rng.add_subscriber(self._on_range)
         slot.streams = [bounds, lasso, rng]
-        slot.ranges = self._ranges if self._zoomed(frame[0]) else None
+        spec = frame[1]
+        self._set_categories(spec)
         slot.pane.object = obj
-        return True
-
-    def prepare_score_map(self) -> bool:
-        """Draw the map of a query's scores, hidden, before the session's first query (a served page does this
-        while it is built, when its dataset is loaded already: :func:`app.layout.build_app`).
-
-        A first query otherwise drew a new map, the most expensive step of a session's first cycle (about
-        0.6 s of the server's event loop and 0.7 s of the browser, ``bench/bench_page_cost.py --action
-        cycle``); drawn with the page, the first query only recolours it, as every later one does. It is drawn
-        into the page's first document, never sent later as a change: drawn after the page was shown (2026-12-04),
-        pages opened while the server was still loading failed with "reference ... isn't known" in Chromium. The map drawn has a query's columns and colouring kind (diverging, every value 0, the
-        hover's ``score`` column NaN); if the view is zoomed when the first query comes, that query draws a new
-        map at the zoom instead, as before.
-
-        Returns
-        -------
-        bool
-            True when the map was drawn; False when a continuous map exists already (a gene or a query was
-            shown), the session has no layout yet or was closed.
-        """
-        st = self.state
-        slot = self._slots["continuous"]
-        if slot.pane.object is not None or st.adata is None or st.scores is not None:
-            return False
-        xy = st.coords()
-        if xy is None:
-            return False
-        spec = plots.ColorSpec("diverging", np.zeros(len(xy), dtype=np.float32), name="score", clim=(-1.0, 1.0),
-                               center=0.0)
-        frame = (plots.cell_frame(xy, spec, cell_ids=st.adata.obs_names, extra=st.hover_extra()), spec)
-        t0 = time.perf_counter()
-        with batched():
-            drawn = self._draw_new(slot, frame)
-        slot.unseen = drawn
-        log.debug("score map prepared in %.3f s", time.perf_counter() - t0)
-        return drawn
+        self._show(kind)  # (the outline's pipe was created with the current selection: nothing to send)
+        self._after_draw(spec)
 
     def _recolour(self, slot: "_Slot", df, spec, colour_key: dict | None = None) -> None:
         """Recolour the slot's map in every page that shows it, after its new table and style were stored.
@@ -512,7 +466,7 @@ class MapView(StateView):
 @dataclass
 class _Slot:
     """One map pane and what recolours it in place: its data pipe, colour key of a categorical colouring
-    (``style.color_key``), outline pipe, selection streams, key and the zoom it was drawn at."""
+    (``style.color_key``), outline pipe, selection streams and key."""
 
     pane: pn.pane.HoloViews
     box: pn.Column
@@ -522,10 +476,6 @@ class _Slot:
     outline: object = None
     key: tuple | None = None
     streams: list = field(default_factory=list)
-    #: the zoom the figure was drawn at (``(x_range, y_range)``; None: the cells' whole extent)
-    ranges: tuple | None = None
-    #: drawn ahead and not shown yet (:meth:`MapView.prepare_score_map`)
-    unseen: bool = False
 
 
 def _same_frame(shown, new) -> bool:
