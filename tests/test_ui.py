@@ -129,30 +129,6 @@ def test_page_loads(page):
     _shot(page, "ui_loaded")
 
 
-def test_the_page_loads_nothing_from_outside_the_server(browser, served):
-    """A lab's browsers ask only the Lexicell server for the page, its scripts, styles and fonts (Panel's
-    template linked Google's Lato stylesheet until 2026-12-04), also once every tab has been opened."""
-    url, _ = served
-    origin = url.split("/", 3)[:3]
-    ctx = browser.new_context(viewport={"width": 1500, "height": 1900})
-    outside = []
-    ctx.on("request", lambda r: r.url.split("/", 3)[:3] != origin and not r.url.startswith(("blob:", "data:"))
-           and outside.append(r.url))
-    try:
-        pg = ctx.new_page()
-        pg.set_default_timeout(TIMEOUT)
-        pg.goto(url)
-        pg.locator(".bk-Canvas:visible").first.wait_for(state="visible")
-        for name in ("Zero-shot labels", "Describe selection", "DE + enrichment", "Perturbation", "Save / export",
-                     "About", "Query"):
-            _tab(pg, name)
-            pg.wait_for_timeout(300)
-        pg.wait_for_timeout(1000)
-    finally:
-        ctx.close()
-    assert outside == []
-
-
 def _map_pixels(page) -> bytes:
     return page.locator(".bk-Canvas:visible").first.screenshot()
 
