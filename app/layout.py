@@ -182,7 +182,8 @@ class EmbeddingStatus(pn.viewable.Viewer):
             return
         self.progress.visible = False
         self.cancel.visible = False
-        pending = self.explorer.query.pending  # typed meanwhile: scored on the next tick (QueryView)
+        # typed meanwhile: scored on the next tick (QueryView); the page escapes every message (Explorer._on_message)
+        pending = self.explorer.query.pending
         st.attach_embeddings(self.explorer.base)
         log.debug("state %x embeddings attached: ready=%s, model=%s, obsm=%s, base obsm=%s", id(st), st.embeds_ready,
                   st.model is not None, list(st.adata.obsm.keys()), list(self.explorer.base.obsm.keys()))
@@ -192,7 +193,7 @@ class EmbeddingStatus(pn.viewable.Viewer):
             st.notify(f"Embeddings ready for {st.n_cells:,} cells. Note: " + " ".join(notes), "warning")
         else:
             st.notify(f"Model loaded and embeddings ready for {st.n_cells:,} cells: "
-                      + (f"scoring “{plain(pending.strip()[:80])}”." if pending else "type a query."), "success")
+                      + (f"scoring “{pending.strip()[:80]}”." if pending else "type a query."), "success")
 
 
 class Explorer(pn.viewable.Viewer):
