@@ -192,10 +192,11 @@ def test_pages_opened_while_the_server_loads_the_data_answer_their_first_query(t
     """Three Chromium pages opened together as soon as the server answers, while it still reads the demo and
     loads the model (each page is built when the data arrive), each answer a first query typed once as soon as
     the query box shows (it waits for the embeddings, and the page says so), no page reports a JavaScript
-    error, and no page requests anything from outside the server (``run_app.py`` serves them, as in a lab). (A score map drawn ahead of the first query, tried on 2026-12-04 and withdrawn, broke
-    such pages in a one-off script: they were sent changes naming map models they had never received,
-    "reference pNNNN isn't known", in 5 of 6 runs. This test, run twice against that code, passed: the failure
-    depends on timing, and this is a check of the scenario, not a reproduction of it.)"""
+    error, and no page requests anything from outside the server (``run_app.py`` serves them, as in a lab).
+    (A score map drawn ahead of the first query, tried on 2026-12-04 and withdrawn, broke such pages in a
+    one-off script: they were sent changes naming map models they had never received, "reference pNNNN isn't
+    known", in 5 of 6 runs. This test, run twice against that code, passed: the failure depends on timing,
+    and this is a check of the scenario, not a reproduction of it.)"""
     bl = _bench()
     if not Path(bl.CHROMIUM).exists():
         pytest.skip(f"no Chromium at {bl.CHROMIUM}")
