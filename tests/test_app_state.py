@@ -529,6 +529,57 @@ def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
     assert titles() == ["score: NK cells"], titles()
 
 
+def test_new_category_names_recolour_with_the_kernels_already_compiled(monkeypatch):
+    """Each new set of labels recoloured the map with a freshly compiled datashader kernel (a categorical
+    column's names are part of the table's type): 0.6-2 s of CPU on the server's event loop per label set, for
+    every session. Coded categories (app.plots.cell_map.coded_frame) keep one kernel per padded size, and the
+    image is the one the named categories give."""
+    import datashader as ds
+    import datashader.transfer_functions as tf
+    import pandas as pd
+    import datashader.data_libraries.pandas as ds_pandas
+
+    from app.plots import ColorSpec, category_key
+    from app.plots.cell_map import _recoloured, cell_frame, coded_frame, padded_categories
+
+    assert [padded_categories(n) for n in (0, 1, 8, 9, 200, 257, 600)] == [8, 8, 8, 16, 256, 512, 768]
+    rng = np.random.default_rng(3)
+    xy = rng.normal(size=(300, 2)).astype(np.float32)
+    geometry = (90, 70, -3.0, 3.0, -2.5, 2.5)
+
+    def recolour(names):
+        spec = ColorSpec("categorical", pd.Categorical(rng.choice(names, 300), categories=names), name="label")
+        df = cell_frame(xy, spec, cell_ids=[f"c{i}" for i in range(300)],
+                        extra={"label": np.full(300, "–", dtype=object)})
+        return df, _recoloured(df, spec, category_key(names), geometry)[0]
+
+    # datashader compiles (and memoizes) one kernel per aggregation and table type: record the types it sees
+    seen = []
+    compile_components = ds_pandas.compile_components
+
+    def recording(summary, schema, *args, **kw):
+        if recording.on:
+            seen.append((repr(summary), str(schema)))
+        return compile_components(summary, schema, *args, **kw)
+
+    monkeypatch.setattr(ds_pandas, "compile_components", recording)
+    for names in (["B cell", "T cell", "NK cell"], ["monocyte", "<b>x</b>", "platelet", "🧫", "B cell"],
+                  ["T cell", "B cell"], list("abcdefg")):
+        recording.on = True
+        df, image = recolour(names)
+        recording.on = False
+        assert len(set(seen)) == 1, seen  # one kernel for every set of up to 8 names
+        cvs = ds.Canvas(plot_width=90, plot_height=70, x_range=(-3.0, 3.0), y_range=(-2.5, 2.5))
+        named = tf.shade(cvs.points(df, "x", "y", agg=ds.count_cat("color")), color_key=category_key(names),
+                         how="eq_hist", min_alpha=180, alpha=255, rescale_discrete_levels=True).values.copy()
+        named[(named >> 24) == 0] = 0
+        np.testing.assert_array_equal(image, named)
+    coded, names = coded_frame(df)
+    assert names == list("abcdefg") and list(coded.columns) == ["x", "y", "color"]
+    assert list(coded["color"].cat.categories) == [str(i) for i in range(8)]
+    np.testing.assert_array_equal(coded["color"].cat.codes.to_numpy(), df["color"].cat.codes.to_numpy())
+
+
 def test_map_same_frame_compares_values_and_categories():
     import pandas as pd
 

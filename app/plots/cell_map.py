@@ -336,9 +336,14 @@ def warm_up() -> None:
         df = cell_frame(xy, spec, cell_ids=[str(i) for i in range(64)])
         el = cell_map(df, spec, width=64, height=64, dynamic=False)
         hv.render(el, backend="bokeh")
-        if spec.kind != "none":  # and the kernels of an in-place recolouring (recolour_rendered)
-            key = category_key(list(df["color"].cat.categories)) if spec.kind == "categorical" else None
-            _recoloured(df, spec, key, (64, 64, -3.0, 3.0, -3.0, 3.0))
+        if spec.kind == "continuous":  # and the kernels of an in-place recolouring (recolour_rendered)
+            _recoloured(df, spec, None, (64, 64, -3.0, 3.0, -3.0, 3.0))
+    # one kernel per padded number of categories (coded_frame): 8, 16 and 32 cover most label sets and obs columns
+    for n in (2, 9, 17):
+        names = [f"c{i}" for i in range(n)]
+        spec = ColorSpec("categorical", pd.Categorical(rng.choice(names, 64), categories=names), name="c")
+        df = cell_frame(xy, spec)
+        _recoloured(df, spec, category_key(names), (64, 64, -3.0, 3.0, -3.0, 3.0))
 
 
 def _raster_subplot(plot):
@@ -454,21 +459,64 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
     return True
 
 
+def padded_categories(n: int) -> int:
+    """How many categories :func:`coded_frame` gives a column of ``n``: the next power of two from 8 up to 256,
+    then the next multiple of 256 (so that a process compiles datashader's kernels for a few sizes only)."""
+    if n <= 256:
+        return max(8, 1 << max(0, n - 1).bit_length())
+    return -(-n // 256) * 256
+
+
+def coded_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The map table reduced to what datashader aggregates, in a form whose type never changes with the data.
+
+    datashader compiles (numba) an aggregation kernel for every new *schema* of a table, and a categorical
+    column's schema holds its category names: each new set of zero-shot labels or obs column cost a compile of
+    0.8-2 s of CPU on the server's event loop, stalling every session, and kept the compiled code for the life
+    of the process (the served demo, 2026-12-04: 9 of 90 s of server CPU in a 10-session minute). Here the
+    ``color`` column's categories are replaced by their positions, ``"0"``, ``"1"``, ..., padded with unused
+    ones to :func:`padded_categories`; counts per category, and so the shaded image, are unchanged.
+
+    Parameters
+    ----------
+    df
+        From :func:`cell_frame`: ``x``, ``y`` (float32) and ``color`` (categorical or float32).
+
+    Returns
+    -------
+    (frame, names)
+        ``frame``: ``x``, ``y`` and ``color`` only (categorical colourings: ``color`` coded as above).
+        ``names``: the category names in code order (``[]`` for a non-categorical ``color``).
+    """
+    out = pd.DataFrame({"x": df["x"], "y": df["y"]})
+    col = df["color"]
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        out["color"] = col
+        return out, []
+    names = [str(c) for c in col.cat.categories]
+    out["color"] = pd.Categorical.from_codes(col.cat.codes.to_numpy(),
+                                             categories=[str(i) for i in range(padded_categories(len(names)))])
+    return out, names
+
+
 def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry):
     """The image (as Bokeh takes it) and the hover's per-pixel values of ``spec`` on one canvas."""
     w, h, x0, x1, y0, y1 = geometry
     cvs = ds.Canvas(plot_width=w, plot_height=h, x_range=(x0, x1), y_range=(y0, y1))
+    coded, names = coded_frame(df)
     if spec.kind == "categorical":
         import datashader.transfer_functions as tf
 
-        agg = cvs.points(df, "x", "y", agg=ds.count_cat("color"))
-        shaded = tf.shade(agg, color_key=color_key, how="eq_hist", min_alpha=180, alpha=255,
+        agg = cvs.points(coded, "x", "y", agg=ds.count_cat("color"))
+        key = {str(i): color_key[name] for i, name in enumerate(names)}
+        key.update({str(i): BACKGROUND_COLOR for i in range(len(names), agg.shape[-1])})  # no cell has these
+        shaded = tf.shade(agg, color_key=key, how="eq_hist", min_alpha=180, alpha=255,
                           rescale_discrete_levels=True)
         rgba = shaded.values.copy()
         rgba[(rgba >> 24) == 0] = 0  # transparent pixels as HoloViews sends them (no colour under alpha 0)
         channels = dict(zip("RGBA", np.moveaxis(rgba.view(np.uint8).reshape(*rgba.shape, 4), -1, 0)))
         return rgba, channels
-    agg = cvs.points(df, "x", "y", agg=ds.mean("color"))
+    agg = cvs.points(coded, "x", "y", agg=ds.mean("color"))
     values = agg.values.astype(np.float64, copy=False)
     # the page gets float32 (half the bytes of HoloViews' float64; colour values are float32 to begin with)
     return values.astype(np.float32), {"value": values}
