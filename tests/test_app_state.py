@@ -187,8 +187,9 @@ def test_map_view_shows_count_and_redraws(state):
     assert "score: T cells" in view.colour_note.object
     # parts a query shows and hides are staged through CSS styles (common.stage), not ``visible``
     assert view.plot.object is not None and on_stage(view.hist_pane) and not on_stage(view.side_box)
-    assert on_stage(view._slots["continuous"].box) and not on_stage(view._slots["other"].box)
+    assert on_stage(view._slots["shaded"].box) and not on_stage(view._slots["layered"].box)
     assert not on_stage(view.category_select)
+    assert 'class="map-colourbar"' in view.legend.object and "score: T cells" in view.legend.object
     assert int(np.sum(view.histogram.source.data["top"])) == 700  # the side histogram: every cell once
     from bokeh.models import HoverTool
 
@@ -197,31 +198,32 @@ def test_map_view_shows_count_and_redraws(state):
     pipe = view._data_pipe
     state.run_query("B cells")  # same kind of colouring: recoloured in place, same plot
     assert view._data_pipe is pipe and np.array_equal(pipe.data["color"], state.scores)
-    continuous = view.plot
-    state.set_color("bulk_labels")  # categories: the other map pane, the continuous one kept (hidden)
-    assert view.plot is not continuous and not on_stage(view._slots["continuous"].box)
+    shaded, obj = view.plot, view.plot.object
+    state.set_color("bulk_labels")  # categories: the same map, recoloured in place
+    assert view.plot is shaded and view.plot.object is obj and view._data_pipe is pipe
     # (the side chart stays the query's score histogram while a query is active)
-    assert on_stage(view._slots["other"].box) and on_stage(view.hist_pane) and not on_stage(view.side_box)
+    assert on_stage(view._slots["shaded"].box) and on_stage(view.hist_pane) and not on_stage(view.side_box)
     assert on_stage(view.category_select) and "CD14+ Monocyte" in view.category_select.options
-    cat_pipe, cat_obj = view._slots["other"].pipe, view.plot.object
+    cat_pipe, cat_obj = view._slots["shaded"].pipe, view.plot.object
     # the legend is HTML beside the figure, one entry per category present, not layers of the plot
     present = sorted(set(map(str, state.adata.obs["bulk_labels"])))
     assert view.legend.object.count('class="map-legend-entry"') == len(present)
     assert all(html.escape(c) in view.legend.object for c in present)
     assert not any(isinstance(el, hv.Points) and el.label for el in view.plot.object.traverse(full_breadth=False))
-    key = dict(view._slots["other"].style.color_key)
+    key = dict(view._slots["shaded"].style.color_key)
     state.set_color("louvain")  # other categories: the same plot, its data and colour key replaced in place
-    assert view.plot.object is cat_obj and view._slots["other"].pipe is cat_pipe
+    assert view.plot.object is cat_obj and view._slots["shaded"].pipe is cat_pipe
     louvain = sorted(map(str, state.adata.obs["louvain"].cat.categories))
-    assert sorted(view._slots["other"].style.color_key) == louvain and view._slots["other"].style.color_key != key
+    assert sorted(view._slots["shaded"].style.color_key) == louvain and view._slots["shaded"].style.color_key != key
     assert view.legend.object.count('class="map-legend-entry"') == len(set(map(str, state.adata.obs["louvain"])))
-    shown = view._slots["other"].pipe.data
+    shown = view._slots["shaded"].pipe.data
     state.set_color("louvain")  # the same colouring again: the same plot, nothing sent (the shown table kept)
-    assert view.plot.object is cat_obj and view._slots["other"].pipe.data is shown
-    state.run_query("NK cells")  # back to a query: the kept continuous plot, recoloured in place
-    assert view.plot is continuous and on_stage(view._slots["continuous"].box) and view._data_pipe is pipe
-    assert not on_stage(view._slots["other"].box) and not on_stage(view.category_select)
-    assert np.array_equal(pipe.data["color"], state.scores) and cat_pipe is not None
+    assert view.plot.object is cat_obj and view._slots["shaded"].pipe.data is shown
+    state.run_query("NK cells")  # back to a query: the same plot, recoloured in place
+    assert view.plot is shaded and view.plot.object is obj and view._data_pipe is pipe
+    assert not on_stage(view._slots["layered"].box) and not on_stage(view.category_select)
+    assert np.array_equal(pipe.data["color"], state.scores) and view._slots["layered"].pane.object is None
+    assert "score: NK cells" in view.legend.object and "map-legend-entry" not in view.legend.object
 
 
 def test_map_recoloured_in_place_shows_the_new_query_not_the_last_one(demo):
@@ -237,9 +239,9 @@ def test_map_recoloured_in_place_shows_the_new_query_not_the_last_one(demo):
 
     base, model = demo
 
-    def image(root):
+    def image(root):  # (the shaded map's colours, as uint32 RGBA)
         imgs = [r.data_source.data["image"][0] for r in root.select({"type": GlyphRenderer})
-                if type(r.glyph).__name__ == "Image"]
+                if type(r.glyph).__name__ in ("Image", "ImageRGBA")]
         assert len(imgs) == 1
         return np.array(imgs[0], dtype=np.float64)
 
@@ -430,25 +432,26 @@ def test_a_first_query_labels_query_cycle_recolours_the_maps_it_has_drawn(demo):
     a = AppState(cache.session_adata(base), model)
     view = MapView(a)
     view.plot.get_root(Document())
-    opening = view._slots["other"].pane.object
+    opening = view._slots["shaded"].pane.object
     assert set(_shown_layer(view)._hover_data["label"].values.ravel()) <= {"–", "-"}  # none predicted yet
     xy = a.coords()
     a.select_box(float(xy[:, 0].min()), float(xy[:, 1].min()), float(np.median(xy[:, 0])), float(xy[:, 1].max()))
     a.run_query("B cells")
     view.plot.get_root(Document())
-    scores = view._slots["continuous"].pane.object
-    # the new map shows the selection's outline (its pipe is created with the selection)
+    assert view._slots["shaded"].pane.object is opening  # the first query recolours the map the page opened on
+    # the map shows the selection's outline
     fig = list(view.plot._plots.values())[-1][0].state
     lines = [r for r in fig.renderers if type(r.glyph).__name__ == "MultiLine"]
     assert lines and len(lines[0].data_source.data["xs"][0]) == 5  # the box's corners, closed
     a.run_zero_shot(["B cell", "T cell", "monocyte"])
-    assert view._active == "other" and view._slots["other"].pane.object is opening  # recoloured, not redrawn
+    assert view._active == "shaded" and view._slots["shaded"].pane.object is opening  # recoloured, not redrawn
     shown = set(_shown_layer(view)._hover_data["label"].values.ravel()) - {"-"}
     assert shown and shown <= {"B cell", "T cell", "monocyte"}
     score = _shown_layer(view)._hover_data["score"].values
     assert np.isfinite(score[score == score]).all() and np.isfinite(score).any()  # the query's scores
     a.run_query("T cells")
-    assert view._active == "continuous" and view._slots["continuous"].pane.object is scores
+    assert view._active == "shaded" and view._slots["shaded"].pane.object is opening
+    assert view._slots["layered"].pane.object is None  # no second figure was ever drawn
     shown = set(_shown_layer(view)._hover_data["label"].values.ravel()) - {"-"}
     assert shown and shown <= {"B cell", "T cell", "monocyte"}
 
@@ -511,22 +514,33 @@ def test_map_figures_draw_on_a_canvas_not_webgl(state):
 
 
 def test_map_colour_bar_title_follows_an_in_place_recolouring(state):
+    """Values with NaN are drawn over a grey layer of every cell with a colour bar in the figure (the layered
+    map), whose title follows each in-place recolouring; the shaded map's colour bar is HTML beside it."""
     from bokeh.document import Document
     from bokeh.models import ColorBar
 
+    from app import plots
     from app.views.map import MapView
 
+    rng = np.random.default_rng(0)
+    for name in ("first $$x$$ values", "second values"):
+        v = rng.normal(size=state.n_cells)
+        v[::7] = np.nan
+        state.adata.obs[name] = v
     view = MapView(state)
-    state.run_query("T cells")
-    root = view.plot.get_root(Document())  # rendered, as in a page: later queries update these Bokeh models
-    state.run_query("B cells")  # recoloured in place (same plot)
+    state.set_color("first $$x$$ values")
+    assert view._active == "layered"
+    root = view.plot.get_root(Document())  # rendered, as in a page: later colourings update these Bokeh models
+    obj = view.plot.object
 
     def titles():
         return [m.title for m in root.select({"type": ColorBar})]
 
-    assert titles() == ["score: B cells"], titles()
-    state.run_query("NK cells")
-    assert titles() == ["score: NK cells"], titles()
+    assert titles() == [plots.no_tex("first $$x$$ values")], titles()
+    state.set_color("second values")  # recoloured in place (same plot)
+    assert view.plot.object is obj and titles() == ["second values"], titles()
+    state.run_query("NK cells")  # no NaN: the shaded map, its colour bar beside it
+    assert view._active == "shaded" and "score: NK cells" in view.legend.object
 
 
 def test_new_category_names_recolour_with_the_kernels_already_compiled(monkeypatch):
@@ -791,7 +805,9 @@ def test_typed_tex_reaches_bokeh_titles_as_plain_text(state):
     fig = hv.render(view.plot.object)
     bars = [m for m in fig.references() if isinstance(m, ColorBar)]
     titles = [m.text for m in fig.references() if isinstance(m, Title)] + [b.title for b in bars]
-    assert bars and all(not tex.search(t or "") for t in titles), titles
+    assert all(not tex.search(t or "") for t in titles), titles
+    # a query's colour bar is HTML beside the map (the shaded map), in a text pane that never typesets math
+    assert not bars and "score: $$x^2$$" in view.legend.object and view.legend.get_root().disable_math is True
     for pane in (panes.Markdown("$$x^2$$"), panes.Alert("\\(y\\)"), panes.HTML("$$z$$")):
         assert pane.get_root().disable_math is True
     v = np.random.default_rng(0).normal(size=50)

@@ -13,7 +13,7 @@ import pandas as pd
 import param
 from holoviews.operation.datashader import dynspread
 
-from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
+from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec, _finite_range,
                       _short, category_key)
 from .shared import SharedDatashade, SharedRasterize
 from .text import no_tex
@@ -113,6 +113,7 @@ def cell_map_layers(
     pipe: "hv.streams.Pipe | None" = None,
     style: "param.Parameterized | None" = None,
     legend: bool = True,
+    shaded: bool = False,
 ):
     """Datashaded map of cells coloured by ``spec``.
 
@@ -136,6 +137,12 @@ def cell_map_layers(
         served map passes False and shows :func:`legend_html` beside the figure instead: every legend layer is
         a subplot that HoloViews updates on each recolouring (half of its cost), and a figure legend outside
         the frame is moved out and back on every update (a page-wide relayout in the browser).
+    shaded
+        With ``style``: draw categorical, continuous and diverging colourings (without NaN values) as one
+        image shaded on the server, whose aggregation and shading follow ``style`` (:meth:`MapStyle.set_shaded`,
+        set here from ``spec``): a map of categories can then be recoloured by a query's scores and back in
+        place (:func:`recolour_rendered`), and a zoom re-aggregates whichever colouring is stored. Its colour
+        bar is HTML beside the figure (:func:`~app.plots.colours.colourbar_html`), as the legend of categories.
     pipe, style
         For in-place updates: the points come from ``pipe`` (send a new frame to recolour without rebuilding
         the plot); ``clim``/``cmap``/``clabel`` of a continuous colouring and the colour key of a categorical
@@ -192,7 +199,15 @@ def cell_map_layers(
         )
         layers.append(bg)
     main = layers[0] if layers else None
-    if spec.kind == "categorical":
+    if shaded and style is not None and not needs_background and spec.kind != "none":
+        key = category_key(list(df["color"].cat.categories), spec.colors) if spec.kind == "categorical" else None
+        style.set_shaded(spec, key)
+        main = SharedDatashade(points, aggregator=style.param.aggregator, color_key=style.param.color_key,
+                               cmap=style.param.cmap, cnorm=style.param.cnorm, clims=style.param.clims,
+                               min_alpha=style.param.min_alpha, selector=selector, **common)
+        main = spread_op(main).opts(show_legend=False, **plot_opts)
+        overlay = main
+    elif spec.kind == "categorical":
         colors = category_key(list(df["color"].cat.categories), spec.colors)
         key = colors
         if style is not None:  # the key follows style.color_key: new categories re-shade the same plot
@@ -409,9 +424,10 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
         l, b, r, t = sp.current_frame.bounds.lbrt()
         h, w = hover["__index__"].shape
         geometry = (w, h, float(l), float(r), float(b), float(t))
-        if geometry not in done:
-            done[geometry] = _recoloured(df, spec, color_key, geometry)
-        image, channels = done[geometry]
+        rgba = np.asarray(source.data["image"][0]).dtype == np.uint32  # a map shaded on the server
+        if (geometry, rgba) not in done:
+            done[geometry, rgba] = _recoloured(df, spec, color_key, geometry, rgba=rgba)
+        image, channels = done[geometry, rgba]
         index = hover["__index__"].values
         new_hover = hover.copy(deep=False)
         for var, values in channels.items():
@@ -421,25 +437,14 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
         for var in hover.attrs.get("selector_columns", ()):
             if var == "__index__" or var not in df.columns or var not in new_hover.data_vars:
                 continue
-            col = df[var]
-            old = hover[var]
-            if old.dtype == object:
-                vals = np.asarray(col.astype(str) if isinstance(col.dtype, pd.CategoricalDtype) else col,
-                                  dtype=object)
-                fill = "-"
-            else:
-                vals = np.asarray(col, dtype=old.dtype)
-                fill = np.nan
-            picked = vals[np.where(missing, 0, index)]
-            picked[missing] = fill
-            new_hover[var] = (("y", "x"), picked)
-        if spec.kind != "categorical":
+            new_hover[var] = (("y", "x"), _hover_values(df[var], hover[var].dtype, index, missing))
+        if spec.kind != "categorical" and not rgba:
             aggregated = [v for v in hover.data_vars if v not in hover.attrs.get("selector_columns", ())]
             for var in aggregated[:1]:
                 new_hover[var] = (("y", "x"), channels["value"])
         sp._hover_data = new_hover
         source.data.update(image=[image])
-        if spec.kind != "categorical":
+        if spec.kind != "categorical" and not rgba:
             mapper = sp.handles.get("color_mapper")
             cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
             lo, hi = (float(c) for c in (spec.clim or (np.nanmin(image), np.nanmax(image))))
@@ -457,6 +462,23 @@ def recolour_rendered(plots, df: pd.DataFrame, spec: ColorSpec, *, color_key: di
         if getattr(plot, "comm", None) is not None:  # Jupyter: send the changes through the plot's comm
             plot.push()
     return True
+
+
+def _hover_values(col: pd.Series, shown_dtype, index: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """The hover's values of one table column per pixel (the cell ``index`` each pixel shows), as HoloViews
+    makes them: names ("-" where no cell is) for categories and text, floats (NaN where no cell is) otherwise.
+    A column keeps the type it was drawn with (``shown_dtype``) unless its kind changed (a map of categories
+    recoloured by scores, or back)."""
+    textual = isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object
+    if textual:
+        vals = np.asarray(col.astype(str) if isinstance(col.dtype, pd.CategoricalDtype) else col, dtype=object)
+        fill = "-"
+    else:
+        vals = np.asarray(col, dtype=shown_dtype if np.dtype(shown_dtype).kind == "f" else np.float64)
+        fill = np.nan
+    picked = vals[np.where(missing, 0, index)]
+    picked[missing] = fill
+    return picked
 
 
 def padded_categories(n: int) -> int:
@@ -499,24 +521,34 @@ def coded_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return out, names
 
 
-def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry):
-    """The image (as Bokeh takes it) and the hover's per-pixel values of ``spec`` on one canvas."""
+def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry, *, rgba: bool = False):
+    """The image (as Bokeh takes it) and the hover's per-pixel values of ``spec`` on one canvas: colours
+    (RGBA, shaded here) for categories and for a map shaded on the server (``rgba``), else the values, which the
+    page maps through its colour mapper."""
+    import datashader.transfer_functions as tf
+
     w, h, x0, x1, y0, y1 = geometry
     cvs = ds.Canvas(plot_width=w, plot_height=h, x_range=(x0, x1), y_range=(y0, y1))
     coded, names = coded_frame(df)
     if spec.kind == "categorical":
-        import datashader.transfer_functions as tf
-
         agg = cvs.points(coded, "x", "y", agg=ds.count_cat("color"))
         key = {str(i): color_key[name] for i, name in enumerate(names)}
         key.update({str(i): BACKGROUND_COLOR for i in range(len(names), agg.shape[-1])})  # no cell has these
-        shaded = tf.shade(agg, color_key=key, how="eq_hist", min_alpha=180, alpha=255,
-                          rescale_discrete_levels=True)
-        rgba = shaded.values.copy()
-        rgba[(rgba >> 24) == 0] = 0  # transparent pixels as HoloViews sends them (no colour under alpha 0)
-        channels = dict(zip("RGBA", np.moveaxis(rgba.view(np.uint8).reshape(*rgba.shape, 4), -1, 0)))
-        return rgba, channels
+        return _rgba(tf.shade(agg, color_key=key, how="eq_hist", min_alpha=180, alpha=255,
+                              rescale_discrete_levels=True))
     agg = cvs.points(coded, "x", "y", agg=ds.mean("color"))
+    if rgba:  # as HoloViews' shade operation does with MapStyle.set_shaded's options
+        cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
+        clim = tuple(float(c) for c in (spec.clim or _finite_range(spec.values)))
+        return _rgba(tf.shade(agg, cmap=cmap, how="linear", span=clim, min_alpha=180, alpha=255,
+                              rescale_discrete_levels=True))
     values = agg.values.astype(np.float64, copy=False)
     # the page gets float32 (half the bytes of HoloViews' float64; colour values are float32 to begin with)
     return values.astype(np.float32), {"value": values}
+
+
+def _rgba(shaded):
+    """A shaded image as Bokeh's ``image_rgba`` takes it (uint32), and its R, G, B, A channels for the hover."""
+    rgba = shaded.values.copy()
+    rgba[(rgba >> 24) == 0] = 0  # transparent pixels as HoloViews sends them (no colour under alpha 0)
+    return rgba, dict(zip("RGBA", np.moveaxis(rgba.view(np.uint8).reshape(*rgba.shape, 4), -1, 0)))

@@ -12,7 +12,7 @@ from bokeh.palettes import Viridis256
 from .text import no_tex
 
 __all__ = ["ColorSpec", "MapStyle", "category_key", "CATEGORY_COLORS", "DIVERGING_CMAP", "SEQUENTIAL_CMAP", "BACKGROUND_COLOR",
-           "LEGEND_OPTS", "MAX_CATEGORIES", "category_colors", "symmetric_clim"]
+           "LEGEND_OPTS", "MAX_CATEGORIES", "category_colors", "colourbar_html", "symmetric_clim"]
 
 CATEGORY_COLORS: list[str] = list(cc.b_glasbey_category10)
 DIVERGING_CMAP: list[str] = list(cc.coolwarm)
@@ -55,17 +55,86 @@ class ColorSpec:
 
 class MapStyle(param.Parameterized):
     """Colour options of a map that change without rebuilding the plot: ``clim``/``cmap``/``clabel`` of a
-    continuous map, ``color_key`` (category -> hex colour) of a categorical one."""
+    continuous map, ``color_key`` (category -> hex colour) of a categorical one, and for a map shaded on the
+    server (:meth:`set_shaded`) the aggregation and shading of either kind."""
 
     clim = param.NumericTuple(default=(0.0, 1.0), length=2)
     cmap = param.List(default=SEQUENTIAL_CMAP)
     clabel = param.String(default="")
     color_key = param.Dict(default={})
+    # the shaded map (cell_map_layers(shaded=True)): datashader's reduction and HoloViews' shade options
+    aggregator = param.Parameter(default=None)
+    cnorm = param.String(default="eq_hist")
+    clims = param.NumericTuple(default=None, length=2, allow_None=True)
+    min_alpha = param.Number(default=180)
 
     def set_from(self, spec: ColorSpec) -> None:
         self.param.update(clim=tuple(float(c) for c in (spec.clim or (0.0, 1.0))),
                           cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP,
                           clabel=no_tex(spec.name))  # a colour-bar title: shown as typed, never as TeX
+
+    def set_shaded(self, spec: ColorSpec, color_key: dict | None = None) -> None:
+        """Aggregate and shade as a map of ``spec`` (categorical, continuous or diverging) shaded on the server:
+        categories as counts per category blended by ``color_key`` (histogram-equalised alpha), values as the
+        mean per pixel through the colour map, linear between ``spec.clim``."""
+        import datashader as ds
+
+        if spec.kind == "categorical":
+            self.param.update(aggregator=ds.count_cat("color"), cnorm="eq_hist", clims=None, min_alpha=180,
+                              color_key=dict(color_key or {}), clabel=no_tex(spec.name))
+            return
+        clim = tuple(float(c) for c in (spec.clim or _finite_range(spec.values)))
+        self.param.update(aggregator=ds.mean("color"), cnorm="linear", clims=clim, clim=clim, min_alpha=180,
+                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP,
+                          clabel=no_tex(spec.name))
+
+
+def _finite_range(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (0.0, 1.0)
+    lo, hi = float(v.min()), float(v.max())
+    return (lo, hi if hi > lo else lo + 1.0)
+
+
+def colourbar_html(spec: ColorSpec, *, height: int = 300, stops: int = 16) -> str:
+    """The colour bar of a continuous or diverging colouring as HTML, drawn beside a map shaded on the server.
+
+    Parameters
+    ----------
+    spec
+        A continuous or diverging :class:`ColorSpec` (its ``name``, ``clim`` and ``center``); other kinds give
+        ``""``.
+    height
+        Pixels of the bar.
+    stops
+        Colours of the gradient, sampled evenly from the colour map.
+
+    Returns
+    -------
+    str
+        ``<div class="map-colourbar">``: the escaped name, a vertical CSS gradient and the values at its top,
+        middle (the centre of a diverging colouring) and bottom.
+    """
+    if spec.kind not in ("continuous", "diverging"):
+        return ""
+    import html
+
+    cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
+    lo, hi = (float(c) for c in (spec.clim or _finite_range(spec.values)))
+    idx = np.linspace(0, len(cmap) - 1, stops).round().astype(int)
+    gradient = ", ".join(html.escape(cmap[i]) for i in idx)
+    mid = float(spec.center) if spec.kind == "diverging" else (lo + hi) / 2
+    labels = [(0, hi), (50, mid), (100, lo)]
+    ticks = "".join(f'<div class="map-colourbar-tick" style="position:absolute;top:{top}%;transform:translateY(-50%);'
+                    f'white-space:nowrap">{value:.3g}</div>' for top, value in labels)
+    title = html.escape(spec.name or "value")
+    return (f'<div class="map-colourbar" style="font-size:11px;line-height:15px"><div class="map-legend-title" '
+            f'style="font-weight:600;margin-bottom:6px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap" '
+            f'title="{title}">{title}</div><div style="display:flex;gap:6px"><div style="flex:none;width:14px;'
+            f'height:{int(height)}px;background:linear-gradient(to top, {gradient});border:1px solid #bbb"></div>'
+            f'<div style="position:relative;height:{int(height)}px">{ticks}</div></div></div>')
 
 
 def category_key(categories: Sequence, colors: dict | None = None) -> dict:

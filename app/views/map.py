@@ -14,6 +14,7 @@ import param
 
 from .. import plots
 from ..plots.cell_map import FIGURE_OPTS, legend_html
+from ..plots.colours import colourbar_html
 from ..state import GENE, AppState
 from .common import OFFSTAGE, Job, StateView, batched, on_stage, plain_bokeh, stage
 from . import panes
@@ -61,25 +62,29 @@ class MapView(StateView):
                                                       sizing_mode="stretch_width", styles=OFFSTAGE)
         self.clear_button = pn.widgets.Button(label="Clear selection", color="default", width=130)
         self.count = panes.HTML(self._count_html(), css_classes=["selection-count"], margin=(8, 5))
-        # two map panes, one for continuous colourings (queries, genes, perturbation) and one for the others
-        # (categories, density): switching between a query and zero-shot labels shows the other pane instead
-        # of rebuilding the plot, and each is recoloured in place while its kind of colouring stays the same
-        # (each pane in its own Column, shown and hidden with common.stage: the hidden one keeps its drawing and
-        # the page is not laid out again; Panel fails to pass ``visible`` through a rendered HoloViews pane to
-        # its inner Bokeh pane anyway)
+        # two map panes. "shaded": categories, query scores, genes and other values without NaN, as one image
+        # shaded on the server (plots.cell_map_layers(shaded=True)), recoloured in place from any of these to
+        # any other: a session's first query, and every switch between a query and zero-shot labels, recolour
+        # the map the page opened with instead of drawing a new figure (until 2026-12-04 scores had a pane of
+        # their own; its first drawing cost each session about 0.7 s of server and of browser CPU). "layered":
+        # cell density, and values with NaN (a grey layer of every cell beneath), with a colour bar in the
+        # figure. Each pane sits in its own Column, shown and hidden with common.stage: the hidden one keeps its
+        # drawing and the page is not laid out again (Panel fails to pass ``visible`` through a rendered
+        # HoloViews pane to its inner Bokeh pane anyway)
         self._slots = {}
-        # categories get their legend as HTML beside the figure (plots.legend_html): inside the figure, every
-        # legend entry was a HoloViews layer updated on each recolouring, and the legend was moved out of the
-        # figure and back on every update (a relayout of the whole page in the browser)
+        # the key of the shaded map is HTML beside the figure: the legend of categories (plots.legend_html) or
+        # the colour bar of values (plots.colourbar_html). Inside the figure, every legend entry was a HoloViews
+        # layer updated on each recolouring, and the legend was moved out of the figure and back on every
+        # update (a relayout of the whole page in the browser)
         self.legend = panes.HTML("", width=LEGEND_WIDTH, height=self.height, margin=(45, 0, 0, 5),
                                  css_classes=["map-legend-pane"])
-        for kind in ("continuous", "other"):
-            width = self.width if kind == "continuous" else self.width - LEGEND_WIDTH
+        for kind in ("layered", "shaded"):
+            width = self.width if kind == "layered" else self.width - LEGEND_WIDTH
             pane = pn.pane.HoloViews(None, width=width + 10, height=self.height + 40, linked_axes=False)
-            box = pn.Column(pane, margin=0, styles=OFFSTAGE) if kind == "continuous" else \
+            box = pn.Column(pane, margin=0, styles=OFFSTAGE) if kind == "layered" else \
                 pn.Row(pane, self.legend, margin=0, styles=OFFSTAGE)
             self._slots[kind] = _Slot(pane, box, width)
-        self._active = "other"
+        self._active = "shaded"
         self.placeholder = panes.Alert("", alert_type="info", visible=False)
         self.bars = plots.CategoryBars(width=310, height=320)  # one Bokeh figure, its data replaced in place
         self.side = pn.pane.Bokeh(self.bars.figure)
@@ -126,8 +131,8 @@ class MapView(StateView):
 
     @property
     def _data_pipe(self):
-        """The pipe that recolours the continuous map in place."""
-        return self._slots["continuous"].pipe
+        """The data pipe of the map shown now (its table: what a zoom re-aggregates)."""
+        return self._slots[self._active].pipe
 
     # ------------------------------------------------------------------ reactions
     def _on_layout_widget(self, event):
@@ -255,9 +260,9 @@ class MapView(StateView):
         """Plots with the same key can be recoloured in place (same element types, columns and layout). New
         categories (zero-shot labels, another obs column) keep the plot: its datashade operation takes the colour
         key from the slot's :class:`~app.plots.MapStyle`."""
-        has_nan = spec.kind in ("continuous", "diverging") and not np.isfinite(df["color"].to_numpy()).all()
-        return (spec.kind in ("continuous", "diverging"), spec.kind == "none", spec.kind == "categorical", has_nan,
-                tuple(df.columns), self.state.layout_key, len(df))
+        kind = _slot_kind(spec)
+        what = spec.kind if kind == "layered" else "shaded"  # the shaded map takes categories and values alike
+        return (kind, what, tuple(df.columns), self.state.layout_key, len(df))
 
     def _figure(self, frame=None, slot: "_Slot | None" = None):
         frame = frame or self.state.map_frame()
@@ -267,15 +272,15 @@ class MapView(StateView):
         slot = slot or self._slots[_slot_kind(spec)]
         xlim, ylim = self._ranges if self._zoomed(df) else (None, None)
         title = f"{self.state.dataset_name} ({self.state.layout_key})"
-        continuous = spec.kind in ("continuous", "diverging")
+        shaded = _slot_kind(spec) == "shaded"
         slot.pipe = plots.MapPipe(data=df) if spec.kind != "none" else None
-        if continuous:
+        if not shaded and spec.kind != "none":
             self._style.set_from(spec)
-        # a fresh style per categorical figure, like the pipe (cell_map_layers sets its colour key)
-        slot.style = plots.MapStyle() if spec.kind == "categorical" else None
+        # a fresh style per shaded figure, like the pipe (cell_map_layers sets its aggregation and colours)
+        slot.style = plots.MapStyle() if shaded else None
         el, main = plots.cell_map_layers(df, spec, width=slot.width, height=self.height, title=title, xlim=xlim,
-                                         ylim=ylim, pipe=slot.pipe, style=self._style if continuous else slot.style,
-                                         legend=False)
+                                         ylim=ylim, pipe=slot.pipe, style=slot.style if shaded else self._style,
+                                         legend=False, shaded=shaded)
         # a fresh pipe per figure: streams shared between figures keep old plots alive
         slot.outline = hv.streams.Pipe(data=self.state.selection_geometry)
         outline = hv.DynamicMap(_outline, streams=[slot.outline])
@@ -311,22 +316,21 @@ class MapView(StateView):
             slot = self._slots[kind]
             if slot.pipe is not None and slot.pane.object is not None and self._mode_key(df, spec) == slot.key:
                 colour_key = (plots.category_key(list(df["color"].cat.categories), spec.colors)
-                              if spec.kind == "categorical" and slot.style is not None else None)
-                if _same_frame(slot.pipe.data, df) and (colour_key is None or colour_key == slot.style.color_key):
+                              if spec.kind == "categorical" else None)
+                if _same_frame(slot.pipe.data, df) and (kind == "layered" or _same_style(slot.style, spec,
+                                                                                          colour_key)):
                     pass  # the colouring shown already (e.g. the same labels again): nothing to send
-                elif colour_key is not None:
-                    # new categories keep the figure: the data and the colour key stored silently, then the
-                    # shown image is re-shaded (as for the continuous map below)
+                elif kind == "shaded":
+                    # new categories or values keep the figure: the table and how to aggregate and shade it are
+                    # stored silently (the next zoom redraws from them), then the shown image is re-shaded.
+                    # (Letting the style's change re-render, as before 2026-12-02, drew the *previous* values: a
+                    # pipe only recomputes its points when it is triggered, so the map kept the last query's
+                    # colours under the new query's colour bar.)
                     slot.pipe.store(df)
                     with param.parameterized.discard_events(slot.style):
-                        slot.style.color_key = colour_key
+                        slot.style.set_shaded(spec, colour_key)
                     self._recolour(slot, df, spec, colour_key)
-                elif kind == "continuous":
-                    # one update with the new cells' values and colour range: both are stored silently (the
-                    # next zoom redraws from them), then the shown image is recoloured. (Letting the style's
-                    # change re-render, as before 2026-12-02, drew the *previous* values: a pipe only recomputes
-                    # its points when it is triggered, so the map kept the last query's colours under the new
-                    # query's colour bar.)
+                elif spec.kind in ("continuous", "diverging"):  # values with NaN: the same, on the layered map
                     slot.pipe.store(df)
                     with param.parameterized.discard_events(self._style):
                         self._style.set_from(spec)
@@ -407,8 +411,9 @@ class MapView(StateView):
 
     def _after_draw(self, spec) -> None:
         self.colour_note.object = self._colour_text(spec)
-        if _slot_kind(spec) == "other":  # the legend lives beside the "other" map
-            self.legend.object = legend_html(spec, height=self.height)
+        if _slot_kind(spec) == "shaded":  # its key lives beside the shaded map
+            self.legend.object = (legend_html(spec, height=self.height) if spec.kind == "categorical" else
+                                  colourbar_html(spec, height=min(300, self.height - 80)))
         self._update_side()
 
     def _colour_text(self, spec=None) -> str:
@@ -490,4 +495,21 @@ def _same_frame(shown, new) -> bool:
 
 
 def _slot_kind(spec) -> str:
-    return "continuous" if spec.kind in ("continuous", "diverging") else "other"
+    """``"shaded"`` for categories and for values without NaN, ``"layered"`` for cell density and values with
+    NaN (drawn over a grey layer of every cell)."""
+    if spec.kind == "categorical":
+        return "shaded"
+    if spec.kind in ("continuous", "diverging") and np.isfinite(np.asarray(spec.values, dtype=np.float64)).all():
+        return "shaded"
+    return "layered"
+
+
+def _same_style(style, spec, colour_key) -> bool:
+    """Whether a shaded map's ``style`` already shades as ``spec`` would (same aggregation, colours, limits)."""
+    if style is None:
+        return False
+    if spec.kind == "categorical":
+        return style.cnorm == "eq_hist" and style.color_key == colour_key
+    cmap = plots.DIVERGING_CMAP if spec.kind == "diverging" else plots.SEQUENTIAL_CMAP
+    clim = tuple(float(c) for c in spec.clim) if spec.clim is not None else None
+    return style.cnorm == "linear" and style.cmap == cmap and (clim is None or tuple(style.clims) == clim)
