@@ -588,6 +588,24 @@ def test_new_category_names_recolour_with_the_kernels_already_compiled(monkeypat
                          how="eq_hist", min_alpha=180, alpha=255, rescale_discrete_levels=True).values.copy()
         named[(named >> 24) == 0] = 0
         np.testing.assert_array_equal(image, named)
+    # a new map or a zoom (HoloViews' datashade operation): the same kernel, the names under the pointer
+    import holoviews as hv
+
+    from app.plots.cell_map import _raster_subplot, cell_map
+
+    seen.clear()
+    for names in (["B cell", "T cell", "NK cell"], ["x", "<i>y</i>"]):
+        spec = ColorSpec("categorical", pd.Categorical(rng.choice(names, 300), categories=names), name="label")
+        frame = cell_frame(xy, spec, cell_ids=[f"c{i}" for i in range(300)],
+                           extra={"label": np.full(300, "–", dtype=object)})
+        recording.on = True
+        plot = hv.renderer("bokeh").get_plot(cell_map(frame, spec, width=90, height=70, dynamic=False,
+                                                      legend=False))
+        recording.on = False
+        layer = plot if hasattr(plot, "_hover_data") else _raster_subplot(plot)
+        under = set(layer._hover_data["color"].values.ravel()) - {"-"}
+        assert under and under <= set(names), under
+    assert len(set(seen)) == 1, seen
     coded, names = coded_frame(df)
     assert names == list("abcdefg") and list(coded.columns) == ["x", "y", "color"]
     assert list(coded["color"].cat.categories) == [str(i) for i in range(8)]

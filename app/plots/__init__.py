@@ -1,10 +1,11 @@
 """Pure plotting functions: arrays and tables in, HoloViews elements or PNG bytes out.
 
 The cell map follows peers.md §6.1: one ``hv.Points`` of float32 x/y plus the colour
-value, ``rasterize`` (continuous, client-side colour map and colour bar) or
-``datashade`` with ``count_cat`` (categorical, with a legend overlay), ``dynspread``
-so that isolated cells stay visible, and ``selector=ds.first(...)`` so that hovering
-shows the cell under the pointer. Nothing here reads application state.
+value, ``datashade`` (categories with ``count_cat``, values with ``mean`` through a colour
+map, shaded on the server; the served map's legend or colour bar is HTML beside it) or
+``rasterize`` (values with NaN over a grey layer of every cell, client-side colour map and
+colour bar), ``dynspread`` so that isolated cells stay visible, and ``selector=ds.first(...)``
+so that hovering shows the cell under the pointer. Nothing here reads application state.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .cell_map import (MapPipe, aggregate, cell_frame, cell_map, cell_map_layers
 from .charts import (VOLCANO_COLORS, CategoryBars, ScoreHistogram, Volcano, category_bars, category_counts,
                      confusion_heatmap, enrichment_bars, histogram, histogram_data, volcano, volcano_frame)
 from .colours import (BACKGROUND_COLOR, CATEGORY_COLORS, DIVERGING_CMAP, LEGEND_OPTS, MAX_CATEGORIES,
-                      SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, category_key, symmetric_clim)
+                      SEQUENTIAL_CMAP, ColorSpec, MapStyle, category_colors, category_key, colourbar_html,
+                      symmetric_clim)
 from .png import map_png
 from .text import no_tex
 
@@ -22,6 +24,7 @@ __all__ = [
     "ColorSpec",
     "MapStyle",
     "category_key",
+    "colourbar_html",
     "BACKGROUND_COLOR",
     "LEGEND_OPTS",
     "MAX_CATEGORIES",

@@ -15,7 +15,8 @@ from holoviews.operation.datashader import dynspread
 
 from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec, _finite_range,
                       _short, category_key)
-from .shared import SharedDatashade, SharedRasterize
+from .shared import (UNUSED_COLOUR, SharedDatashade, SharedRasterize, coded_categories,  # noqa: F401 (re-export)
+                     padded_categories)
 from .text import no_tex
 
 __all__ = ["MapPipe", "cell_frame", "cell_map", "cell_map_layers", "aggregate", "legend_html", "present_categories",
@@ -481,23 +482,12 @@ def _hover_values(col: pd.Series, shown_dtype, index: np.ndarray, missing: np.nd
     return picked
 
 
-def padded_categories(n: int) -> int:
-    """How many categories :func:`coded_frame` gives a column of ``n``: the next power of two from 8 up to 256,
-    then the next multiple of 256 (so that a process compiles datashader's kernels for a few sizes only)."""
-    if n <= 256:
-        return max(8, 1 << max(0, n - 1).bit_length())
-    return -(-n // 256) * 256
-
-
 def coded_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The map table reduced to what datashader aggregates, in a form whose type never changes with the data.
 
-    datashader compiles (numba) an aggregation kernel for every new *schema* of a table, and a categorical
-    column's schema holds its category names: each new set of zero-shot labels or obs column cost a compile of
-    0.8-2 s of CPU on the server's event loop, stalling every session, and kept the compiled code for the life
-    of the process (the served demo, 2026-12-04: 9 of 90 s of server CPU in a 10-session minute). Here the
-    ``color`` column's categories are replaced by their positions, ``"0"``, ``"1"``, ..., padded with unused
-    ones to :func:`padded_categories`; counts per category, and so the shaded image, are unchanged.
+    The ``color`` column of categories is coded by :func:`~app.plots.shared.coded_categories` (a new set of
+    names would otherwise compile a new datashader kernel); counts per category, and so the shaded image, are
+    unchanged.
 
     Parameters
     ----------
@@ -515,10 +505,8 @@ def coded_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     if not isinstance(col.dtype, pd.CategoricalDtype):
         out["color"] = col
         return out, []
-    names = [str(c) for c in col.cat.categories]
-    out["color"] = pd.Categorical.from_codes(col.cat.codes.to_numpy(),
-                                             categories=[str(i) for i in range(padded_categories(len(names)))])
-    return out, names
+    out["color"] = coded_categories(col)
+    return out, [str(c) for c in col.cat.categories]
 
 
 def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry, *, rgba: bool = False):
@@ -533,7 +521,7 @@ def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry, *, rgba:
     if spec.kind == "categorical":
         agg = cvs.points(coded, "x", "y", agg=ds.count_cat("color"))
         key = {str(i): color_key[name] for i, name in enumerate(names)}
-        key.update({str(i): BACKGROUND_COLOR for i in range(len(names), agg.shape[-1])})  # no cell has these
+        key.update({str(i): UNUSED_COLOUR for i in range(len(names), agg.shape[-1])})  # no cell has these
         return _rgba(tf.shade(agg, color_key=key, how="eq_hist", min_alpha=180, alpha=255,
                               rescale_discrete_levels=True))
     agg = cvs.points(coded, "x", "y", agg=ds.mean("color"))

@@ -14,7 +14,6 @@ import param
 
 from .. import plots
 from ..plots.cell_map import FIGURE_OPTS, legend_html
-from ..plots.colours import colourbar_html
 from ..state import GENE, AppState
 from .common import OFFSTAGE, Job, StateView, batched, on_stage, plain_bokeh, stage
 from . import panes
@@ -413,7 +412,7 @@ class MapView(StateView):
         self.colour_note.object = self._colour_text(spec)
         if _slot_kind(spec) == "shaded":  # its key lives beside the shaded map
             self.legend.object = (legend_html(spec, height=self.height) if spec.kind == "categorical" else
-                                  colourbar_html(spec, height=min(300, self.height - 80)))
+                                  plots.colourbar_html(spec, height=min(300, self.height - 80)))
         self._update_side()
 
     def _colour_text(self, spec=None) -> str:
