@@ -17,7 +17,9 @@ shows another session's tag, or whose selection count changed without its own ac
 (Enter -> the page shows the new colouring; also per minute) and the server's RSS at the start, after each
 round and at the end (the server is a separate ``run_app.py`` process; RSS from ``/proc``), and the CPU seconds
 each kind of process used while the sessions ran (server, Chromium renderer / browser / gpu-process, Playwright's
-driver, the benchmark; ``LEXICELL_BENCH_DEBUG`` also prints them per process). Targets (issue 18):
+driver, the benchmark; ``LEXICELL_BENCH_DEBUG`` also prints them per process, and per page its main-thread
+time from CDP and its running animations, and saves each page's last screenshot in
+``$TMPDIR/lexicell-bench-pages/``). Targets (issue 18):
 0 errors, 0 isolation failures, RSS growth <= 20 % (issue 20: <= 5 % after the first round), p95 <= 2 s on a
 2-core machine.
 Debian's Chromium drives it (``LEXICELL_CHROMIUM``); Playwright never downloads a browser. The ten pages need more
@@ -430,6 +432,9 @@ async def session(browser, url: str, idx: int, opening: Opening, st: Stats, time
             and st.errors.append(f"client {idx:02d}: console error: {msg.text[:200]}"))
     rng = random.Random(idx)
     waited = False
+    if os.environ.get("LEXICELL_BENCH_DEBUG"):  # the page's main-thread metrics from its start (_page_report)
+        page.cdp = await ctx.new_cdp_session(page)
+        await page.cdp.send("Performance.enable")
     try:
         t0 = time.perf_counter()
         try:
@@ -483,7 +488,33 @@ async def session(browser, url: str, idx: int, opening: Opening, st: Stats, time
     finally:
         if not waited:
             opening.arrived()
+        if os.environ.get("LEXICELL_BENCH_DEBUG"):
+            await _page_report(ctx, page, idx)
         await ctx.close()
+
+
+_ANIMATIONS = """() => document.getAnimations().filter(a => a.playState === 'running').map(a => {
+  const t = a.effect && a.effect.target;
+  return `${a.animationName || a.constructor.name} on ${t ? t.tagName.toLowerCase() + '.' + [...t.classList].join('.') : '?'}`;
+})"""
+
+
+async def _page_report(ctx, page, idx: int) -> None:
+    """``LEXICELL_BENCH_DEBUG``: a page's main-thread time since it opened (CDP ``Performance.getMetrics``),
+    and its running animations (a page that keeps repainting shows up here)."""
+    try:
+        metrics = {m["name"]: m["value"] for m in (await page.cdp.send("Performance.getMetrics"))["metrics"]}
+        busy = [metrics.get(k, 0.0) for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
+                                                  "RecalcStyleDuration", "LayoutCount", "RecalcStyleCount")]
+        animations = await page.evaluate(_ANIMATIONS)
+        shots = Path(tempfile.gettempdir()) / "lexicell-bench-pages"
+        shots.mkdir(exist_ok=True)
+        await page.screenshot(path=str(shots / f"client_{idx:02d}.png"), full_page=True)
+        print(f"    client {idx:02d}: main thread {busy[0]:.1f} s (script {busy[1]:.1f}, layout {busy[2]:.1f} in "
+              f"{busy[4]:.0f}, style {busy[3]:.1f} in {busy[5]:.0f}); running animations {len(animations)}: "
+              f"{sorted(set(animations))[:6]}", flush=True)
+    except Exception as err:  # noqa: BLE001 - a report only
+        print(f"    client {idx:02d}: no report ({type(err).__name__})", flush=True)
 
 
 def _p95(sorted_values: list[float]) -> float:
