@@ -507,12 +507,35 @@ async def _page_report(ctx, page, idx: int) -> None:
         busy = [metrics.get(k, 0.0) for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
                                                   "RecalcStyleDuration", "LayoutCount", "RecalcStyleCount")]
         animations = await page.evaluate(_ANIMATIONS)
+        # what the page's JavaScript does now, idle between actions: 3 s of the sampling profiler
+        await page.cdp.send("Profiler.enable")
+        await page.cdp.send("Profiler.start")
+        await asyncio.sleep(3)
+        profile = (await page.cdp.send("Profiler.stop"))["profile"]
+        nodes = {node["id"]: node for node in profile["nodes"]}
+        parent = {child: node["id"] for node in profile["nodes"] for child in node.get("children", ())}
+
+        def name(node_id):
+            frame = nodes[node_id]["callFrame"]
+            return f"{frame['functionName'] or '(anonymous)'} {frame['url'].rsplit('/', 1)[-1].split('?')[0]}"
+
+        hits: dict[str, int] = {}
+        for node_id, node in nodes.items():  # each sample under its function and the two functions calling it
+            chain, up = [name(node_id)], parent.get(node_id)
+            while up is not None and len(chain) < 3:
+                chain.append(name(up))
+                up = parent.get(up)
+            key = " < ".join(chain)
+            hits[key] = hits.get(key, 0) + node.get("hitCount", 0)
+        total = len(profile.get("samples", ()))
+        top = sorted(((n, k) for k, n in hits.items() if not k.startswith("(idle)")), reverse=True)[:4]
+        top = [f"{n / max(total, 1):.0%} {k}" for n, k in top] + [f"{total} samples in 3 s"]
         shots = Path(tempfile.gettempdir()) / "lexicell-bench-pages"
         shots.mkdir(exist_ok=True)
         await page.screenshot(path=str(shots / f"client_{idx:02d}.png"), full_page=True)
         print(f"    client {idx:02d}: main thread {busy[0]:.1f} s (script {busy[1]:.1f}, layout {busy[2]:.1f} in "
               f"{busy[4]:.0f}, style {busy[3]:.1f} in {busy[5]:.0f}); running animations {len(animations)}: "
-              f"{sorted(set(animations))[:6]}", flush=True)
+              f"{sorted(set(animations))[:6]}; 3 s idle profile, samples: {top}", flush=True)
     except Exception as err:  # noqa: BLE001 - a report only
         print(f"    client {idx:02d}: no report ({type(err).__name__})", flush=True)
 
