@@ -13,7 +13,7 @@ import pandas as pd
 import param
 from holoviews.operation.datashader import dynspread
 
-from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec, _finite_range,
+from .colours import (BACKGROUND_COLOR, DIVERGING_CMAP, LEGEND_OPTS, SEQUENTIAL_CMAP, ColorSpec,
                       _short, category_key)
 from .shared import (UNUSED_COLOUR, SharedDatashade, SharedRasterize, coded_categories,  # noqa: F401 (re-export)
                      padded_categories)
@@ -526,9 +526,7 @@ def _recoloured(df: pd.DataFrame, spec: ColorSpec, color_key, geometry, *, rgba:
                               rescale_discrete_levels=True))
     agg = cvs.points(coded, "x", "y", agg=ds.mean("color"))
     if rgba:  # as HoloViews' shade operation does with MapStyle.set_shaded's options
-        cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
-        clim = tuple(float(c) for c in (spec.clim or _finite_range(spec.values)))
-        return _rgba(tf.shade(agg, cmap=cmap, how="linear", span=clim, min_alpha=180, alpha=255,
+        return _rgba(tf.shade(agg, cmap=spec.cmap, how="linear", span=spec.limits(), min_alpha=180, alpha=255,
                               rescale_discrete_levels=True))
     values = agg.values.astype(np.float64, copy=False)
     # the page gets float32 (half the bytes of HoloViews' float64; colour values are float32 to begin with)

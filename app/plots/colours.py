@@ -52,6 +52,15 @@ class ColorSpec:
     center: float = 0.0
     colors: dict = field(default_factory=dict)
 
+    @property
+    def cmap(self) -> list[str]:
+        """The colour map of a continuous (:data:`SEQUENTIAL_CMAP`) or diverging (:data:`DIVERGING_CMAP`) kind."""
+        return DIVERGING_CMAP if self.kind == "diverging" else SEQUENTIAL_CMAP
+
+    def limits(self) -> tuple[float, float]:
+        """``clim`` as floats, else the range of the finite ``values`` (``(0, 1)`` without any)."""
+        return tuple(float(c) for c in (self.clim or _finite_range(self.values)))
+
 
 class MapStyle(param.Parameterized):
     """Colour options of a map that change without rebuilding the plot: ``clim``/``cmap``/``clabel`` of a
@@ -70,8 +79,7 @@ class MapStyle(param.Parameterized):
 
     def set_from(self, spec: ColorSpec) -> None:
         self.param.update(clim=tuple(float(c) for c in (spec.clim or (0.0, 1.0))),
-                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP,
-                          clabel=no_tex(spec.name))  # a colour-bar title: shown as typed, never as TeX
+                          cmap=spec.cmap, clabel=no_tex(spec.name))  # a colour-bar title: shown as typed, never as TeX
 
     def set_shaded(self, spec: ColorSpec, color_key: dict | None = None) -> None:
         """Aggregate and shade as a map of ``spec`` (categorical, continuous or diverging) shaded on the server:
@@ -83,10 +91,9 @@ class MapStyle(param.Parameterized):
             self.param.update(aggregator=ds.count_cat("color"), cnorm="eq_hist", clims=None, min_alpha=180,
                               color_key=dict(color_key or {}), clabel=no_tex(spec.name))
             return
-        clim = tuple(float(c) for c in (spec.clim or _finite_range(spec.values)))
+        clim = spec.limits()
         self.param.update(aggregator=ds.mean("color"), cnorm="linear", clims=clim, clim=clim, min_alpha=180,
-                          cmap=DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP,
-                          clabel=no_tex(spec.name))
+                          cmap=spec.cmap, clabel=no_tex(spec.name))
 
 
 def _finite_range(values) -> tuple[float, float]:
@@ -121,8 +128,8 @@ def colourbar_html(spec: ColorSpec, *, height: int = 300, stops: int = 16) -> st
         return ""
     import html
 
-    cmap = DIVERGING_CMAP if spec.kind == "diverging" else SEQUENTIAL_CMAP
-    lo, hi = (float(c) for c in (spec.clim or _finite_range(spec.values)))
+    cmap = spec.cmap
+    lo, hi = spec.limits()
     idx = np.linspace(0, len(cmap) - 1, stops).round().astype(int)
     gradient = ", ".join(html.escape(cmap[i]) for i in idx)
     mid = float(spec.center) if spec.kind == "diverging" else (lo + hi) / 2

@@ -509,6 +509,4 @@ def _same_style(style, spec, colour_key) -> bool:
         return False
     if spec.kind == "categorical":
         return style.cnorm == "eq_hist" and style.color_key == colour_key
-    cmap = plots.DIVERGING_CMAP if spec.kind == "diverging" else plots.SEQUENTIAL_CMAP
-    clim = tuple(float(c) for c in spec.clim) if spec.clim is not None else None
-    return style.cnorm == "linear" and style.cmap == cmap and (clim is None or tuple(style.clims) == clim)
+    return style.cnorm == "linear" and style.cmap == spec.cmap and tuple(style.clims or ()) == spec.limits()
