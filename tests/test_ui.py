@@ -197,7 +197,8 @@ def test_labels_then_a_query_share_one_map_and_swap_its_key(page):
     assert page.locator(".bk-Canvas:visible").count() == 2  # the map and the score histogram
     _box_select(page, (0.05, 0.05), (0.8, 0.9))
     sync_api.expect(page.get_by_text("cells selected").first).to_be_visible()
-    page.wait_for_timeout(3000)  # the outline and the histogram's selected bars repaint after the count (0.5 s was too short)
+    # the outline and the histogram's selected bars repaint after the count (0.5 s was too short)
+    page.wait_for_timeout(3000)
     _shot(page, "ui_query_colour_bar")
     _tab(page, "Zero-shot labels")
     page.get_by_role("button", name="Label cells").click()  # back to the labels: their legend again
