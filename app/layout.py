@@ -17,6 +17,7 @@ from engine.errors import CancelledError, LexicellError
 
 from . import cache, files
 from .messages import combine_patch_messages
+from .browser_fixes import tabulator_stylesheet_fix
 from .pages import mathjax_only_for_math, no_document_validation, one_recount
 from .state import AppState
 from .views.analysis import DEView, DescribeView
@@ -342,7 +343,8 @@ class Explorer(pn.viewable.Viewer):
         ]
 
     def main(self) -> list:
-        return [pn.Column(self.status, self.message, self.query.bar(), self.map, sizing_mode="stretch_width"),
+        return [pn.Column(self.status, self.message, self.query.bar(), self.map, tabulator_stylesheet_fix(),
+                          sizing_mode="stretch_width"),
                 pn.Column(self.tools_placeholder, self.tabs, sizing_mode="stretch_width")]
 
     def __panel__(self):

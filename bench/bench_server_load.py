@@ -52,6 +52,7 @@ import pkgutil  # noqa: E402
 
 import holoviews.plotting.bokeh  # noqa: E402,F401
 import panel.models  # noqa: E402
+import app.browser_fixes  # noqa: E402,F401 - the page's own component (its model is Lexicell's)
 from bokeh.document import Document  # noqa: E402
 from bokeh.client.websocket import WebSocketClientConnectionWrapper  # noqa: E402
 from bokeh.core.serialization import Serializable  # noqa: E402

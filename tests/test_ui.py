@@ -240,6 +240,46 @@ def test_de_and_enrichment_tables(page):
     _shot(page, "ui_de")
 
 
+#: Each Tabulator view in the page: whether its stylesheets count as settled, whether its resize redraw is
+#: still waiting (``_flush_resize_when_root_ready``), and whether Lexicell's fix is installed.
+_TABULATOR_STATE = """() => [...Bokeh.index.query(v => v.tabulator !== undefined && v._initialized_stylesheets)].map(v => ({
+  settled: [...v._initialized_stylesheets.values()].every(Boolean), links: v._initialized_stylesheets.size,
+  waiting: v._resize_flush !== null, fixed: Object.getPrototypeOf(v)[Symbol.for("lexicell.tabulatorStylesheets")] === true}))"""
+
+
+def test_tabulator_tables_settle_their_stylesheets(page):
+    """Every Tabulator's stylesheets count as settled, so that its resize redraw ends instead of polling for
+    ever (``app/browser_fixes.py``): after a zero-shot run and a DE run, and after the stylesheets, all loaded
+    already, are watched again, which is what left Panel 1.9.4's own watch waiting for ``load`` events that
+    never came."""
+    _query(page, "monocytes")
+    sync_api.expect(page.locator(".colour-note-text", has_text="score: monocytes")).to_be_visible()
+    _tab(page, "Zero-shot labels")
+    page.get_by_role("button", name="Label cells").click()
+    sync_api.expect(page.locator(".colour-note-text", has_text="zero-shot label")).to_be_visible()
+    _tab(page, "DE + enrichment")
+    page.get_by_role("button", name="Run DE").click()
+    sync_api.expect(page.get_by_text("logfoldchange").first).to_be_visible()
+    page.wait_for_function(f"() => ({_TABULATOR_STATE})().every(t => t.settled && !t.waiting)")
+    tables = page.evaluate(_TABULATOR_STATE)
+    assert len(tables) >= 4 and all(t["fixed"] and t["links"] > 0 for t in tables), tables
+    # watched again with every link loaded: settled at once, and a resize redraw asked for then ends
+    again = page.evaluate("""() => [...Bokeh.index.query(v => v.tabulator !== undefined && v._initialized_stylesheets)]
+        .map(v => { v.watch_stylesheets(); v._request_resize_redraw();
+                    return [...v._initialized_stylesheets.values()].every(Boolean); })""")
+    assert again and all(again), again
+    page.wait_for_function(f"() => ({_TABULATOR_STATE})().every(t => t.settled && !t.waiting)")
+    # Panel's own method, on a view whose links have all loaded, still counts them as not loaded (then the
+    # fix is needed); once it does not, app/browser_fixes.py can go
+    original = page.evaluate("""() => { const v = [...Bokeh.index.query(v => v.tabulator !== undefined
+            && v._initialized_stylesheets)][0];
+        Object.getPrototypeOf(Object.getPrototypeOf(v)).watch_stylesheets.call(v);
+        const ok = [...v._initialized_stylesheets.values()].every(Boolean);
+        v.watch_stylesheets();
+        return ok; }""")
+    assert original is False, "Panel's Tabulator now settles loaded stylesheets: app/browser_fixes.py can go"
+
+
 def _assert_header_aligned(table) -> None:
     """The header cells of a Tabulator line up with the cells of its first row (x position and width)."""
     cols = table.locator(".tabulator-header .tabulator-col")
