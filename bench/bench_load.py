@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load_debug  # noqa: E402 - what LEXICELL_BENCH_DEBUG prints (busy renderers, page reports)
 CHROMIUM = os.environ.get("LEXICELL_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -369,7 +371,7 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
             await shown.wait_for(state="visible", timeout=20_000)
         except Exception:  # noqa: BLE001 - the drag selected nothing: again
             if os.environ.get("LEXICELL_BENCH_DEBUG"):
-                await _debug_failed_selection(page, idx, attempt, tool, box)
+                await load_debug.failed_selection(page, idx, attempt, tool, box)
             if attempt == tries - 1:
                 raise
             continue
@@ -378,19 +380,6 @@ async def _select_box(page, idx: int, tries: int = 3) -> str:
                   f"{time.perf_counter() - t1:.1f} s", flush=True)
         return (await shown.evaluate("el => el.textContent")).strip()  # as _check_page reads it
     raise RuntimeError("unreachable")
-
-
-async def _debug_failed_selection(page, idx: int, attempt: int, tool, box) -> None:
-    """``LEXICELL_BENCH_DEBUG``: what the page showed when a drag selected nothing (printed, and a screenshot
-    in the temporary folder)."""
-    active = await tool.evaluate("el => el.classList.contains('bk-active')")
-    count = await page.locator(".selection-count-text").first.inner_text()
-    note = await page.locator(".colour-note-text").first.inner_text()
-    canvases = await page.locator(".bk-Canvas").count()
-    path = Path(tempfile.gettempdir()) / f"lexicell-bench-selection-{idx:02d}-{attempt + 1}.png"
-    await page.screenshot(path=str(path))
-    print(f"client {idx:02d} selection try {attempt + 1} failed: tool active {active}, count {count!r}, "
-          f"colour note {note!r}, {canvases} canvases, first canvas at {box}; screenshot {path}", flush=True)
 
 
 #: What shows that a run is done. Zero-shot labels colour the map (each run follows a query, so the colour note
@@ -432,7 +421,7 @@ async def session(browser, url: str, idx: int, opening: Opening, st: Stats, time
             and st.errors.append(f"client {idx:02d}: console error: {msg.text[:200]}"))
     rng = random.Random(idx)
     waited = False
-    if os.environ.get("LEXICELL_BENCH_DEBUG"):  # the page's main-thread metrics from its start (_page_report)
+    if os.environ.get("LEXICELL_BENCH_DEBUG"):  # the page's main-thread metrics from its start (load_debug)
         page.cdp = await ctx.new_cdp_session(page)
         await page.cdp.send("Performance.enable")
     try:
@@ -489,55 +478,8 @@ async def session(browser, url: str, idx: int, opening: Opening, st: Stats, time
         if not waited:
             opening.arrived()
         if os.environ.get("LEXICELL_BENCH_DEBUG"):
-            await _page_report(ctx, page, idx)
+            await load_debug.page_report(page, idx)
         await ctx.close()
-
-
-_ANIMATIONS = """() => document.getAnimations().filter(a => a.playState === 'running').map(a => {
-  const t = a.effect && a.effect.target;
-  return `${a.animationName || a.constructor.name} on ${t ? t.tagName.toLowerCase() + '.' + [...t.classList].join('.') : '?'}`;
-})"""
-
-
-async def _page_report(ctx, page, idx: int) -> None:
-    """``LEXICELL_BENCH_DEBUG``: a page's main-thread time since it opened (CDP ``Performance.getMetrics``),
-    and its running animations (a page that keeps repainting shows up here)."""
-    try:
-        metrics = {m["name"]: m["value"] for m in (await page.cdp.send("Performance.getMetrics"))["metrics"]}
-        busy = [metrics.get(k, 0.0) for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
-                                                  "RecalcStyleDuration", "LayoutCount", "RecalcStyleCount")]
-        animations = await page.evaluate(_ANIMATIONS)
-        # what the page's JavaScript does now, idle between actions: 3 s of the sampling profiler
-        await page.cdp.send("Profiler.enable")
-        await page.cdp.send("Profiler.start")
-        await asyncio.sleep(3)
-        profile = (await page.cdp.send("Profiler.stop"))["profile"]
-        nodes = {node["id"]: node for node in profile["nodes"]}
-        parent = {child: node["id"] for node in profile["nodes"] for child in node.get("children", ())}
-
-        def name(node_id):
-            frame = nodes[node_id]["callFrame"]
-            return f"{frame['functionName'] or '(anonymous)'} {frame['url'].rsplit('/', 1)[-1].split('?')[0]}"
-
-        hits: dict[str, int] = {}
-        for node_id, node in nodes.items():  # each sample under its function and the two functions calling it
-            chain, up = [name(node_id)], parent.get(node_id)
-            while up is not None and len(chain) < 3:
-                chain.append(name(up))
-                up = parent.get(up)
-            key = " < ".join(chain)
-            hits[key] = hits.get(key, 0) + node.get("hitCount", 0)
-        total = len(profile.get("samples", ()))
-        top = sorted(((n, k) for k, n in hits.items() if not k.startswith("(idle)")), reverse=True)[:4]
-        top = [f"{n / max(total, 1):.0%} {k}" for n, k in top] + [f"{total} samples in 3 s"]
-        shots = Path(tempfile.gettempdir()) / "lexicell-bench-pages"
-        shots.mkdir(exist_ok=True)
-        await page.screenshot(path=str(shots / f"client_{idx:02d}.png"), full_page=True)
-        print(f"    client {idx:02d}: main thread {busy[0]:.1f} s (script {busy[1]:.1f}, layout {busy[2]:.1f} in "
-              f"{busy[4]:.0f}, style {busy[3]:.1f} in {busy[5]:.0f}); running animations {len(animations)}: "
-              f"{sorted(set(animations))[:6]}; 3 s idle profile, samples: {top}", flush=True)
-    except Exception as err:  # noqa: BLE001 - a report only
-        print(f"    client {idx:02d}: no report ({type(err).__name__})", flush=True)
 
 
 def _p95(sorted_values: list[float]) -> float:
@@ -593,6 +535,8 @@ async def run(args) -> dict:
                 began: list[float] = []  # when each round's measured minutes began
                 meter, stop = CpuMeter(server.pid), asyncio.Event()
                 metering = asyncio.ensure_future(meter.run(stop))
+                if os.environ.get("LEXICELL_BENCH_DEBUG"):  # a trace of any renderer that stays busy
+                    watching = asyncio.ensure_future(load_debug.BusyWatch(browser, server.pid).run(stop))
                 for r in range(args.rounds):
                     opening = Opening(args.contexts, per_round, together=not args.query_while_opening)
                     await asyncio.gather(*(session(browser, url, i, opening, st, args.timeout * 1000, args.think,
@@ -601,6 +545,8 @@ async def run(args) -> dict:
                     if r == args.rounds - 1:
                         stop.set()
                         await metering
+                        if os.environ.get("LEXICELL_BENCH_DEBUG"):
+                            await watching
                     await asyncio.sleep(args.settle)  # closed sessions are destroyed after Bokeh's unused lifetime
                     rss.append((f"after round {r + 1}", rss_mb(server.pid)))
                     print(f"  round {r + 1}: RSS {rss[-1][1]:.0f} MB, {len(st.latencies)} queries, "
