@@ -6,8 +6,8 @@ each one loaded when its ``load`` event fires; its resize redraw (``_flush_resiz
 all are, polling again at once (Bokeh's ``defer``, a message to the page itself) for as long as one is not. When
 a link has already loaded by the time the table starts listening (a stylesheet the page has in its cache) or is
 replaced without a new listener (Bokeh re-creates a view's stylesheet elements when it re-renders them), the event
-never comes: the table waits for ever, and its page keeps a core busy with that polling. Under the load benchmark
-(ten pages on two cores) this held every Tabulator of every page
+never comes: the table waits for ever, and its page keeps a core busy with that polling. In the load benchmark
+(ten pages, with the server and the browser confined to one busy core) this held every Tabulator of every page
 (``docs/serving-performance.md``, 2026-12-05); Panel's own Markdown and HTML panes already count a stylesheet
 whose ``sheet`` exists as loaded, and watch again when their stylesheet elements change. The script gives the
 Tabulator view the same rules: a link that has its ``sheet`` counts as loaded, an ``error`` settles it too, the
