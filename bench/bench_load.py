@@ -536,7 +536,8 @@ async def run(args) -> dict:
                 meter, stop = CpuMeter(server.pid), asyncio.Event()
                 metering = asyncio.ensure_future(meter.run(stop))
                 if os.environ.get("LEXICELL_BENCH_DEBUG"):  # a trace of any renderer that stays busy
-                    watching = asyncio.ensure_future(load_debug.BusyWatch(browser, server.pid).run(stop))
+                    busy = load_debug.BusyWatch(browser, server.pid, _kind, cpu_seconds)
+                    watching = asyncio.ensure_future(busy.run(stop))
                 for r in range(args.rounds):
                     opening = Opening(args.contexts, per_round, together=not args.query_while_opening)
                     await asyncio.gather(*(session(browser, url, i, opening, st, args.timeout * 1000, args.think,

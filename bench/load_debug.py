@@ -24,8 +24,12 @@ class BusyWatch:
     CATEGORIES = ("devtools.timeline", "disabled-by-default-devtools.timeline", "v8.execute", "blink",
                   "disabled-by-default-devtools.timeline.frame", "toplevel", "cc")
 
-    def __init__(self, browser, server_pid: int, every: float = 20.0, limit: float = 0.3, traces: int = 3):
+    def __init__(self, browser, server_pid: int, kind, cpu_seconds, every: float = 20.0, limit: float = 0.3,
+                 traces: int = 3):
+        """``kind(pid, server_pid)`` names a process and ``cpu_seconds(pid)`` reads its CPU time
+        (``bench_load._kind`` and ``bench_load.cpu_seconds``)."""
         self.browser, self.server_pid, self.every, self.limit, self.traces = browser, server_pid, every, limit, traces
+        self.kind, self.cpu_seconds = kind, cpu_seconds
         self.seen: dict[int, tuple[float, float]] = {}
 
     def _rates(self) -> dict[int, float]:
@@ -35,9 +39,9 @@ class BusyWatch:
                 continue
             pid = int(proc.name)
             try:
-                if _bl()._kind(pid, self.server_pid) != "Chromium renderer":
+                if self.kind(pid, self.server_pid) != "Chromium renderer":
                     continue
-                cpu = _bl().cpu_seconds(pid)
+                cpu = self.cpu_seconds(pid)
             except OSError:
                 continue
             if pid in self.seen:
@@ -130,7 +134,6 @@ _TABULATORS = """() => [...Bokeh.index.query(v => v.tabulator !== undefined && v
   const stuck = links.filter(el => sheets.some(([h, ok]) => h === el.href && !ok));
   const detail = stuck.length ? ` stuck links: connected ${stuck.filter(el => el.isConnected).length}/${stuck.length}, `
     + `with sheet ${stuck.filter(el => el.sheet != null).length}, in shadow ${stuck.filter(el => el.getRootNode() === v.shadow_el).length}` : '';
-  if (stuck.length && window.__lexicellRewatch) v.watch_stylesheets();
   return `${v.model.name || v.model.id}:${detail} pending ${v._resize_pending}, flushing ${v._resize_flush !== null}, `
     + `held by [${held.join('; ')}], el ${v.el.clientWidth}x${v.el.clientHeight}, shown ${v.el.offsetParent !== null}`;
 })"""
@@ -139,7 +142,8 @@ _TABULATORS = """() => [...Bokeh.index.query(v => v.tabulator !== undefined && v
 async def page_report(page, idx: int) -> None:
     """``LEXICELL_BENCH_DEBUG``: a page's main-thread time since it opened (CDP ``Performance.getMetrics``),
     its running animations and loading spinners (a page that keeps repainting shows up here), what its
-    JavaScript does in 3 s once its session ended (sampling profiler), and its screenshot."""
+    JavaScript does in 3 s once its session ended (sampling profiler), its screenshot, and each Tabulator whose
+    resize redraw is pending or held (every Tabulator with ``LEXICELL_BENCH_DEBUG=all``)."""
     try:
         metrics = {m["name"]: m["value"] for m in (await page.cdp.send("Performance.getMetrics"))["metrics"]}
         busy = [metrics.get(k, 0.0) for k in ("TaskDuration", "ScriptDuration", "LayoutDuration",
@@ -175,20 +179,8 @@ async def page_report(page, idx: int) -> None:
         print(f"    client {idx:02d}: main thread {busy[0]:.1f} s (script {busy[1]:.1f}, layout {busy[2]:.1f} in "
               f"{busy[4]:.0f}, style {busy[3]:.1f} in {busy[5]:.0f}); running animations {len(animations)}: "
               f"{sorted(set(animations))[:6]}; spinners {spinners}; 3 s idle profile, samples: {top}", flush=True)
-        if any("stuck links" in t for t in tables):  # does watching the stylesheets again release them?
-            await page.evaluate("() => { window.__lexicellRewatch = true; }")
-            await page.evaluate(_TABULATORS)
-            await page.evaluate("() => { window.__lexicellRewatch = false; }")
-            await asyncio.sleep(1)
-            tables += ["after watch_stylesheets() again: " + t for t in await page.evaluate(_TABULATORS)]
         for t in tables:
             if "flushing true" in t or "held by []" not in t or os.environ.get("LEXICELL_BENCH_DEBUG") == "all":
                 print(f"      tabulator {t}", flush=True)
     except Exception as err:  # noqa: BLE001 - a report only
         print(f"    client {idx:02d}: no report ({type(err).__name__})", flush=True)
-
-
-def _bl():
-    """The benchmark module (imported here late: it imports this one)."""
-    import sys
-    return sys.modules.get("bench_load") or __import__("bench_load")
